@@ -1,0 +1,224 @@
+//! The crate's error type and the ONE place where an error becomes an HTTP response.
+//!
+//! Errors are tagged by who is at fault: the client (4xx), an upstream hop such as the agent or a
+//! token endpoint (502/504), a dependency we need to answer at all such as the store (503), or
+//! ourselves (500). Response bodies are `{"error": "<human sentence>", "code": "<SNAKE_CASE>"}`:
+//! never a `Debug` dump, never a secret.
+
+use std::time::Duration;
+
+use http::header::{HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::body::{Body, json_response};
+use crate::store::StoreError;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; `code` is stable, `message` says which field and what was
+    /// expected.
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error(
+        "no user identity: the request carries no trusted identity header and no dev_user is configured"
+    )]
+    Unauthenticated,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method {method} is not allowed here (allowed: {allowed})")]
+    MethodNotAllowed {
+        method: http::Method,
+        allowed: &'static str,
+    },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("content-type must be application/json")]
+    UnsupportedMediaType,
+    #[error("too many requests; retry in {} s", retry_after.as_secs().max(1))]
+    RateLimited { retry_after: Duration },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// A credential for an outbound hop could not be obtained.
+    #[error("cannot authenticate to {hop}: {source}")]
+    Auth {
+        hop: &'static str,
+        #[source]
+        source: AuthError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Upstream(e) => e.status(),
+            // The hop credential is ours to obtain: a token endpoint that refuses us is an
+            // upstream failure (502); one that cannot be reached at all leaves us unable to
+            // serve (503).
+            Self::Auth { source, .. } => {
+                if source.is_rejection() {
+                    StatusCode::BAD_GATEWAY
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            }
+            Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. } => code,
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::Forbidden(_) => "FORBIDDEN",
+            Self::NotFound(_) => "NOT_FOUND",
+            Self::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
+            Self::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::Upstream(e) => e.code(),
+            Self::Auth { .. } => "UPSTREAM_AUTH_FAILED",
+            Self::Store(_) => "STORE_UNAVAILABLE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// Whether this error is worth an error-level log line (our fault or a dependency's), as
+    /// opposed to a client mistake that the access log already records.
+    pub fn is_server_side(&self) -> bool {
+        self.status().is_server_error()
+    }
+
+    /// The response for this error. The single mapping from errors to HTTP.
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let mut res = json_response(
+            status,
+            &json!({ "error": self.to_string(), "code": self.code() }),
+        );
+        if let Self::RateLimited { retry_after } = &self {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+/// A failure talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the agent at {upstream} is unreachable: {reason}")]
+    Unreachable { upstream: String, reason: String },
+    #[error("the agent at {upstream} sent no response headers within {}", humantime::format_duration(*after))]
+    HeaderTimeout { upstream: String, after: Duration },
+    #[error("the agent at {upstream} failed: {reason}")]
+    Protocol { upstream: String, reason: String },
+}
+
+impl UpstreamError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::HeaderTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unreachable { .. } | Self::Protocol { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unreachable { .. } => "UPSTREAM_UNREACHABLE",
+            Self::HeaderTimeout { .. } => "UPSTREAM_TIMEOUT",
+            Self::Protocol { .. } => "UPSTREAM_ERROR",
+        }
+    }
+}
+
+/// The chain of `source()` messages of an error, joined with ": " (hyper's errors put the useful
+/// part, such as "connection refused", several levels down).
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_json(res: Response<Body>) -> serde_json::Value {
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn errors_become_json_with_code() {
+        let res = Error::bad_request("INVALID_FIELD", "isUpvoted: expected a boolean").into_response();
+        assert_eq!(res.status(), 400);
+        assert_eq!(
+            res.headers()[http::header::CONTENT_TYPE],
+            "application/json"
+        );
+        let v = body_json(res).await;
+        assert_eq!(v["code"], "INVALID_FIELD");
+        assert_eq!(v["error"], "isUpvoted: expected a boolean");
+    }
+
+    #[tokio::test]
+    async fn rate_limit_sets_retry_after() {
+        let res = Error::RateLimited {
+            retry_after: Duration::from_millis(1200),
+        }
+        .into_response();
+        assert_eq!(res.status(), 429);
+        assert_eq!(res.headers()[RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn upstream_errors_map_to_gateway_statuses() {
+        let e = Error::from(UpstreamError::HeaderTimeout {
+            upstream: "http://a".into(),
+            after: Duration::from_secs(120),
+        });
+        assert_eq!(e.status(), 504);
+        assert!(e.to_string().contains("2m") || e.to_string().contains("120"));
+        let e = Error::from(UpstreamError::Unreachable {
+            upstream: "http://a".into(),
+            reason: "connection refused".into(),
+        });
+        assert_eq!(e.status(), 502);
+        assert_eq!(e.code(), "UPSTREAM_UNREACHABLE");
+    }
+}

@@ -1,0 +1,192 @@
+//! feedback-proxy: a streaming reverse proxy in front of a Databricks agent app that links each
+//! answer to its MLflow trace and delivers user feedback as MLflow assessments.
+//!
+//! # Map of the crate
+//!
+//! - [`config`]: TOML + environment → validated, typed [`Config`] (before any port is bound).
+//! - [`server`]: accept loop, HTTP/1.1 + h2c, graceful drain.
+//! - [`app`]: the shared [`app::AppState`] and the one request handler.
+//! - [`route`]: classifies a request once into a [`route::Route`].
+//! - [`identity`]: who is calling; which identity headers are trusted.
+//! - [`proxy`]: forwarding to the agent; `proxy::sse` / `proxy::trace` read trace ids out of
+//!   streams as they pass; `proxy::link` records message → trace links off the streaming path.
+//! - [`feedback`]: `/api/feedback*` and the delivery of votes to MLflow.
+//! - [`mlflow`]: typed MLflow REST client.
+//! - [`store`]: the `Store` trait with Postgres and SQLite backends.
+//! - [`auth`]: token sources (static, Databricks OAuth M2M, Databricks CLI).
+//! - [`client`]: the pooled outbound HTTP client.
+//! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
+//! - [`error`], [`body`]: the crate error and its one mapping to HTTP; the one body type.
+//!
+//! The binary (`main.rs`) only parses the command line and calls into [`App`].
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod body;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod feedback;
+pub mod identity;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod ui;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+
+use app::AppState;
+use auth::TokenSources;
+use client::{ClientOptions, HttpClient};
+use metrics::Metrics;
+use proxy::Proxy;
+use proxy::link::LinkRecorder;
+use store::StoreError;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A built proxy, ready to serve: clients, store and background tasks are up.
+pub struct App {
+    state: Arc<AppState>,
+    link_writer: JoinHandle<()>,
+}
+
+impl App {
+    /// Builds everything expensive once: HTTP clients, token sources, the store (running
+    /// migrations), the link writer.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let http = HttpClient::new(&ClientOptions::default());
+        let tokens = TokenSources::new(config.databricks.clone(), http.clone(), metrics.clone());
+
+        let store = store::open(
+            &config.store,
+            store::postgres::Deps {
+                databricks: tokens.get(&config::AuthSpec::DatabricksOauth),
+                databricks_host: config.databricks.host.clone(),
+                http: http.clone(),
+                metrics: metrics.clone(),
+            },
+        )
+        .await?;
+
+        let (links, link_writer) =
+            LinkRecorder::spawn(store.clone(), config.agent.link_queue, metrics.clone());
+        let proxy = Proxy::new(
+            config.agent.clone(),
+            tokens.get(&config.agent.auth),
+            store.clone(),
+            links,
+            metrics.clone(),
+        );
+        let state = Arc::new(AppState {
+            proxy,
+            feedback: feedback::Feedback,
+            store,
+            metrics,
+            ui: ui::Ui,
+            config,
+        });
+        Ok(Self { state, link_writer })
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then drains within the configured grace period.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        let grace = self.state.config.shutdown_grace;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+        let metrics_task = metrics_listener.map(|l| {
+            let metrics = self.state.metrics.clone();
+            let mut rx = stop_rx.clone();
+            tokio::spawn(async move {
+                let handler = move |_req| {
+                    let metrics = metrics.clone();
+                    async move { app::metrics_response(&metrics) }
+                };
+                server::serve(l, handler, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                }, Duration::from_secs(1), "metrics")
+                .await;
+            })
+        });
+
+        let state = self.state.clone();
+        let handler = move |req| app::handle(state.clone(), req);
+        let main = server::serve(
+            listener,
+            handler,
+            async {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            },
+            grace,
+            "main",
+        );
+        main.await;
+
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        // Let queued link writes reach the store (bounded: the platform kills us at 15 s).
+        let Self { state, link_writer } = self;
+        drop(state);
+        if tokio::time::timeout(Duration::from_secs(2), link_writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("link writer did not finish within 2s; some links may be lost");
+        }
+    }
+}
+
+/// Builds the proxy from `config` and serves `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    App::build(config)
+        .await?
+        .serve(listener, metrics_listener, shutdown)
+        .await;
+    Ok(())
+}

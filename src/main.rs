@@ -1,0 +1,151 @@
+//! The `feedback-proxy` binary: parses the command line and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use feedback_proxy::config::{Config, Env, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "feedback-proxy",
+    version,
+    about = "Streaming reverse proxy for Databricks agent apps: forwards chat, links answers to MLflow traces, delivers user feedback as assessments."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
+        config: PathBuf,
+        /// Log format (overrides `log.format`).
+        #[arg(long, value_enum)]
+        log_format: Option<CliLogFormat>,
+    },
+    /// Validate a configuration file and print the effective configuration (secrets redacted).
+    CheckConfig {
+        #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliLogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = Env::from_process();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config, &env) {
+            Ok(c) => {
+                print!("{}", c.to_redacted_toml());
+                for w in c.warnings(&env) {
+                    eprintln!("warning: {w}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve { config, log_format } => {
+            let mut cfg = match Config::load(&config, &env) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(f) = log_format {
+                cfg.log.format = match f {
+                    CliLogFormat::Text => LogFormat::Text,
+                    CliLogFormat::Json => LogFormat::Json,
+                };
+            }
+            serve(cfg, &env)
+        }
+    }
+}
+
+fn serve(config: Config, env: &Env) -> ExitCode {
+    let _log = feedback_proxy::telemetry::init(config.log.format, &config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        for w in config.warnings(env) {
+            tracing::warn!("{w}");
+        }
+        let addr = config.listen;
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot bind the listen address");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            agent = %config.agent.url,
+            store = config.store.kind.name(),
+            mlflow = config.mlflow.tracking_uri.as_ref().map(|u| u.as_str()).unwrap_or("off"),
+            "feedback-proxy starting"
+        );
+        match feedback_proxy::run(config, listener, shutdown_signal()).await {
+            Ok(()) => {
+                tracing::info!("feedback-proxy stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "feedback-proxy failed to start");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on SIGTERM (the platform's stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received SIGINT"),
+        () = term => tracing::info!("received SIGTERM"),
+    }
+}

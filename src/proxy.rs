@@ -1,0 +1,576 @@
+//! Forwarding chat requests to the Agent App (CONTRACT §3).
+//!
+//! One pooled upstream client, built at start-up. Per request: decide the message / chat ids,
+//! optionally rewrite a small JSON body, set the hop headers (the app's bearer token,
+//! `x-app-user-email`, `x-mlflow-return-trace-id`), drop what a browser must not pass on, and send.
+//! The response streams back through [`ResponseBody`] frame by frame; an upstream that cannot be
+//! reached is a 502, one that sends no headers within the configured time a 504.
+//!
+//! What this module deliberately does not do: buffer or compress response bodies, retry
+//! requests (chat requests are not idempotent), or interpret agent errors.
+
+mod body;
+pub mod link;
+pub mod request;
+pub mod sse;
+pub mod trace;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{
+    ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE,
+    COOKIE, HOST, HeaderMap, HeaderName, HeaderValue, ORIGIN, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+
+pub use body::ResponseBody;
+use body::{BodyOptions, StreamEnd};
+use link::LinkRecorder;
+use request::{ClientIds, Rewrite};
+use sse::Inspector;
+use trace::HeaderId;
+
+use crate::auth::TokenSource;
+use crate::body::{Body, CollectError, collect_limited};
+use crate::client::{ClientOptions, HttpClient};
+use crate::config::{AgentConfig, AgentRoute};
+use crate::error::{Error, UpstreamError, chain};
+use crate::identity::{APP_USER_EMAIL, FORWARDED_ACCESS_TOKEN, IDENTITY_HEADERS};
+use crate::metrics::{KindLabel, Metrics};
+use crate::store::{Claim, LinkRecord, SharedStore};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_MESSAGE_ID: HeaderName = HeaderName::from_static("x-message-id");
+pub const X_CHAT_ID: HeaderName = HeaderName::from_static("x-chat-id");
+pub const X_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-client-request-id");
+const X_MLFLOW_RETURN_TRACE_ID: HeaderName = HeaderName::from_static("x-mlflow-return-trace-id");
+const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and the usual non-standard ones), never forwarded.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// Inbound headers that never reach the agent: credentials and identity a browser could spoof,
+/// plus the ones the proxy sets itself (set once, never appended beside a client copy).
+const DROPPED_INBOUND: [HeaderName; 9] = [
+    HOST,
+    AUTHORIZATION,
+    COOKIE,
+    ORIGIN,
+    APP_USER_EMAIL,
+    FORWARDED_ACCESS_TOKEN,
+    X_MLFLOW_RETURN_TRACE_ID,
+    X_CLIENT_REQUEST_ID,
+    ACCEPT_ENCODING,
+];
+
+/// Per-request facts the forwarder needs from the caller.
+pub struct Forward<'a> {
+    pub route: &'a AgentRoute,
+    pub user: String,
+    pub request_id: HeaderValue,
+    pub start: Instant,
+}
+
+/// The agent forwarder. One per process.
+pub struct Proxy {
+    client: HttpClient,
+    config: AgentConfig,
+    /// `scheme://authority` of the agent.
+    origin: String,
+    /// The agent URL's path, without a trailing slash (often empty).
+    base_path: String,
+    token: TokenSource,
+    store: SharedStore,
+    links: LinkRecorder,
+    metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    pub fn new(
+        config: AgentConfig,
+        token: TokenSource,
+        store: SharedStore,
+        links: LinkRecorder,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let client = HttpClient::new(&ClientOptions {
+            connect_timeout: config.connect_timeout,
+            pool_idle_timeout: config.pool_idle_timeout,
+            pool_max_idle_per_host: config.pool_max_idle_per_host,
+        });
+        let url = &config.url;
+        let origin = match url.port() {
+            Some(p) => format!("{}://{}:{p}", url.scheme(), url.host_str().unwrap_or("")),
+            None => format!("{}://{}", url.scheme(), url.host_str().unwrap_or("")),
+        };
+        let base_path = url.path().trim_end_matches('/').to_owned();
+        Self {
+            client,
+            config,
+            origin,
+            base_path,
+            token,
+            store,
+            links,
+            metrics,
+        }
+    }
+
+    /// The agent's `scheme://host:port`, for messages and readiness checks.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Forwards one request to the agent and returns the (streaming) response.
+    pub async fn forward(
+        &self,
+        req: Request<Incoming>,
+        fwd: Forward<'_>,
+    ) -> Result<Response<Body>, Error> {
+        let (parts, incoming) = req.into_parts();
+        let route = fwd.route;
+        let cap = self.config.max_rewrite_bytes;
+
+        let header_ids = ClientIds {
+            message_id: header_id(&parts.headers, &X_MESSAGE_ID),
+            chat_id: header_id(&parts.headers, &X_CHAT_ID),
+        };
+        let json_request = is_json(&parts.headers);
+        let content_length = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let rewrite = json_request && route.rewrites_body();
+        let want_peek =
+            json_request && (header_ids.message_id.is_none() || header_ids.chat_id.is_none());
+        let read_body =
+            rewrite || (want_peek && content_length.is_some_and(|l| l > 0 && l <= cap as u64));
+
+        let (buffered, incoming) = if read_body {
+            let bytes = collect_limited(incoming, cap).await.map_err(|e| match e {
+                CollectError::TooLarge { limit } => Error::PayloadTooLarge { limit },
+                CollectError::Read(e) => Error::bad_request(
+                    "BODY_READ_FAILED",
+                    format!("reading the request body failed: {}", chain(e.as_ref())),
+                ),
+            })?;
+            (Some(bytes), None)
+        } else {
+            (None, Some(incoming))
+        };
+        let body_ids = match (&buffered, want_peek) {
+            (Some(b), true) => request::peek_ids(b),
+            _ => ClientIds::default(),
+        };
+        let chat_id = header_ids.chat_id.or(body_ids.chat_id);
+        let client_request_id = route
+            .client_request_id
+            .then(request::mint_client_request_id);
+        let (message_id, claimed) = self
+            .message_id(
+                header_ids.message_id.or(body_ids.message_id),
+                &chat_id,
+                &fwd.user,
+            )
+            .await;
+
+        let body = match (buffered, incoming) {
+            (Some(bytes), _) => {
+                let rewritten = if rewrite {
+                    request::rewrite(
+                        &bytes,
+                        Rewrite {
+                            route,
+                            chat_id: chat_id.as_deref(),
+                            user: &fwd.user,
+                            client_request_id: client_request_id.as_deref(),
+                        },
+                    )
+                } else {
+                    None
+                };
+                Body::full(rewritten.unwrap_or(bytes))
+            }
+            (None, Some(incoming)) => Body::Incoming(incoming),
+            (None, None) => Body::Empty,
+        };
+
+        let uri = self.upstream_uri(route, parts.uri.path(), parts.uri.query())?;
+        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 6);
+        copy_request_headers(&parts.headers, &mut headers);
+        if let Some(len) = body_len(&body) {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        if let Some(auth) = self
+            .token
+            .authorization()
+            .await
+            .map_err(|source| Error::Auth {
+                hop: "the agent",
+                source,
+            })?
+        {
+            headers.insert(AUTHORIZATION, auth);
+        }
+        match HeaderValue::from_str(&fwd.user) {
+            Ok(v) => {
+                headers.insert(APP_USER_EMAIL, v);
+            }
+            Err(_) => {
+                return Err(Error::bad_request(
+                    "INVALID_IDENTITY",
+                    "the user id contains characters that cannot be sent in a header",
+                ));
+            }
+        }
+        headers.insert(X_MLFLOW_RETURN_TRACE_ID, HeaderValue::from_static("true"));
+        headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        headers.insert(X_REQUEST_ID, fwd.request_id.clone());
+        if let Some(crid) = &client_request_id {
+            if let Ok(v) = HeaderValue::from_str(crid) {
+                headers.insert(X_CLIENT_REQUEST_ID, v);
+            }
+        }
+
+        let mut up = Request::new(body);
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.headers_mut() = headers;
+
+        let sent = tokio::time::timeout(
+            self.config.response_header_timeout,
+            self.client.request(up),
+        )
+        .await;
+        let res = match sent {
+            Err(_) => {
+                self.count_error("header_timeout");
+                return Err(UpstreamError::HeaderTimeout {
+                    upstream: self.origin.clone(),
+                    after: self.config.response_header_timeout,
+                }
+                .into());
+            }
+            Ok(Err(e)) => {
+                let reason = chain(&e);
+                return Err(if e.is_connect() {
+                    self.count_error("unreachable");
+                    UpstreamError::Unreachable {
+                        upstream: self.origin.clone(),
+                        reason,
+                    }
+                } else {
+                    self.count_error("protocol");
+                    UpstreamError::Protocol {
+                        upstream: self.origin.clone(),
+                        reason,
+                    }
+                }
+                .into());
+            }
+            Ok(Ok(res)) => res,
+        };
+
+        let (mut rparts, rbody) = res.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        let sse = is_event_stream(&rparts.headers);
+        if sse {
+            rparts.headers.insert(
+                CACHE_CONTROL,
+                HeaderValue::from_static("no-cache, no-transform"),
+            );
+            rparts
+                .headers
+                .insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
+            // Injected events change the length; chunked framing is the norm for SSE anyway.
+            rparts.headers.remove(CONTENT_LENGTH);
+        }
+        if let Ok(v) = HeaderValue::from_str(&message_id) {
+            rparts.headers.insert(X_MESSAGE_ID, v);
+        }
+
+        let (header_trace, header_rejected) =
+            match trace::from_headers(&rparts.headers, &self.config.trace_id_headers) {
+                HeaderId::Found(f) => (Some(f), false),
+                HeaderId::Rejected => (None, true),
+                HeaderId::Absent => (None, false),
+            };
+        let inspector = match (&header_trace, sse) {
+            (Some(_), _) => None,
+            (None, true) => Some(Inspector::sse(self.config.max_inspect_bytes)),
+            (None, false) if is_json(&rparts.headers) => {
+                Some(Inspector::json(self.config.max_inspect_bytes))
+            }
+            (None, false) => None,
+        };
+        let end = StreamEnd {
+            link: LinkRecord {
+                message_id,
+                chat_id,
+                user_id: fwd.user,
+                trace_id: header_trace.as_ref().map(|f| f.id.clone()),
+                client_request_id,
+                open: true,
+            },
+            header_trace,
+            header_rejected,
+            claimed,
+            recorder: self.links.clone(),
+            metrics: self.metrics.clone(),
+            request_id: fwd.request_id.to_str().unwrap_or("").to_owned(),
+            method: parts.method,
+            path: parts.uri.path().to_owned(),
+            status: rparts.status.as_u16(),
+            start: fwd.start,
+            upstream: self.origin.clone(),
+        };
+        let body = ResponseBody::new(
+            rbody,
+            BodyOptions {
+                inspector,
+                sse,
+                events: route.events,
+                idle_timeout: self.config.idle_timeout,
+            },
+            end,
+        );
+        Ok(Response::from_parts(rparts, Body::Proxied(Box::new(body))))
+    }
+
+    /// The message id for this exchange: the client's if it is free or already theirs,
+    /// otherwise a fresh one. Returns whether the link was already written (claimed).
+    async fn message_id(
+        &self,
+        candidate: Option<String>,
+        chat_id: &Option<String>,
+        user: &str,
+    ) -> (String, bool) {
+        let Some(id) = candidate else {
+            return (request::mint_message_id(), false);
+        };
+        let link = LinkRecord {
+            message_id: id.clone(),
+            chat_id: chat_id.clone(),
+            user_id: user.to_owned(),
+            trace_id: None,
+            client_request_id: None,
+            open: true,
+        };
+        match self.store.claim_message(&link).await {
+            Ok(Claim::Created | Claim::Owned) => (id, true),
+            Ok(Claim::OtherUser) => {
+                let fresh = request::mint_message_id();
+                tracing::warn!(client_message_id = %id, message_id = %fresh, "client message id belongs to another user; minted a fresh one");
+                (fresh, false)
+            }
+            Err(e) => {
+                let fresh = request::mint_message_id();
+                tracing::warn!(error = %e, client_message_id = %id, message_id = %fresh, "cannot check the client message id; minted a fresh one");
+                (fresh, false)
+            }
+        }
+    }
+
+    fn upstream_uri(
+        &self,
+        route: &AgentRoute,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<Uri, Error> {
+        let rest = if route.path == "/" {
+            path
+        } else {
+            &path[route.path.len().min(path.len())..]
+        };
+        let mapped = route.upstream_path.as_deref().unwrap_or(&route.path);
+        let mapped = if mapped == "/" && !rest.is_empty() {
+            ""
+        } else {
+            mapped
+        };
+        let mut s = String::with_capacity(
+            self.origin.len() + self.base_path.len() + mapped.len() + rest.len() + 32,
+        );
+        s.push_str(&self.origin);
+        s.push_str(&self.base_path);
+        s.push_str(mapped);
+        s.push_str(rest);
+        if let Some(q) = query {
+            s.push('?');
+            s.push_str(q);
+        }
+        s.parse::<Uri>()
+            .map_err(|e| Error::bad_request("INVALID_PATH", format!("cannot forward path: {e}")))
+    }
+
+    fn count_error(&self, kind: &'static str) {
+        self.metrics
+            .upstream_errors
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+}
+
+fn header_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| request::valid_id(s))
+        .map(str::to_owned)
+}
+
+fn body_len(body: &Body) -> Option<u64> {
+    match body {
+        Body::Full(Some(b)) => Some(b.len() as u64),
+        Body::Empty => None,
+        _ => None,
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    media_type(headers).is_some_and(|m| {
+        m.eq_ignore_ascii_case("application/json")
+            || (m.len() > 5 && m[m.len() - 5..].eq_ignore_ascii_case("+json"))
+    })
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    media_type(headers).is_some_and(|m| m.eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// The media type of `content-type`, without parameters.
+pub fn media_type(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(CONTENT_TYPE)?
+        .to_str()
+        .ok()?
+        .split(';')
+        .next()
+        .map(str::trim)
+}
+
+/// Names listed in `connection` (they are hop-by-hop too).
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
+}
+
+fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    let listed = if from.contains_key(CONNECTION) {
+        connection_listed(from)
+    } else {
+        Vec::new()
+    };
+    for (name, value) in from {
+        if HOP_BY_HOP.contains(name)
+            || DROPPED_INBOUND.contains(name)
+            || IDENTITY_HEADERS.contains(name)
+            || name == CONTENT_LENGTH
+            || listed.contains(name)
+        {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+    // Without a rewrite the original length still describes the streamed body.
+    if let Some(len) = from.get(CONTENT_LENGTH) {
+        to.insert(CONTENT_LENGTH, len.clone());
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        for name in connection_listed(headers) {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_header_rules() {
+        let mut inbound = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer user-token"),
+            ("cookie", "session=1"),
+            ("x-app-user-email", "attacker@x"),
+            ("origin", "https://evil.example"),
+            ("x-forwarded-email", "spoof@x"),
+            ("x-forwarded-access-token", "user-token"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            ("content-type", "application/json"),
+            ("content-length", "12"),
+            ("host", "proxy.example"),
+            ("accept", "text/event-stream"),
+        ] {
+            inbound.append(k, HeaderValue::from_static(v));
+        }
+        let mut out = HeaderMap::new();
+        copy_request_headers(&inbound, &mut out);
+        for gone in [
+            "authorization",
+            "cookie",
+            "x-app-user-email",
+            "origin",
+            "x-forwarded-email",
+            "x-forwarded-access-token",
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "host",
+        ] {
+            assert!(!out.contains_key(gone), "{gone} was forwarded");
+        }
+        for kept in ["traceparent", "content-type", "content-length", "accept"] {
+            assert!(out.contains_key(kept), "{kept} was dropped");
+        }
+    }
+
+    #[test]
+    fn media_types() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        assert!(is_event_stream(&h));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/vnd.api+json"),
+        );
+        assert!(is_json(&h));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(!is_json(&h) && !is_event_stream(&h));
+    }
+}

@@ -1,0 +1,486 @@
+//! The agent's response body on its way back to the client.
+//!
+//! [`ResponseBody`] wraps the upstream `Incoming` body and forwards every frame as soon as it
+//! arrives, untouched. Along the way it:
+//!
+//! - shows each data frame, by reference, to the [`Inspector`] (trace ids);
+//! - optionally injects `feedback-proxy.meta` / `feedback-proxy.trace` events, always at an event
+//!   boundary (splitting a frame with `Bytes::split_to` is zero-copy);
+//! - enforces the idle timeout between frames without touching the timer per frame: each frame
+//!   only records `Instant::now()`, and the timer is re-armed lazily when it fires;
+//! - ends an SSE stream that breaks or idles out with a final `event: error`;
+//! - reports the end exactly once — completion, upstream error, idle timeout, or the client going
+//!   away (drop) — to record the message link, update metrics and write the access log line.
+//!
+//! Nothing on the per-frame path allocates, locks, or calls the store.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use super::link::LinkRecorder;
+use super::sse::Inspector;
+use super::trace::Found;
+use crate::body::BoxError;
+use crate::metrics::{KindLabel, Metrics, RouteLabel, TraceIdLabels};
+use crate::store::LinkRecord;
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Everything the end of a stream needs, taken exactly once.
+#[derive(Debug)]
+pub struct StreamEnd {
+    /// The link as known at the start (message, chat, user, client request id, header trace
+    /// id); completed with what the inspector finds.
+    pub link: LinkRecord,
+    /// Where the trace id already known at the start came from (a response header).
+    pub header_trace: Option<Found>,
+    /// Whether a rejected trace-id header was seen.
+    pub header_rejected: bool,
+    /// The open link was already written (the client's message id was claimed).
+    pub claimed: bool,
+    pub recorder: LinkRecorder,
+    pub metrics: Arc<Metrics>,
+    pub request_id: String,
+    pub method: http::Method,
+    pub path: String,
+    pub status: u16,
+    pub start: Instant,
+    /// The upstream base, for error messages.
+    pub upstream: String,
+}
+
+/// Options for one wrapped body.
+pub struct BodyOptions {
+    pub inspector: Option<Inspector>,
+    pub sse: bool,
+    /// Inject the meta event first and the trace event when known.
+    pub events: bool,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndReason {
+    Complete,
+    UpstreamError,
+    IdleTimeout,
+    ClientGone,
+}
+
+/// See the module documentation.
+pub struct ResponseBody {
+    inner: Incoming,
+    inspector: Option<Inspector>,
+    sse: bool,
+    events: bool,
+    /// Frames to emit before polling `inner` again (injected events, split remainders).
+    queue: VecDeque<Bytes>,
+    /// The meta event, waiting for the first data frame (so that it can go after a BOM).
+    meta: Option<Bytes>,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    last_frame: Instant,
+    bytes: u64,
+    first_byte: Option<Instant>,
+    /// The trace id was reported (link written, event injected).
+    trace_reported: bool,
+    done: bool,
+    end: Option<StreamEnd>,
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("sse", &self.sse)
+            .field("bytes", &self.bytes)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResponseBody {
+    pub fn new(inner: Incoming, opts: BodyOptions, end: StreamEnd) -> Self {
+        end.metrics.streams_open.inc();
+        let now = Instant::now();
+        let mut body = Self {
+            inner,
+            inspector: opts.inspector,
+            sse: opts.sse,
+            events: opts.events && opts.sse,
+            queue: VecDeque::new(),
+            meta: None,
+            idle_timeout: opts.idle_timeout,
+            idle: Box::pin(tokio::time::sleep(opts.idle_timeout)),
+            last_frame: now,
+            bytes: 0,
+            first_byte: None,
+            trace_reported: false,
+            done: false,
+            end: None,
+        };
+        if body.events {
+            let meta = serde_json::json!({
+                "messageId": end.link.message_id,
+                "chatId": end.link.chat_id,
+            });
+            body.meta = Some(sse_event("feedback-proxy.meta", &meta));
+            if let Some(found) = &end.header_trace {
+                let ev = trace_event(&end.link.message_id, &found.id);
+                body.trace_reported = true;
+                if let Some(meta) = body.meta.as_mut() {
+                    let mut both = Vec::with_capacity(meta.len() + ev.len());
+                    both.extend_from_slice(meta);
+                    both.extend_from_slice(&ev);
+                    *meta = Bytes::from(both);
+                }
+            }
+        }
+        if end.header_trace.is_some() {
+            // The trace id is known from the start: record the final link now.
+            body.trace_reported = true;
+            end.recorder.record(end.link.clone());
+        } else if !end.claimed {
+            end.recorder.record(LinkRecord {
+                open: true,
+                ..end.link.clone()
+            });
+        }
+        body.end = Some(end);
+        body
+    }
+
+    /// Handles one data chunk: inspection, injections. Returns the bytes to emit now.
+    fn on_data(&mut self, mut data: Bytes) -> Bytes {
+        let now = Instant::now();
+        self.last_frame = now;
+        if self.first_byte.is_none() && !data.is_empty() {
+            self.first_byte = Some(now);
+        }
+        self.bytes += data.len() as u64;
+
+        let mut split_at = None;
+        if let Some(insp) = self.inspector.as_mut() {
+            if !insp.is_done() {
+                split_at = insp.feed(&data);
+            }
+        }
+        if split_at.is_some() && !self.trace_reported {
+            self.report_trace();
+        }
+
+        // The meta event goes first, after a leading BOM if the stream has one.
+        if let Some(meta) = self.meta.take() {
+            if data.starts_with(BOM) {
+                let bom = data.split_to(BOM.len());
+                self.queue.push_back(meta);
+                self.push_with_trace_event(data, split_at.map(|s| s.saturating_sub(BOM.len())));
+                return bom;
+            }
+            self.push_with_trace_event(data, split_at);
+            return meta;
+        }
+        if split_at.is_some() && self.events {
+            self.push_with_trace_event(data, split_at);
+            return self.queue.pop_front().unwrap_or_default();
+        }
+        data
+    }
+
+    /// Queues `data`, with the trace event inserted after its first `split_at` bytes.
+    fn push_with_trace_event(&mut self, mut data: Bytes, split_at: Option<usize>) {
+        match (split_at, self.events, self.trace_event()) {
+            (Some(at), true, Some(ev)) => {
+                let at = at.min(data.len());
+                let rest = data.split_off(at);
+                if !data.is_empty() {
+                    self.queue.push_back(data);
+                }
+                self.queue.push_back(ev);
+                if !rest.is_empty() {
+                    self.queue.push_back(rest);
+                }
+            }
+            _ => {
+                if !data.is_empty() {
+                    self.queue.push_back(data);
+                }
+            }
+        }
+    }
+
+    fn trace_event(&self) -> Option<Bytes> {
+        let found = self.inspector.as_ref()?.trace_id()?;
+        let end = self.end.as_ref()?;
+        Some(trace_event(&end.link.message_id, &found.id))
+    }
+
+    /// Writes the final link as soon as the trace id is known.
+    fn report_trace(&mut self) {
+        self.trace_reported = true;
+        let (Some(end), Some(insp)) = (self.end.as_ref(), self.inspector.as_ref()) else {
+            return;
+        };
+        let mut link = end.link.clone();
+        link.trace_id = insp.trace_id().map(|f| f.id.clone());
+        link.client_request_id = insp
+            .client_request_id()
+            .map(str::to_owned)
+            .or(link.client_request_id);
+        link.open = false;
+        end.recorder.record(link);
+    }
+
+    /// Ends the stream once: link, metrics, access log.
+    fn finish(&mut self, reason: EndReason, error: Option<&str>) {
+        let Some(end) = self.end.take() else { return };
+        let now = Instant::now();
+        let m = &end.metrics;
+        m.streams_open.dec();
+        let route = RouteLabel { route: "agent" };
+        m.stream_duration
+            .get_or_create(&route)
+            .observe(now.duration_since(end.start).as_secs_f64());
+        if let Some(fb) = self.first_byte {
+            m.stream_first_byte
+                .get_or_create(&route)
+                .observe(fb.duration_since(end.start).as_secs_f64());
+        }
+        m.stream_bytes.inc_by(self.bytes);
+
+        let found = self
+            .inspector
+            .as_ref()
+            .and_then(|i| i.trace_id())
+            .or(end.header_trace.as_ref());
+        let rejected = self.inspector.as_ref().and_then(|i| i.rejected());
+        let (outcome, source) = match (found, rejected) {
+            (Some(f), _) => ("found", f.source.as_str()),
+            (None, Some(src)) => ("rejected", src.as_str()),
+            (None, None) if end.header_rejected => ("rejected", "header"),
+            (None, None) => ("not_found", "none"),
+        };
+        m.trace_ids
+            .get_or_create(&TraceIdLabels { outcome, source })
+            .inc();
+        if self.inspector.as_ref().is_some_and(Inspector::overflowed) {
+            m.inspector_overflows.inc();
+        }
+
+        if !self.trace_reported {
+            let mut link = end.link.clone();
+            if let Some(insp) = &self.inspector {
+                link.trace_id = insp.trace_id().map(|f| f.id.clone());
+                if let Some(c) = insp.client_request_id() {
+                    link.client_request_id = Some(c.to_owned());
+                }
+            }
+            link.open = false;
+            end.recorder.record(link);
+        }
+
+        let trace_id = found.map(|f| f.id.as_str()).unwrap_or("");
+        let duration_ms = now.duration_since(end.start).as_secs_f64() * 1e3;
+        let ttfb_ms = self
+            .first_byte
+            .map(|fb| fb.duration_since(end.start).as_secs_f64() * 1e3);
+        match reason {
+            EndReason::Complete | EndReason::ClientGone => {
+                let outcome = if reason == EndReason::Complete {
+                    "complete"
+                } else {
+                    "client_gone"
+                };
+                tracing::info!(
+                    target: "feedback_proxy::access",
+                    request_id = %end.request_id,
+                    method = %end.method,
+                    path = %end.path,
+                    route = "agent",
+                    status = end.status,
+                    duration_ms,
+                    ttfb_ms,
+                    bytes = self.bytes,
+                    message_id = %end.link.message_id,
+                    trace_id,
+                    outcome,
+                    "request"
+                );
+            }
+            EndReason::UpstreamError | EndReason::IdleTimeout => {
+                let kind = if reason == EndReason::IdleTimeout {
+                    "idle_timeout"
+                } else {
+                    "stream_error"
+                };
+                m.upstream_errors.get_or_create(&KindLabel { kind }).inc();
+                tracing::warn!(
+                    target: "feedback_proxy::access",
+                    request_id = %end.request_id,
+                    method = %end.method,
+                    path = %end.path,
+                    route = "agent",
+                    status = end.status,
+                    duration_ms,
+                    ttfb_ms,
+                    bytes = self.bytes,
+                    message_id = %end.link.message_id,
+                    trace_id,
+                    outcome = kind,
+                    error = error.unwrap_or(""),
+                    upstream = %end.upstream,
+                    "request ended early: the agent stream broke"
+                );
+            }
+        }
+    }
+
+    /// Ends with an error: SSE clients get a final `event: error`; other bodies fail (the client
+    /// sees a truncated response, which is the honest signal for a non-event body).
+    fn fail(&mut self, reason: EndReason, code: &str, message: String) -> Option<BoxError> {
+        self.finish(reason, Some(&message));
+        self.done = true;
+        if self.sse {
+            // Two newlines first: if the upstream died mid-event, this terminates the partial
+            // line and event; at a clean boundary they are empty lines that dispatch nothing.
+            let payload = serde_json::json!({ "error": message, "code": code });
+            let mut ev = b"\n\n".to_vec();
+            ev.extend_from_slice(&sse_event("error", &payload));
+            self.queue.push_back(Bytes::from(ev));
+            None
+        } else {
+            Some(message.into())
+        }
+    }
+
+    fn upstream_name(&self) -> String {
+        self.end
+            .as_ref()
+            .map(|e| e.upstream.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(b) = this.queue.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    return match frame.into_data() {
+                        Ok(data) => {
+                            let out = this.on_data(data);
+                            Poll::Ready(Some(Ok(Frame::data(out))))
+                        }
+                        Err(frame) => {
+                            this.last_frame = Instant::now();
+                            Poll::Ready(Some(Ok(frame)))
+                        }
+                    };
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let msg = format!(
+                        "the agent at {} broke the stream: {}",
+                        this.upstream_name(),
+                        crate::error::chain(&e)
+                    );
+                    if let Some(err) = this.fail(EndReason::UpstreamError, "UPSTREAM_STREAM_BROKEN", msg)
+                    {
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                }
+                Poll::Ready(None) => {
+                    if let Some(insp) = this.inspector.as_mut() {
+                        if insp.finish() && !this.trace_reported {
+                            this.report_trace();
+                        }
+                    }
+                    // A meta event never emitted (empty body) is emitted now.
+                    if let Some(meta) = this.meta.take() {
+                        this.queue.push_back(meta);
+                    }
+                    this.finish(EndReason::Complete, None);
+                    this.done = true;
+                }
+                Poll::Pending => {
+                    // Lazy idle timer: frames only record their time; when the timer fires we
+                    // check the real silence and re-arm if a frame came in since.
+                    loop {
+                        if this.idle.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        let deadline = this.last_frame + this.idle_timeout;
+                        if Instant::now() < deadline {
+                            this.idle.as_mut().reset(deadline.into());
+                            continue;
+                        }
+                        let msg = format!(
+                            "the agent at {} sent nothing for {}",
+                            this.upstream_name(),
+                            humantime::format_duration(this.idle_timeout)
+                        );
+                        if let Some(err) =
+                            this.fail(EndReason::IdleTimeout, "UPSTREAM_IDLE_TIMEOUT", msg)
+                        {
+                            return Poll::Ready(Some(Err(err)));
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.queue.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.sse || self.events {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if self.end.is_some() {
+            self.finish(EndReason::ClientGone, None);
+        }
+    }
+}
+
+/// One SSE event with a JSON payload.
+fn sse_event(name: &str, data: &serde_json::Value) -> Bytes {
+    // Serialized JSON never contains a raw newline, so one `data:` line carries it.
+    let json = serde_json::to_string(data).unwrap_or_else(|_| "{}".to_owned());
+    Bytes::from(format!("event: {name}\ndata: {json}\n\n"))
+}
+
+fn trace_event(message_id: &str, trace_id: &str) -> Bytes {
+    sse_event(
+        "feedback-proxy.trace",
+        &serde_json::json!({ "messageId": message_id, "traceId": trace_id }),
+    )
+}

@@ -1,0 +1,78 @@
+//! Recording message links off the streaming path.
+//!
+//! Streams hand their [`LinkRecord`]s to a bounded queue with a non-blocking `try_send`; one
+//! writer task drains it in batches into the store. A full queue drops the record and counts it
+//! (the stream is never slowed down by the store); a store failure is retried a few times with
+//! backoff, then logged and counted, and never reaches the stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::store::{LinkRecord, SharedStore};
+
+/// Most links written in one store call.
+const BATCH: usize = 512;
+/// Attempts for one batch before it is dropped.
+const ATTEMPTS: u32 = 4;
+
+/// The sending side, cloned into every stream.
+#[derive(Clone, Debug)]
+pub struct LinkRecorder {
+    tx: mpsc::Sender<LinkRecord>,
+    metrics: Arc<Metrics>,
+}
+
+impl LinkRecorder {
+    /// Starts the writer task; it ends once every recorder is dropped and the queue is drained.
+    pub fn spawn(
+        store: SharedStore,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let task = tokio::spawn(writer(store, rx, metrics.clone()));
+        (Self { tx, metrics }, task)
+    }
+
+    /// Queues a link write without waiting.
+    pub fn record(&self, link: LinkRecord) {
+        if let Err(e) = self.tx.try_send(link) {
+            self.metrics.links_dropped.inc();
+            let message_id = match &e {
+                mpsc::error::TrySendError::Full(l) | mpsc::error::TrySendError::Closed(l) => {
+                    l.message_id.clone()
+                }
+            };
+            tracing::warn!(%message_id, "link queue full or closed; link not recorded");
+        }
+    }
+}
+
+async fn writer(store: SharedStore, mut rx: mpsc::Receiver<LinkRecord>, metrics: Arc<Metrics>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=ATTEMPTS {
+            match store.record_links(&batch).await {
+                Ok(()) => {
+                    metrics.links_recorded.inc_by(batch.len() as u64);
+                    break;
+                }
+                Err(e) if attempt < ATTEMPTS => {
+                    tracing::warn!(error = %e, links = batch.len(), attempt, "recording links failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+                Err(e) => {
+                    metrics.link_errors.inc_by(batch.len() as u64);
+                    let first = batch.first().map(|l| l.message_id.as_str()).unwrap_or("");
+                    tracing::error!(error = %e, links = batch.len(), first_message_id = first, "recording links failed; dropping them");
+                }
+            }
+        }
+        batch.clear();
+    }
+}

@@ -1,0 +1,383 @@
+//! Durable state: message → trace links, votes, and the delivery outbox.
+//!
+//! [`Store`] is the whole contract; handlers and the delivery worker see only the domain types
+//! below, never rows. Two backends implement it and pass the same conformance suite
+//! (`tests/store.rs`): Postgres (`store/postgres.rs`, production, shared by every replica) and
+//! SQLite (`store/sqlite.rs`, the embedded single-instance default).
+//!
+//! ## Delivery semantics
+//!
+//! Every vote change (upsert or retraction) bumps the delivery row's `version` in the SAME
+//! transaction as the vote itself, so a committed vote always has a delivery that will carry it
+//! to MLflow. Deliveries are claimed with a lease; only one holder at a time can work on a
+//! (message, user, name). Finishing an attempt names the version it worked on: the outcome
+//! marks the delivery `done` only if no newer vote arrived meanwhile, but what was learnt about
+//! the MLflow assessment (its id, or that it is gone) is recorded regardless, so the next attempt
+//! PATCHes or re-creates instead of duplicating.
+//!
+//! States: `pending` (due at `next_attempt_at`), `waiting` (parked until something changes:
+//! the message has no trace id yet, or MLflow is not configured; recording a link with a trace
+//! id or client request id wakes the message's waiting deliveries), `done`, `dead` (gave up;
+//! an operator can requeue).
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{StoreConfig, StoreKind};
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused the connection (includes authentication and
+    /// TLS failures, with the reason).
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// A query failed for another reason (constraint, serialization, bug).
+    #[error("store query failed: {0}")]
+    Query(String),
+    /// Stored data could not be decoded into domain types.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// Migrations failed or the schema is newer than this binary.
+    #[error("store schema problem: {0}")]
+    Schema(String),
+}
+
+/// The value of a vote. Serialized as plain JSON (`true`, `4.5`, `"thumbs_up"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FeedbackValue {
+    Bool(bool),
+    Number(f64),
+    String(String),
+}
+
+impl FeedbackValue {
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Self::Bool(b) => serde_json::Value::Bool(*b),
+            Self::Number(n) => serde_json::Number::from_f64(*n)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            Self::String(s) => serde_json::Value::String(s.clone()),
+        }
+    }
+
+    /// Decodes a stored JSON value.
+    pub fn from_json(v: &serde_json::Value) -> Option<Self> {
+        match v {
+            serde_json::Value::Bool(b) => Some(Self::Bool(*b)),
+            serde_json::Value::Number(n) => n.as_f64().map(Self::Number),
+            serde_json::Value::String(s) => Some(Self::String(s.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// What the proxy knows about one assistant message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageLink {
+    pub message_id: String,
+    pub chat_id: Option<String>,
+    /// The user the answer was streamed to; only this user may vote on it.
+    pub user_id: String,
+    pub trace_id: Option<String>,
+    pub client_request_id: Option<String>,
+    /// The stream is still running (a trace id may yet arrive).
+    pub open: bool,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+}
+
+/// A link write: inserted if the message is new; merged into the existing link if it belongs to
+/// the same user (`chat_id`, `trace_id`, `client_request_id` take the new value when it is
+/// `Some`, otherwise keep the old; `open` takes the new value); IGNORED if the message belongs to
+/// another user (nobody can redirect someone else's link).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkRecord {
+    pub message_id: String,
+    pub chat_id: Option<String>,
+    pub user_id: String,
+    pub trace_id: Option<String>,
+    pub client_request_id: Option<String>,
+    pub open: bool,
+}
+
+/// The answer to [`Store::claim_message`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The message was new and is now linked to the caller (open).
+    Created,
+    /// The message was already the caller's (it is marked open again).
+    Owned,
+    /// The message belongs to someone else; nothing was written.
+    OtherUser,
+}
+
+/// Identifies a vote and its delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VoteKey {
+    pub message_id: String,
+    pub user_id: String,
+    /// The assessment name (`user_feedback`, `rating`, …).
+    pub name: String,
+}
+
+impl fmt::Display for VoteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.message_id, self.user_id, self.name)
+    }
+}
+
+/// A user's current vote on a message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vote {
+    pub key: VoteKey,
+    pub chat_id: String,
+    pub value: FeedbackValue,
+    pub comment: Option<String>,
+    pub updated_at: SystemTime,
+}
+
+/// A vote to store (the store sets `updated_at`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewVote {
+    pub key: VoteKey,
+    pub chat_id: String,
+    pub value: FeedbackValue,
+    pub comment: Option<String>,
+}
+
+/// What MLflow should end up holding for a (message, user, name).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Desired {
+    /// One assessment with this value and rationale.
+    Upsert {
+        value: FeedbackValue,
+        comment: Option<String>,
+    },
+    /// No assessment.
+    Delete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    Pending,
+    Waiting,
+    Done,
+    Dead,
+}
+
+impl DeliveryState {
+    pub const ALL: [Self; 4] = [Self::Pending, Self::Waiting, Self::Done, Self::Dead];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Waiting => "waiting",
+            Self::Done => "done",
+            Self::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// The initial state of a delivery enqueued with a vote change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueue {
+    /// Due now.
+    Pending,
+    /// Parked with this reason (e.g. `no_trace_id`, `no_experiment_id`).
+    Waiting { reason: String },
+}
+
+/// One outbox row: the desired MLflow state for a (message, user, name) and how far delivery
+/// got.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub key: VoteKey,
+    pub chat_id: String,
+    pub desired: Desired,
+    /// Bumped by every vote change; attempts report the version they worked on.
+    pub version: i64,
+    /// The MLflow assessment currently holding this vote, if one is known to exist.
+    pub assessment_id: Option<String>,
+    /// Bumped each time the assessment is deleted, so that a deterministic assessment id
+    /// derived from (key, generation) is fresh for a re-created assessment.
+    pub generation: i64,
+    /// The trace the assessment lives on (resolved at delivery time, then remembered).
+    pub trace_id: Option<String>,
+    pub state: DeliveryState,
+    /// Attempts since the current version was enqueued.
+    pub attempts: i32,
+    pub next_attempt_at: SystemTime,
+    /// When the current version was enqueued (the retry horizons count from here).
+    pub enqueued_at: SystemTime,
+    pub last_error: Option<String>,
+    pub updated_at: SystemTime,
+}
+
+/// What an attempt learnt about the assessment, recorded whatever the version.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AssessmentFact {
+    /// Nothing new.
+    Unchanged,
+    /// An assessment with this id exists on `trace_id` and holds the user's vote.
+    Exists {
+        assessment_id: String,
+        trace_id: String,
+    },
+    /// The assessment is gone (deleted by us or found missing); `generation` is bumped.
+    Gone,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// MLflow holds the desired state: `done` if the version is still current.
+    Done,
+    /// Try again at `at` (state stays `pending`), recording `error`.
+    Retry { at: SystemTime, error: String },
+    /// Park as `waiting` with `reason` (until a link wakes it or an operator requeues it).
+    Park { reason: String },
+    /// Give up: `dead` with `error`.
+    Dead { error: String },
+}
+
+/// Counts for metrics and `/readyz`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DeliveryStats {
+    pub pending: u64,
+    pub waiting: u64,
+    pub done: u64,
+    pub dead: u64,
+    /// Age of the oldest pending delivery (by `enqueued_at`).
+    #[serde(serialize_with = "ser_opt_secs")]
+    pub oldest_pending: Option<Duration>,
+}
+
+fn ser_opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
+}
+
+/// Pool figures for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub size: usize,
+    pub available: usize,
+}
+
+/// The store contract. All methods are safe to call concurrently from many tasks and (for
+/// Postgres) many processes.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `"postgres"` or `"sqlite"`.
+    fn kind(&self) -> &'static str;
+
+    /// Cheap round trip proving the store answers (for `/readyz`).
+    async fn health(&self) -> Result<(), StoreError>;
+
+    /// Inserts an open link for `link.message_id` owned by `link.user_id` unless the message
+    /// exists; reports who owns it. Used when a client supplies its own message id.
+    async fn claim_message(&self, link: &LinkRecord) -> Result<Claim, StoreError>;
+
+    /// Applies link writes in order, in as few transactions as the backend likes (see
+    /// [`LinkRecord`] for the merge rules). For every link that ends up with a trace id or a
+    /// client request id, the message's `waiting` deliveries become `pending`, due now.
+    async fn record_links(&self, links: &[LinkRecord]) -> Result<(), StoreError>;
+
+    async fn get_link(&self, message_id: &str) -> Result<Option<MessageLink>, StoreError>;
+
+    /// Remembers a trace id found by client-request-id search (only if none is set yet).
+    async fn set_link_trace_id(&self, message_id: &str, trace_id: &str) -> Result<(), StoreError>;
+
+    /// In ONE transaction: upserts the vote, and upserts its delivery with
+    /// `desired = Upsert{value, comment}`, `version + 1` (1 for a new row), `attempts = 0`,
+    /// `enqueued_at = next_attempt_at = now`, `last_error = NULL`, state from `enqueue`.
+    /// An existing lease is KEPT (the holder finishes, then the new version is due at once).
+    /// `assessment_id`, `generation` and `trace_id` are kept. Returns the delivery as stored.
+    async fn upsert_vote(&self, vote: &NewVote, enqueue: &Enqueue) -> Result<Delivery, StoreError>;
+
+    /// In ONE transaction: deletes the vote and sets its delivery to `desired = Delete`,
+    /// `version + 1`, pending now (keeping lease, assessment id, generation, trace id).
+    /// `None` (and nothing written) if the user has no such vote.
+    async fn retract_vote(&self, key: &VoteKey) -> Result<Option<Delivery>, StoreError>;
+
+    /// The user's votes in a chat, ordered by message id then name.
+    async fn list_votes(&self, chat_id: &str, user_id: &str) -> Result<Vec<Vote>, StoreError>;
+
+    /// Claims up to `limit` deliveries that are `pending`, due (`next_attempt_at <= now`) and not
+    /// leased (or whose lease expired), oldest due first; each gets a lease until `now + lease`
+    /// and `attempts + 1`. Two concurrent callers never receive the same delivery (Postgres:
+    /// `FOR UPDATE SKIP LOCKED`).
+    async fn claim_due(&self, limit: u32, lease: Duration) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Claims one specific delivery if it is `pending`, at `version`, and not leased (due time
+    /// is ignored: this is the inline attempt right after a vote). Same lease/attempts effect
+    /// as [`Store::claim_due`].
+    async fn claim(
+        &self,
+        key: &VoteKey,
+        version: i64,
+        lease: Duration,
+    ) -> Result<Option<Delivery>, StoreError>;
+
+    /// Ends an attempt on `version`: releases the lease, records `fact` (always), and applies
+    /// `outcome` only if `version` is still current (a newer vote stays pending, due now).
+    /// Returns whether the outcome was applied.
+    async fn finish(
+        &self,
+        key: &VoteKey,
+        version: i64,
+        fact: &AssessmentFact,
+        outcome: &Outcome,
+    ) -> Result<bool, StoreError>;
+
+    /// Deliveries for operators, newest first, optionally only in `state`.
+    async fn list_deliveries(
+        &self,
+        state: Option<DeliveryState>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Makes deliveries in `state` (`dead` or `waiting`) pending and due now, resetting
+    /// `attempts` and `enqueued_at`; only `key` if given. Returns how many changed.
+    async fn requeue(
+        &self,
+        state: DeliveryState,
+        key: Option<&VoteKey>,
+    ) -> Result<u64, StoreError>;
+
+    async fn delivery_stats(&self) -> Result<DeliveryStats, StoreError>;
+
+    /// Connection pool figures (SQLite: 1/1).
+    fn pool_status(&self) -> PoolStatus;
+}
+
+/// A shared store handle.
+pub type SharedStore = Arc<dyn Store>;
+
+/// Opens the configured store (running migrations if configured to).
+pub async fn open(
+    config: &StoreConfig,
+    deps: postgres::Deps,
+) -> Result<SharedStore, StoreError> {
+    match &config.kind {
+        StoreKind::Sqlite { path } => sqlite::open(path, config).await,
+        StoreKind::Postgres(pg) => postgres::open(pg, config, deps).await,
+    }
+}
