@@ -1,0 +1,1 @@
+//! Test helpers: mlflow (see mod.rs).

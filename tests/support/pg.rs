@@ -1,0 +1,1 @@
+//! Test helpers: pg (see mod.rs).

@@ -1,0 +1,1 @@
+//! Test helpers: proxy (see mod.rs).

@@ -1,0 +1,1 @@
+//! Test helpers: upstream (see mod.rs).
