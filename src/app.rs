@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
@@ -159,9 +159,13 @@ async fn ready(state: &AppState) -> Response<Body> {
     let store_check = async {
         let t = Instant::now();
         match tokio::time::timeout(CHECK_TIMEOUT, state.store.health()).await {
-            Ok(Ok(())) => json!({"ok": true, "kind": state.store.kind(), "latency_ms": t.elapsed().as_millis() as u64}),
+            Ok(Ok(())) => {
+                json!({"ok": true, "kind": state.store.kind(), "latency_ms": t.elapsed().as_millis() as u64})
+            }
             Ok(Err(e)) => json!({"ok": false, "kind": state.store.kind(), "error": e.to_string()}),
-            Err(_) => json!({"ok": false, "kind": state.store.kind(), "error": "no answer within 2s"}),
+            Err(_) => {
+                json!({"ok": false, "kind": state.store.kind(), "error": "no answer within 2s"})
+            }
         }
     };
     let agent_check = tcp_check(state.config.agent.url.clone(), CHECK_TIMEOUT);
@@ -181,7 +185,8 @@ async fn ready(state: &AppState) -> Response<Body> {
             _ => serde_json::Value::Null,
         }
     };
-    let (store, agent, mlflow, deliveries) = tokio::join!(store_check, agent_check, mlflow_check, stats);
+    let (store, agent, mlflow, deliveries) =
+        tokio::join!(store_check, agent_check, mlflow_check, stats);
     let ok = store["ok"] == true && agent["ok"] == true;
     json_response(
         if ok {
@@ -208,6 +213,8 @@ async fn tcp_check(url: url::Url, timeout: Duration) -> serde_json::Value {
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&target)).await {
         Ok(Ok(_)) => json!({"ok": true, "latency_ms": t.elapsed().as_millis() as u64}),
         Ok(Err(e)) => json!({"ok": false, "error": format!("cannot connect to {target}: {e}")}),
-        Err(_) => json!({"ok": false, "error": format!("no connection to {target} within {}s", timeout.as_secs())}),
+        Err(_) => {
+            json!({"ok": false, "error": format!("no connection to {target} within {}s", timeout.as_secs())})
+        }
     }
 }

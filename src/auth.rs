@@ -352,8 +352,11 @@ async fn fetch_cli(program: &str, args: &[String], timeout: Duration) -> Result<
             exp.duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
         });
-    Token::new(parsed.access_token, lifetime.or(Some(Duration::from_secs(600))))
-        .map_err(|reason| AuthError::Cli { command, reason })
+    Token::new(
+        parsed.access_token,
+        lifetime.or(Some(Duration::from_secs(600))),
+    )
+    .map_err(|reason| AuthError::Cli { command, reason })
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -404,11 +407,12 @@ impl TokenSources {
         let db = &self.databricks;
         match spec {
             AuthSpec::None => TokenSource::None,
-            AuthSpec::BearerEnv { token, .. } => match Token::new(token.expose().to_owned(), None)
-            {
-                Ok(t) => TokenSource::Static(Arc::new(t)),
-                Err(reason) => self.failing("bearer-env", reason),
-            },
+            AuthSpec::BearerEnv { token, .. } => {
+                match Token::new(token.expose().to_owned(), None) {
+                    Ok(t) => TokenSource::Static(Arc::new(t)),
+                    Err(reason) => self.failing("bearer-env", reason),
+                }
+            }
             AuthSpec::DatabricksOauth => {
                 let (Some(host), Some(id), Some(secret)) =
                     (&db.host, &db.client_id, &db.client_secret)

@@ -90,10 +90,7 @@ impl HttpClient {
     }
 
     /// Sends a request; the response body streams.
-    pub fn request(
-        &self,
-        req: Request<Body>,
-    ) -> hyper_util::client::legacy::ResponseFuture {
+    pub fn request(&self, req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
         self.inner.request(req)
     }
 

@@ -554,7 +554,10 @@ impl Config {
     /// Reads and validates the file at `path` in `env`.
     pub fn load(path: &Path, env: &Env) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::one("", format!("cannot read config file {}: {e}", path.display()))
+            ConfigError::one(
+                "",
+                format!("cannot read config file {}: {e}", path.display()),
+            )
         })?;
         Self::from_toml_str(&text, env)
     }
@@ -822,7 +825,9 @@ impl Validator {
             Err(e) => {
                 self.problem(
                     key,
-                    format!("invalid duration \"{text}\" ({e}; examples: \"500ms\", \"10s\", \"15m\")"),
+                    format!(
+                        "invalid duration \"{text}\" ({e}; examples: \"500ms\", \"10s\", \"15m\")"
+                    ),
                 );
                 humantime::parse_duration(default).unwrap_or_default()
             }

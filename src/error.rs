@@ -185,7 +185,8 @@ mod tests {
 
     #[tokio::test]
     async fn errors_become_json_with_code() {
-        let res = Error::bad_request("INVALID_FIELD", "isUpvoted: expected a boolean").into_response();
+        let res =
+            Error::bad_request("INVALID_FIELD", "isUpvoted: expected a boolean").into_response();
         assert_eq!(res.status(), 400);
         assert_eq!(
             res.headers()[http::header::CONTENT_TYPE],

@@ -16,6 +16,8 @@ impl Feedback {
         _route: Route<'_>,
         _req: Request<Incoming>,
     ) -> Result<Response<Body>, Error> {
-        Err(Error::NotFound("the feedback API is not available in this build".into()))
+        Err(Error::NotFound(
+            "the feedback API is not available in this build".into(),
+        ))
     }
 }

@@ -253,11 +253,9 @@ impl Proxy {
         *up.uri_mut() = uri;
         *up.headers_mut() = headers;
 
-        let sent = tokio::time::timeout(
-            self.config.response_header_timeout,
-            self.client.request(up),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(self.config.response_header_timeout, self.client.request(up))
+                .await;
         let res = match sent {
             Err(_) => {
                 self.count_error("header_timeout");
@@ -528,7 +526,10 @@ mod tests {
             ("connection", "keep-alive, x-secret-hop"),
             ("x-secret-hop", "1"),
             ("keep-alive", "timeout=5"),
-            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
             ("content-type", "application/json"),
             ("content-length", "12"),
             ("host", "proxy.example"),

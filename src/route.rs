@@ -21,7 +21,9 @@ pub enum Route<'a> {
     /// `POST /api/feedback`
     FeedbackSubmit,
     /// `GET /api/feedback/{chatId}` (raw, still percent-encoded)
-    FeedbackList { chat_id: &'a str },
+    FeedbackList {
+        chat_id: &'a str,
+    },
     /// `DELETE /api/feedback/{chatId}/{messageId}`
     FeedbackRetract {
         chat_id: &'a str,
@@ -30,7 +32,9 @@ pub enum Route<'a> {
     /// `OPTIONS /api/feedback…` (CORS preflight)
     FeedbackPreflight,
     /// A feedback path with a method it does not support.
-    FeedbackMethodNotAllowed { allowed: &'static str },
+    FeedbackMethodNotAllowed {
+        allowed: &'static str,
+    },
     /// The chat UI (embedded page or a configured directory).
     Ui,
     NotFound,
@@ -137,8 +141,12 @@ mod tests {
         let c = config();
         let get = Method::GET;
         let post = Method::POST;
-        assert!(matches!(classify(&post, "/invocations", &c), Route::Agent(r) if r.path == "/invocations"));
-        assert!(matches!(classify(&post, "/api/chat/x", &c), Route::Agent(r) if r.path == "/api/chat"));
+        assert!(
+            matches!(classify(&post, "/invocations", &c), Route::Agent(r) if r.path == "/invocations")
+        );
+        assert!(
+            matches!(classify(&post, "/api/chat/x", &c), Route::Agent(r) if r.path == "/api/chat")
+        );
         assert_eq!(classify(&post, "/invocationsx", &c), Route::NotFound);
         assert_eq!(classify(&get, "/healthz", &c), Route::Health);
         assert_eq!(classify(&get, "/readyz", &c), Route::Ready);

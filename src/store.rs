@@ -356,11 +356,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes deliveries in `state` (`dead` or `waiting`) pending and due now, resetting
     /// `attempts` and `enqueued_at`; only `key` if given. Returns how many changed.
-    async fn requeue(
-        &self,
-        state: DeliveryState,
-        key: Option<&VoteKey>,
-    ) -> Result<u64, StoreError>;
+    async fn requeue(&self, state: DeliveryState, key: Option<&VoteKey>)
+    -> Result<u64, StoreError>;
 
     async fn delivery_stats(&self) -> Result<DeliveryStats, StoreError>;
 
@@ -372,10 +369,7 @@ pub trait Store: Send + Sync + 'static {
 pub type SharedStore = Arc<dyn Store>;
 
 /// Opens the configured store (running migrations if configured to).
-pub async fn open(
-    config: &StoreConfig,
-    deps: postgres::Deps,
-) -> Result<SharedStore, StoreError> {
+pub async fn open(config: &StoreConfig, deps: postgres::Deps) -> Result<SharedStore, StoreError> {
     match &config.kind {
         StoreKind::Sqlite { path } => sqlite::open(path, config).await,
         StoreKind::Postgres(pg) => postgres::open(pg, config, deps).await,

@@ -23,7 +23,10 @@ pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
             .flatten_event(true)
             .with_current_span(false)
             .try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .try_init(),
     };
     if let Err(e) = result {
         eprintln!("logging was already initialised: {e}");

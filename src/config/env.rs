@@ -156,10 +156,9 @@ mod tests {
 
     #[test]
     fn reports_every_missing_variable_with_its_key() {
-        let mut v: toml::Value = toml::from_str(
-            "[agent]\nurl = \"${AGENT_URL}\"\n[mlflow]\nexperiment_id = \"${EXP}\"",
-        )
-        .unwrap();
+        let mut v: toml::Value =
+            toml::from_str("[agent]\nurl = \"${AGENT_URL}\"\n[mlflow]\nexperiment_id = \"${EXP}\"")
+                .unwrap();
         let missing = interpolate(&mut v, &Env::default()).unwrap_err();
         let names: Vec<_> = missing
             .iter()

@@ -55,7 +55,10 @@ fn bad_values_are_named() {
         ("shutdown_grace = \"ten\"\n", "shutdown_grace"),
         ("listen = \"localhost\"\n", "listen"),
         ("[agent]\nauth = \"magic\"\n", "agent.auth"),
-        ("[agent]\nmax_rewrite_bytes = \"lots\"\n", "agent.max_rewrite_bytes"),
+        (
+            "[agent]\nmax_rewrite_bytes = \"lots\"\n",
+            "agent.max_rewrite_bytes",
+        ),
         ("[agent]\npaths = [\"invocations\"]\n", "agent.paths[0]"),
         ("[agent]\npaths = [\"/api/feedback\"]\n", "agent.routes"),
         ("[store]\nurl = \"mysql://x\"\n", "store.url"),
@@ -63,8 +66,14 @@ fn bad_values_are_named() {
             "[store]\nurl = \"postgres://h/db?sslmode=sometimes\"\n",
             "store.url",
         ),
-        ("[feedback.names]\nrating = [\"float\"]\n", "feedback.names.rating"),
-        ("[mlflow]\ntracking_uri = \"databricks\"\n", "mlflow.tracking_uri"),
+        (
+            "[feedback.names]\nrating = [\"float\"]\n",
+            "feedback.names.rating",
+        ),
+        (
+            "[mlflow]\ntracking_uri = \"databricks\"\n",
+            "mlflow.tracking_uri",
+        ),
         ("[log]\nformat = \"xml\"\n", "log.format"),
     ];
     for (extra, key) in cases {
@@ -157,7 +166,10 @@ fn databricks_oauth_without_credentials_names_what_is_missing() {
     )
     .unwrap_err();
     let line = err.to_string();
-    assert!(line.starts_with("agent.auth: databricks-oauth needs"), "{line}");
+    assert!(
+        line.starts_with("agent.auth: databricks-oauth needs"),
+        "{line}"
+    );
     assert!(line.contains("DATABRICKS_HOST") && line.contains("DATABRICKS_CLIENT_SECRET"));
 }
 

@@ -403,7 +403,8 @@ impl http_body::Body for ResponseBody {
                         this.upstream_name(),
                         crate::error::chain(&e)
                     );
-                    if let Some(err) = this.fail(EndReason::UpstreamError, "UPSTREAM_STREAM_BROKEN", msg)
+                    if let Some(err) =
+                        this.fail(EndReason::UpstreamError, "UPSTREAM_STREAM_BROKEN", msg)
                     {
                         return Poll::Ready(Some(Err(err)));
                     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::store::{LinkRecord, SharedStore};
@@ -26,15 +27,13 @@ pub struct LinkRecorder {
 }
 
 impl LinkRecorder {
-    /// Starts the writer task; it ends once every recorder is dropped and the queue is drained.
-    pub fn spawn(
-        store: SharedStore,
-        capacity: usize,
-        metrics: Arc<Metrics>,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the writer task. It ends once every recorder is dropped and the queue is drained,
+    /// or when [`LinkWriter::shutdown`] is called.
+    pub fn spawn(store: SharedStore, capacity: usize, metrics: Arc<Metrics>) -> (Self, LinkWriter) {
         let (tx, rx) = mpsc::channel(capacity);
-        let task = tokio::spawn(writer(store, rx, metrics.clone()));
-        (Self { tx, metrics }, task)
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(writer(store, rx, metrics.clone(), stop.clone()));
+        (Self { tx, metrics }, LinkWriter { task, stop })
     }
 
     /// Queues a link write without waiting.
@@ -51,17 +50,60 @@ impl LinkRecorder {
     }
 }
 
-async fn writer(store: SharedStore, mut rx: mpsc::Receiver<LinkRecord>, metrics: Arc<Metrics>) {
+/// The writer task, for shutdown.
+#[derive(Debug)]
+pub struct LinkWriter {
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl LinkWriter {
+    /// Stops taking new links, writes what is queued (one attempt each), and waits at most
+    /// `budget` for that.
+    pub async fn shutdown(self, budget: Duration) {
+        self.stop.cancel();
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(budget, self.task).await.is_err() {
+            abort.abort();
+            tracing::warn!("link writer did not finish within {budget:?}; queued links were lost");
+        }
+    }
+}
+
+async fn writer(
+    store: SharedStore,
+    mut rx: mpsc::Receiver<LinkRecord>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
+    let mut stopping = false;
+    loop {
+        let n = if stopping {
+            rx.recv_many(&mut batch, BATCH).await
+        } else {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, BATCH) => n,
+                () = stop.cancelled() => {
+                    // Refuse new links; what is already queued is still delivered below.
+                    rx.close();
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        let attempts = if stopping { 1 } else { ATTEMPTS };
         let mut delay = Duration::from_millis(100);
-        for attempt in 1..=ATTEMPTS {
+        for attempt in 1..=attempts {
             match store.record_links(&batch).await {
                 Ok(()) => {
                     metrics.links_recorded.inc_by(batch.len() as u64);
                     break;
                 }
-                Err(e) if attempt < ATTEMPTS => {
+                Err(e) if attempt < attempts => {
                     tracing::warn!(error = %e, links = batch.len(), attempt, "recording links failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay *= 4;

@@ -105,7 +105,9 @@ pub fn rewrite(body: &[u8], rw: Rewrite<'_>) -> Option<Bytes> {
         let ci = object_entry(&mut obj, "custom_inputs");
         ci.insert("client_request_id".into(), Value::String(crid.to_owned()));
     }
-    serde_json::to_vec(&Value::Object(obj)).ok().map(Bytes::from)
+    serde_json::to_vec(&Value::Object(obj))
+        .ok()
+        .map(Bytes::from)
 }
 
 /// `obj[key]` as an object, replacing a non-object value.

@@ -12,7 +12,9 @@ pub async fn open(_path: &Path, _config: &StoreConfig) -> Result<SharedStore, St
 }
 
 fn nope<T>() -> Result<T, StoreError> {
-    Err(StoreError::Unavailable("the SQLite store is not implemented in this build".into()))
+    Err(StoreError::Unavailable(
+        "the SQLite store is not implemented in this build".into(),
+    ))
 }
 
 #[async_trait]
@@ -47,7 +49,12 @@ impl Store for SqliteStore {
     async fn claim_due(&self, _: u32, _: Duration) -> Result<Vec<Delivery>, StoreError> {
         nope()
     }
-    async fn claim(&self, _: &VoteKey, _: i64, _: Duration) -> Result<Option<Delivery>, StoreError> {
+    async fn claim(
+        &self,
+        _: &VoteKey,
+        _: i64,
+        _: Duration,
+    ) -> Result<Option<Delivery>, StoreError> {
         nope()
     }
     async fn finish(
