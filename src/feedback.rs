@@ -1,23 +1,382 @@
-//! The feedback API (`/api/feedback*`). PLACEHOLDER until the feedback issue lands: every route
-//! answers 404 so that the proxy core can be built and tested on its own.
+//! The feedback API (CONTRACT §4): `POST /api/feedback`, `GET /api/feedback/{chatId}`,
+//! `DELETE /api/feedback/{chatId}/{messageId}`.
+//!
+//! A vote is committed to the store together with its delivery before anything is sent to
+//! MLflow; a 200 always means the vote is durable. Then one delivery attempt runs inline under a
+//! short deadline and its outcome becomes `mlflowStatus`; whatever it does not finish, the
+//! background worker (`delivery.rs`) does.
+//!
+//! Abuse: POST and DELETE need `content-type: application/json` (a cross-site form cannot send
+//! it without a CORS preflight, so a user's platform session cannot be used to vote from another
+//! site); there are no CORS headers unless `feedback.cors_origins` lists the origin; each user
+//! has a token-bucket rate limit; a vote on a message streamed to another user is refused.
 
-use http::{Request, Response};
+pub mod delivery;
+pub mod input;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::header::{
+    ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
+    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, HeaderValue, ORIGIN, VARY,
+};
+use http::{HeaderMap, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use serde_json::{Map, Value, json};
 
-use crate::body::Body;
+use crate::body::{Body, CollectError, collect_limited, json_response};
+use crate::config::{FeedbackConfig, IdentityConfig};
 use crate::error::Error;
+use crate::identity;
+use crate::metrics::{Metrics, StatusLabel};
+use crate::proxy::media_type;
 use crate::route::Route;
+use crate::store::{Enqueue, FeedbackValue, NewVote, SharedStore, VoteKey};
+use delivery::{Deliverer, NO_EXPERIMENT_ID, NO_TRACE_ID, Status};
 
-pub struct Feedback;
+/// The feedback service: handlers plus the shared deliverer.
+pub struct Feedback {
+    config: FeedbackConfig,
+    identity: IdentityConfig,
+    store: SharedStore,
+    deliverer: Arc<Deliverer>,
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    metrics: Arc<Metrics>,
+}
 
 impl Feedback {
+    pub fn new(
+        config: FeedbackConfig,
+        identity: IdentityConfig,
+        store: SharedStore,
+        deliverer: Arc<Deliverer>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let limiter = config.rate_limit.and_then(|rl| {
+            let burst = NonZeroU32::new(rl.burst)?;
+            let period = Duration::from_secs_f64(1.0 / rl.per_second);
+            let quota = Quota::with_period(period)?.allow_burst(burst);
+            Some(RateLimiter::keyed(quota))
+        });
+        Self {
+            config,
+            identity,
+            store,
+            deliverer,
+            limiter,
+            metrics,
+        }
+    }
+
+    pub fn deliverer(&self) -> &Arc<Deliverer> {
+        &self.deliverer
+    }
+
+    /// Forgets rate-limit state of users idle long enough to be back at a full bucket (called
+    /// periodically so that the map does not grow without bound).
+    pub fn prune_rate_limits(&self) {
+        if let Some(l) = &self.limiter {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+
     pub async fn handle(
         &self,
-        _route: Route<'_>,
-        _req: Request<Incoming>,
+        route: Route<'_>,
+        req: Request<Incoming>,
     ) -> Result<Response<Body>, Error> {
-        Err(Error::NotFound(
-            "the feedback API is not available in this build".into(),
+        let cors = self.cors_origin(req.headers());
+        let mut res = match route {
+            Route::FeedbackPreflight => return self.preflight(req.headers()),
+            Route::FeedbackSubmit => self.submit(req).await,
+            Route::FeedbackList { chat_id } => {
+                let chat_id = decode_segment("chatId", chat_id)?;
+                self.list(req.headers(), &chat_id).await
+            }
+            Route::FeedbackRetract {
+                chat_id,
+                message_id,
+            } => {
+                let chat_id = decode_segment("chatId", chat_id)?;
+                let message_id = decode_segment("messageId", message_id)?;
+                self.retract(req, &chat_id, &message_id).await
+            }
+            _ => Err(Error::NotFound("no such feedback route".into())),
+        }
+        .unwrap_or_else(Error::into_response);
+        if let Some(origin) = cors {
+            let h = res.headers_mut();
+            h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            h.insert(
+                ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+            h.append(VARY, HeaderValue::from_static("origin"));
+        }
+        Ok(res)
+    }
+
+    /// The user, after the rate limit.
+    fn user(&self, headers: &HeaderMap) -> Result<String, Error> {
+        let user = identity::user(headers, &self.identity)?;
+        if let Some(limiter) = &self.limiter {
+            if let Err(not_until) = limiter.check_key(&user) {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                return Err(Error::RateLimited { retry_after: wait });
+            }
+        }
+        Ok(user)
+    }
+
+    async fn submit(&self, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+        require_json(req.headers())?;
+        let user = self.user(req.headers())?;
+        let body = read_body(req.into_body(), self.config.max_body_bytes).await?;
+        let vote = input::parse_vote(&body, &self.config)?;
+
+        let link = self.store.get_link(&vote.message_id).await?;
+        if let Some(link) = &link {
+            if link.user_id != user {
+                return Err(Error::Forbidden(format!(
+                    "message {} belongs to another user",
+                    vote.message_id
+                )));
+            }
+            if let Some(chat) = &link.chat_id {
+                if *chat != vote.chat_id {
+                    return Err(Error::bad_request(
+                        "CHAT_MISMATCH",
+                        format!("chatId: message {} belongs to chat {chat}", vote.message_id),
+                    ));
+                }
+            }
+        }
+        let enqueue = if !self.deliverer.enabled() {
+            Enqueue::Waiting {
+                reason: NO_EXPERIMENT_ID.into(),
+            }
+        } else {
+            match &link {
+                Some(l) if l.trace_id.is_some() || l.client_request_id.is_some() || l.open => {
+                    Enqueue::Pending
+                }
+                _ => Enqueue::Waiting {
+                    reason: NO_TRACE_ID.into(),
+                },
+            }
+        };
+        let key = VoteKey {
+            message_id: vote.message_id.clone(),
+            user_id: user,
+            name: vote.name.clone(),
+        };
+        let delivery = self
+            .store
+            .upsert_vote(
+                &NewVote {
+                    key: key.clone(),
+                    chat_id: vote.chat_id.clone(),
+                    value: vote.value.clone(),
+                    comment: vote.comment.clone(),
+                },
+                &enqueue,
+            )
+            .await?;
+        let status = match enqueue {
+            Enqueue::Pending => self.deliverer.attempt_inline(&key, delivery.version).await,
+            Enqueue::Waiting { reason } if reason == NO_EXPERIMENT_ID => Status::NoExperimentId,
+            Enqueue::Waiting { .. } => Status::NoTraceId,
+        };
+        let trace_id = status
+            .trace_id()
+            .map(str::to_owned)
+            .or(delivery.trace_id)
+            .or_else(|| link.and_then(|l| l.trace_id));
+        let mut out = Map::new();
+        out.insert("success".into(), Value::Bool(true));
+        if let FeedbackValue::Bool(b) = vote.value {
+            out.insert("isUpvoted".into(), Value::Bool(b));
+        }
+        out.insert("name".into(), Value::String(vote.name));
+        out.insert("value".into(), vote.value.to_json());
+        self.status_fields(&mut out, &status, trace_id);
+        Ok(json_response(StatusCode::OK, &Value::Object(out)))
+    }
+
+    fn status_fields(
+        &self,
+        out: &mut Map<String, Value>,
+        status: &Status,
+        trace_id: Option<String>,
+    ) {
+        self.metrics
+            .feedback_responses
+            .get_or_create(&StatusLabel {
+                status: status.as_str(),
+            })
+            .inc();
+        out.insert("mlflowStatus".into(), Value::String(status.as_str().into()));
+        if let Some(t) = trace_id {
+            out.insert("traceId".into(), Value::String(t));
+        }
+        if let Some(a) = status.assessment_id() {
+            out.insert("assessmentId".into(), Value::String(a.to_owned()));
+        }
+        if let Status::Error { reason, .. } = status {
+            out.insert("mlflowError".into(), Value::String(reason.clone()));
+        }
+    }
+
+    async fn list(&self, headers: &HeaderMap, chat_id: &str) -> Result<Response<Body>, Error> {
+        let user = self.user(headers)?;
+        let votes = self.store.list_votes(chat_id, &user).await?;
+        let mut simple = Map::new();
+        let mut feedback = Map::new();
+        let mut assessments: Map<String, Value> = Map::new();
+        for v in votes {
+            let detail = json!({
+                "name": v.key.name,
+                "value": v.value.to_json(),
+                "comment": v.comment,
+                "updatedAt": humantime::format_rfc3339_millis(v.updated_at).to_string(),
+            });
+            if v.key.name == self.config.default_name {
+                if let FeedbackValue::Bool(b) = v.value {
+                    simple.insert(v.key.message_id.clone(), Value::Bool(b));
+                }
+                feedback.insert(v.key.message_id.clone(), detail.clone());
+            }
+            if let Value::Object(per_message) = assessments
+                .entry(v.key.message_id.clone())
+                .or_insert_with(|| Value::Object(Map::new()))
+            {
+                per_message.insert(v.key.name.clone(), detail);
+            }
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({ "votes": simple, "feedback": feedback, "assessments": assessments }),
         ))
     }
+
+    async fn retract(
+        &self,
+        req: Request<Incoming>,
+        chat_id: &str,
+        message_id: &str,
+    ) -> Result<Response<Body>, Error> {
+        require_json(req.headers())?;
+        let user = self.user(req.headers())?;
+        let name = match query_param(req.uri().query(), "name") {
+            Some(n) => n,
+            None => self.config.default_name.clone(),
+        };
+        if !self.config.names.contains_key(&name) {
+            return Err(Error::bad_request(
+                "UNKNOWN_NAME",
+                format!("name: \"{name}\" is not an accepted assessment name"),
+            ));
+        }
+        let key = VoteKey {
+            message_id: message_id.to_owned(),
+            user_id: user,
+            name,
+        };
+        // Only the caller's own vote in this chat can be retracted.
+        let votes = self.store.list_votes(chat_id, &key.user_id).await?;
+        if !votes.iter().any(|v| v.key == key) {
+            return Err(Error::NotFound(format!(
+                "you have no {} vote on message {message_id} in chat {chat_id}",
+                key.name
+            )));
+        }
+        let Some(delivery) = self.store.retract_vote(&key).await? else {
+            return Err(Error::NotFound(format!(
+                "you have no {} vote on message {message_id} in chat {chat_id}",
+                key.name
+            )));
+        };
+        let status = if self.deliverer.enabled() {
+            self.deliverer.attempt_inline(&key, delivery.version).await
+        } else {
+            Status::NoExperimentId
+        };
+        let mut out = Map::new();
+        out.insert("success".into(), Value::Bool(true));
+        let trace_id = status.trace_id().map(str::to_owned).or(delivery.trace_id);
+        self.status_fields(&mut out, &status, trace_id);
+        Ok(json_response(StatusCode::OK, &Value::Object(out)))
+    }
+
+    fn cors_origin(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        let origin = headers.get(ORIGIN)?;
+        self.config
+            .cors_origins
+            .iter()
+            .any(|o| o.as_bytes().eq_ignore_ascii_case(origin.as_bytes()))
+            .then(|| origin.clone())
+    }
+
+    fn preflight(&self, headers: &HeaderMap) -> Result<Response<Body>, Error> {
+        let Some(origin) = self.cors_origin(headers) else {
+            return Err(Error::Forbidden(
+                "cross-origin requests to the feedback API are not allowed (see feedback.cors_origins)".into(),
+            ));
+        };
+        let mut res = Response::new(Body::Empty);
+        *res.status_mut() = StatusCode::NO_CONTENT;
+        let h = res.headers_mut();
+        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(
+            ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, DELETE"),
+        );
+        h.insert(
+            ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("content-type"),
+        );
+        h.insert(
+            ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(VARY, HeaderValue::from_static("origin"));
+        Ok(res)
+    }
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), Error> {
+    match media_type(headers) {
+        Some(m) if m.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(Error::UnsupportedMediaType),
+    }
+}
+
+async fn read_body(body: Incoming, limit: usize) -> Result<bytes::Bytes, Error> {
+    collect_limited(body, limit).await.map_err(|e| match e {
+        CollectError::TooLarge { limit } => Error::PayloadTooLarge { limit },
+        CollectError::Read(e) => Error::bad_request(
+            "BODY_READ_FAILED",
+            format!("reading the request body failed: {e}"),
+        ),
+    })
+}
+
+/// A percent-decoded, validated path segment.
+fn decode_segment(field: &str, raw: &str) -> Result<String, Error> {
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| Error::bad_request("INVALID_FIELD", format!("{field}: not valid UTF-8")))?;
+    input::id(field, &decoded)
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }

@@ -31,6 +31,7 @@ pub mod error;
 pub mod feedback;
 pub mod identity;
 pub mod metrics;
+pub mod mlflow;
 pub mod proxy;
 pub mod route;
 pub mod server;
@@ -43,6 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
@@ -70,6 +72,9 @@ pub enum StartError {
 pub struct App {
     state: Arc<AppState>,
     link_writer: LinkWriter,
+    /// Stops the background tasks (delivery worker, housekeeping).
+    stop: CancellationToken,
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl App {
@@ -100,15 +105,54 @@ impl App {
             links,
             metrics.clone(),
         );
+        let mlflow = config.mlflow.tracking_uri.clone().map(|base| {
+            mlflow::MlflowClient::new(
+                base,
+                http.clone(),
+                tokens.get(&config.mlflow.auth),
+                config.mlflow.timeout,
+                metrics.clone(),
+            )
+        });
+        let deliverer = Arc::new(feedback::delivery::Deliverer::new(
+            store.clone(),
+            mlflow,
+            &config.mlflow,
+            config.delivery.clone(),
+            metrics.clone(),
+        ));
+        let feedback = feedback::Feedback::new(
+            config.feedback.clone(),
+            config.identity.clone(),
+            store.clone(),
+            deliverer.clone(),
+            metrics.clone(),
+        );
+        let ui = ui::Ui::new(&config.ui);
         let state = Arc::new(AppState {
             proxy,
-            feedback: feedback::Feedback,
+            feedback,
             store,
             metrics,
-            ui: ui::Ui,
+            ui,
             config,
         });
-        Ok(Self { state, link_writer })
+
+        let stop = CancellationToken::new();
+        let mut background = Vec::new();
+        if state.config.delivery.worker {
+            background.push(tokio::spawn(deliverer.run_worker(stop.child_token())));
+        }
+        background.push(tokio::spawn(housekeeping(
+            state.clone(),
+            stop.child_token(),
+        )));
+        Ok(Self {
+            state,
+            link_writer,
+            stop,
+            background,
+        })
     }
 
     pub fn state(&self) -> &Arc<AppState> {
@@ -163,9 +207,34 @@ impl App {
         if let Some(t) = metrics_task {
             let _ = t.await;
         }
-        // Let queued link writes reach the store, within the time left: the process must exit
-        // within the grace period plus a fraction of a second (the platform kills at 15 s).
-        self.link_writer.shutdown(Duration::from_millis(500)).await;
+        // Let queued link writes reach the store and in-flight deliveries record their outcome,
+        // within the time left: the process must exit within the grace period plus a fraction
+        // of a second (the platform kills at 15 s).
+        self.stop.cancel();
+        let background = join_all(self.background);
+        let links = self.link_writer.shutdown(Duration::from_millis(500));
+        let (_, ()) = tokio::join!(
+            tokio::time::timeout(Duration::from_millis(500), background),
+            links
+        );
+    }
+}
+
+/// Waits for every task (they are independent; order does not matter).
+async fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Periodic upkeep that must not grow state without bound.
+async fn housekeeping(state: Arc<AppState>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => state.feedback.prune_rate_limits(),
+        }
     }
 }
 

@@ -1,0 +1,712 @@
+//! Delivering votes to MLflow: one attempt ([`Deliverer::attempt`]) and the background worker
+//! that retries until every vote lands ([`Deliverer::run_worker`]).
+//!
+//! Exactly one assessment per (message, user, name):
+//! - the first delivery looks for an assessment by this user and name on the trace (the trace
+//!   info lists them) and adopts it — this closes the crash window between "MLflow created it"
+//!   and "we recorded its id" even on servers that ignore client-chosen ids; only if there is
+//!   none does it create one, with a deterministic `assessment_id` derived from the key and the
+//!   generation (open-source MLflow honours it, so a lost answer to a create cannot produce a
+//!   second assessment either);
+//! - later deliveries PATCH it (`update_mask` in camelCase) or DELETE it;
+//! - what was learnt about the assessment is recorded even when a newer vote superseded the
+//!   attempt, so the next attempt never duplicates.
+//!
+//! Failures: a trace that answers 404 is not flushed yet and is retried up to
+//! `delivery.not_found_horizon`; 5xx, timeouts, connection and token failures are retried with
+//! exponential backoff and jitter up to `delivery.max_age` (429 honours `Retry-After`); other
+//! 4xx dead-letter with the reason. The worker runs on every replica; the store's leases make
+//! sure one delivery is worked on by one process at a time.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DeliveryConfig, MlflowConfig};
+use crate::metrics::{Metrics, OutcomeLabel, StateLabel};
+use crate::mlflow::{
+    Assessment, AssessmentUpdate, MlflowClient, MlflowError, MlflowErrorKind, NewAssessment,
+};
+use crate::store::{
+    AssessmentFact, Delivery, DeliveryState, Desired, Outcome, SharedStore, StoreError, VoteKey,
+};
+
+/// Namespace of the deterministic assessment ids (a fixed, random UUID).
+const ASSESSMENT_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x5c1f_0e2a_9d7b_4f3e_8a61_2b9c_d4e7_f013);
+
+/// What an attempt amounts to, as reported to the client (`mlflowStatus`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// An assessment was created (or an existing one of ours adopted) for the first time.
+    Logged {
+        trace_id: String,
+        assessment_id: String,
+    },
+    /// An existing assessment was updated.
+    Updated {
+        trace_id: String,
+        assessment_id: String,
+    },
+    /// The assessment was deleted (or there was none to delete).
+    Deleted { trace_id: Option<String> },
+    /// Not delivered yet; the worker retries.
+    Queued {
+        trace_id: Option<String>,
+        reason: Option<String>,
+    },
+    /// The message has no trace id; delivery waits until one is linked.
+    NoTraceId,
+    /// MLflow delivery is not configured.
+    NoExperimentId,
+    /// Delivery gave up; the reason is short and safe to show.
+    Error {
+        trace_id: Option<String>,
+        reason: String,
+    },
+}
+
+impl Status {
+    /// The `mlflowStatus` string.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Logged { .. } => "logged",
+            Self::Updated { .. } => "updated",
+            Self::Deleted { .. } => "deleted",
+            Self::Queued { .. } => "queued",
+            Self::NoTraceId => "no_trace_id",
+            Self::NoExperimentId => "no_experiment_id",
+            Self::Error { .. } => "mlflow_error",
+        }
+    }
+
+    pub fn trace_id(&self) -> Option<&str> {
+        match self {
+            Self::Logged { trace_id, .. } | Self::Updated { trace_id, .. } => Some(trace_id),
+            Self::Deleted { trace_id }
+            | Self::Queued { trace_id, .. }
+            | Self::Error { trace_id, .. } => trace_id.as_deref(),
+            Self::NoTraceId | Self::NoExperimentId => None,
+        }
+    }
+
+    pub fn assessment_id(&self) -> Option<&str> {
+        match self {
+            Self::Logged { assessment_id, .. } | Self::Updated { assessment_id, .. } => {
+                Some(assessment_id)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Park reasons, also the `mlflowStatus` they map to.
+pub const NO_TRACE_ID: &str = "no_trace_id";
+pub const NO_EXPERIMENT_ID: &str = "no_experiment_id";
+
+/// The deterministic assessment id for a key and generation (≤ 50 characters, as the server
+/// requires).
+pub fn assessment_id_for(key: &VoteKey, generation: i64) -> String {
+    let name = format!(
+        "{}\u{0}{}\u{0}{}\u{0}{generation}",
+        key.message_id, key.user_id, key.name
+    );
+    format!(
+        "a-{}",
+        uuid::Uuid::new_v5(&ASSESSMENT_ID_NAMESPACE, name.as_bytes()).simple()
+    )
+}
+
+/// Runs delivery attempts. One per process, shared by the feedback handlers and the worker.
+pub struct Deliverer {
+    store: SharedStore,
+    mlflow: Option<MlflowClient>,
+    experiment_id: Option<String>,
+    client_assessment_ids: bool,
+    config: DeliveryConfig,
+    metrics: Arc<Metrics>,
+}
+
+/// The result of one attempt before it is recorded.
+struct Attempt {
+    fact: AssessmentFact,
+    outcome: Outcome,
+    status: Status,
+}
+
+impl Attempt {
+    fn new(fact: AssessmentFact, outcome: Outcome, status: Status) -> Self {
+        Self {
+            fact,
+            outcome,
+            status,
+        }
+    }
+}
+
+impl Deliverer {
+    pub fn new(
+        store: SharedStore,
+        mlflow: Option<MlflowClient>,
+        mlflow_config: &MlflowConfig,
+        config: DeliveryConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            experiment_id: mlflow_config.experiment_id.clone(),
+            mlflow: if mlflow_config.enabled() {
+                mlflow
+            } else {
+                None
+            },
+            client_assessment_ids: mlflow_config.client_assessment_ids,
+            config,
+            metrics,
+        }
+    }
+
+    /// Whether MLflow delivery is configured at all.
+    pub fn enabled(&self) -> bool {
+        self.mlflow.is_some()
+    }
+
+    /// Claims `key` at `version` and makes one attempt, waiting at most the inline deadline for
+    /// its outcome. The attempt itself runs to completion in the background either way (an
+    /// abandoned MLflow call would only widen the crash window).
+    pub async fn attempt_inline(self: &Arc<Self>, key: &VoteKey, version: i64) -> Status {
+        let this = self.clone();
+        let key = key.clone();
+        let task = tokio::spawn(async move {
+            match this.store.claim(&key, version, this.config.lease).await {
+                Ok(Some(d)) => this.attempt(d).await,
+                // Someone else holds it (an older version in flight) or a newer vote
+                // superseded this one: the worker picks it up next.
+                Ok(None) => Status::Queued {
+                    trace_id: None,
+                    reason: None,
+                },
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "cannot claim delivery for the inline attempt");
+                    Status::Queued {
+                        trace_id: None,
+                        reason: None,
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(self.config.inline_deadline, task).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "inline delivery task failed");
+                Status::Queued {
+                    trace_id: None,
+                    reason: None,
+                }
+            }
+            Err(_) => Status::Queued {
+                trace_id: None,
+                reason: Some("MLflow did not answer within the inline deadline".into()),
+            },
+        }
+    }
+
+    /// One attempt on a claimed delivery; records the result in the store.
+    pub async fn attempt(&self, d: Delivery) -> Status {
+        let attempt = self.run(&d).await;
+        let label = match &attempt.outcome {
+            Outcome::Done => "done",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Park { .. } => "park",
+            Outcome::Dead { .. } => "dead",
+        };
+        match self
+            .store
+            .finish(&d.key, d.version, &attempt.fact, &attempt.outcome)
+            .await
+        {
+            Ok(true) => {
+                self.metrics
+                    .delivery_attempts
+                    .get_or_create(&OutcomeLabel { outcome: label })
+                    .inc();
+            }
+            Ok(false) => {
+                // A newer vote arrived meanwhile; it is pending and will be delivered next.
+                self.metrics
+                    .delivery_attempts
+                    .get_or_create(&OutcomeLabel {
+                        outcome: "superseded",
+                    })
+                    .inc();
+                return Status::Queued {
+                    trace_id: attempt.status.trace_id().map(str::to_owned),
+                    reason: None,
+                };
+            }
+            Err(e) => {
+                // The lease expires and the attempt is repeated; thanks to the lookup by user
+                // and name, repeating it cannot duplicate the assessment.
+                tracing::error!(key = %d.key, version = d.version, error = %e, "cannot record the delivery outcome");
+                return Status::Queued {
+                    trace_id: attempt.status.trace_id().map(str::to_owned),
+                    reason: None,
+                };
+            }
+        }
+        match &attempt.outcome {
+            Outcome::Retry { error, .. } => {
+                tracing::info!(key = %d.key, attempts = d.attempts, error = %error, "delivery will be retried")
+            }
+            Outcome::Dead { error } => {
+                tracing::error!(key = %d.key, attempts = d.attempts, error = %error, "delivery gave up (dead letter)")
+            }
+            Outcome::Park { reason } => {
+                tracing::info!(key = %d.key, reason = %reason, "delivery waits for a trace id")
+            }
+            Outcome::Done => {
+                tracing::debug!(key = %d.key, status = attempt.status.as_str(), "delivered")
+            }
+        }
+        attempt.status
+    }
+
+    async fn run(&self, d: &Delivery) -> Attempt {
+        let Some(mlflow) = &self.mlflow else {
+            return Attempt::new(
+                AssessmentFact::Unchanged,
+                Outcome::Park {
+                    reason: NO_EXPERIMENT_ID.into(),
+                },
+                Status::NoExperimentId,
+            );
+        };
+        let trace_id = match self.resolve_trace(mlflow, d).await {
+            Ok(t) => t,
+            Err(a) => return a,
+        };
+        let Some(trace_id) = trace_id else {
+            // Nothing was ever delivered to a trace we cannot find: a retraction is complete.
+            if d.desired == Desired::Delete {
+                return Attempt::new(
+                    AssessmentFact::Unchanged,
+                    Outcome::Done,
+                    Status::Deleted { trace_id: None },
+                );
+            }
+            return Attempt::new(
+                AssessmentFact::Unchanged,
+                Outcome::Park {
+                    reason: NO_TRACE_ID.into(),
+                },
+                Status::NoTraceId,
+            );
+        };
+        match &d.desired {
+            Desired::Upsert { value, comment } => {
+                let update = AssessmentUpdate {
+                    value: value.clone(),
+                    rationale: comment.clone(),
+                };
+                self.upsert(mlflow, d, &trace_id, update).await
+            }
+            Desired::Delete => self.delete(mlflow, d, &trace_id).await,
+        }
+    }
+
+    /// The trace the assessment belongs on: remembered, linked, or found by client request id.
+    /// `Ok(None)`: the message has no trace (park). `Err`: the attempt ends here.
+    async fn resolve_trace(
+        &self,
+        mlflow: &MlflowClient,
+        d: &Delivery,
+    ) -> Result<Option<String>, Attempt> {
+        if let Some(t) = &d.trace_id {
+            return Ok(Some(t.clone()));
+        }
+        let link = self
+            .store
+            .get_link(&d.key.message_id)
+            .await
+            .map_err(|e| self.store_failure(d, &e))?;
+        let Some(link) = link else { return Ok(None) };
+        if link.user_id != d.key.user_id {
+            return Err(Attempt::new(
+                AssessmentFact::Unchanged,
+                Outcome::Dead {
+                    error: "the message belongs to another user".into(),
+                },
+                Status::Error {
+                    trace_id: None,
+                    reason: "the message belongs to another user".into(),
+                },
+            ));
+        }
+        if let Some(t) = link.trace_id {
+            return Ok(Some(t));
+        }
+        if let Some(crid) = &link.client_request_id {
+            let Some(exp) = &self.experiment_id else {
+                return Ok(None);
+            };
+            return match mlflow.find_trace_by_client_request_id(exp, crid).await {
+                Ok(Some(t)) => {
+                    if let Err(e) = self.store.set_link_trace_id(&d.key.message_id, &t).await {
+                        tracing::warn!(error = %e, "cannot remember the trace id found by search");
+                    }
+                    Ok(Some(t))
+                }
+                Ok(None) => Err(self.not_yet(
+                    d,
+                    None,
+                    format!("no trace with client_request_id {crid} yet"),
+                )),
+                Err(e) => Err(self.failure(d, None, &e)),
+            };
+        }
+        if link.open {
+            // The stream is still running; its trace id may yet arrive.
+            return Err(self.not_yet(d, None, "the answer is still streaming".into()));
+        }
+        Ok(None)
+    }
+
+    async fn upsert(
+        &self,
+        mlflow: &MlflowClient,
+        d: &Delivery,
+        trace_id: &str,
+        update: AssessmentUpdate,
+    ) -> Attempt {
+        let first = d.assessment_id.is_none();
+        let mut known = d.assessment_id.clone();
+        if known.is_none() {
+            // Adopt an assessment this user already has under this name (a previous attempt
+            // whose answer was lost). This also tells us whether the trace exists yet.
+            match mlflow.get_trace_info(trace_id).await {
+                Ok(info) => {
+                    known = find_ours(&info.assessments, &d.key).map(|a| a.assessment_id.clone())
+                }
+                Err(e) => return self.failure(d, Some(trace_id), &e),
+            }
+        }
+        if let Some(aid) = known {
+            match mlflow.update_assessment(trace_id, &aid, &update).await {
+                Ok(_) => return self.landed(trace_id, aid, first),
+                Err(e) if e.kind == MlflowErrorKind::NotFound => {
+                    // Deleted behind our back (or the trace is gone): start over with a new
+                    // generation, unless the trace itself is missing, which `get_trace_info`
+                    // will tell on the next attempt.
+                    return Attempt::new(
+                        AssessmentFact::Gone,
+                        Outcome::Retry {
+                            at: SystemTime::now(),
+                            error: format!("assessment {aid} no longer exists; re-creating"),
+                        },
+                        Status::Queued {
+                            trace_id: Some(trace_id.to_owned()),
+                            reason: None,
+                        },
+                    );
+                }
+                Err(e) => return self.failure(d, Some(trace_id), &e),
+            }
+        }
+        let client_id = self
+            .client_assessment_ids
+            .then(|| assessment_id_for(&d.key, d.generation));
+        let new = NewAssessment {
+            assessment_id: client_id.clone(),
+            name: d.key.name.clone(),
+            source_id: d.key.user_id.clone(),
+            value: update.value.clone(),
+            rationale: update.rationale.clone(),
+            metadata: [(
+                "feedback_proxy.message_id".to_owned(),
+                d.key.message_id.clone(),
+            )]
+            .into_iter()
+            .collect(),
+        };
+        match mlflow.create_assessment(trace_id, &new).await {
+            Ok(a) => self.landed(trace_id, a.assessment_id, true),
+            Err(e) if e.kind == MlflowErrorKind::AlreadyExists => {
+                // Our deterministic id exists: a create whose answer we lost. Make it hold the
+                // current value.
+                let Some(aid) = client_id else {
+                    return self.failure(d, Some(trace_id), &e);
+                };
+                match mlflow.update_assessment(trace_id, &aid, &update).await {
+                    Ok(_) => self.landed(trace_id, aid, true),
+                    Err(e) => self.failure(d, Some(trace_id), &e),
+                }
+            }
+            Err(e) => self.failure(d, Some(trace_id), &e),
+        }
+    }
+
+    fn landed(&self, trace_id: &str, assessment_id: String, first: bool) -> Attempt {
+        let fact = AssessmentFact::Exists {
+            assessment_id: assessment_id.clone(),
+            trace_id: trace_id.to_owned(),
+        };
+        let trace_id = trace_id.to_owned();
+        let status = if first {
+            Status::Logged {
+                trace_id,
+                assessment_id,
+            }
+        } else {
+            Status::Updated {
+                trace_id,
+                assessment_id,
+            }
+        };
+        Attempt::new(fact, Outcome::Done, status)
+    }
+
+    async fn delete(&self, mlflow: &MlflowClient, d: &Delivery, trace_id: &str) -> Attempt {
+        let mut target = d.assessment_id.clone();
+        if target.is_none() {
+            // A create whose answer was lost would have left one behind.
+            match mlflow.get_trace_info(trace_id).await {
+                Ok(info) => {
+                    target = find_ours(&info.assessments, &d.key).map(|a| a.assessment_id.clone())
+                }
+                // No trace, no assessment to delete.
+                Err(e) if e.kind == MlflowErrorKind::NotFound => {}
+                Err(e) => return self.failure(d, Some(trace_id), &e),
+            }
+        }
+        if let Some(aid) = target {
+            if let Err(e) = mlflow.delete_assessment(trace_id, &aid).await {
+                if e.kind != MlflowErrorKind::NotFound {
+                    return self.failure(d, Some(trace_id), &e);
+                }
+            }
+        }
+        Attempt::new(
+            AssessmentFact::Gone,
+            Outcome::Done,
+            Status::Deleted {
+                trace_id: Some(trace_id.to_owned()),
+            },
+        )
+    }
+
+    /// Not there yet (trace not flushed, stream still running): retry within the horizon, then
+    /// park as having no trace id.
+    fn not_yet(&self, d: &Delivery, trace_id: Option<&str>, why: String) -> Attempt {
+        let age = SystemTime::now()
+            .duration_since(d.enqueued_at)
+            .unwrap_or_default();
+        if age >= self.config.not_found_horizon {
+            let reason = format!(
+                "{NO_TRACE_ID}: {why} after {}",
+                humantime::format_duration(self.config.not_found_horizon)
+            );
+            return Attempt::new(
+                AssessmentFact::Unchanged,
+                Outcome::Park { reason },
+                Status::NoTraceId,
+            );
+        }
+        Attempt::new(
+            AssessmentFact::Unchanged,
+            Outcome::Retry {
+                at: SystemTime::now() + self.backoff(d.attempts, None),
+                error: why,
+            },
+            Status::Queued {
+                trace_id: trace_id.map(str::to_owned),
+                reason: None,
+            },
+        )
+    }
+
+    fn failure(&self, d: &Delivery, trace_id: Option<&str>, e: &MlflowError) -> Attempt {
+        let reason = e.short();
+        if e.kind == MlflowErrorKind::NotFound {
+            let what = match trace_id {
+                Some(t) => format!("trace {t} not found (not flushed yet?)"),
+                None => reason,
+            };
+            return self.not_yet(d, trace_id, what);
+        }
+        let trace = trace_id.map(str::to_owned);
+        if e.is_retryable() {
+            let age = SystemTime::now()
+                .duration_since(d.enqueued_at)
+                .unwrap_or_default();
+            if age < self.config.max_age {
+                let retry_after = match e.kind {
+                    MlflowErrorKind::RateLimited { retry_after } => retry_after,
+                    _ => None,
+                };
+                return Attempt::new(
+                    AssessmentFact::Unchanged,
+                    Outcome::Retry {
+                        at: SystemTime::now() + self.backoff(d.attempts, retry_after),
+                        error: reason.clone(),
+                    },
+                    Status::Queued {
+                        trace_id: trace,
+                        reason: Some(reason),
+                    },
+                );
+            }
+        }
+        Attempt::new(
+            AssessmentFact::Unchanged,
+            Outcome::Dead {
+                error: reason.clone(),
+            },
+            Status::Error {
+                trace_id: trace,
+                reason,
+            },
+        )
+    }
+
+    fn store_failure(&self, d: &Delivery, e: &StoreError) -> Attempt {
+        Attempt::new(
+            AssessmentFact::Unchanged,
+            Outcome::Retry {
+                at: SystemTime::now() + self.backoff(d.attempts, None),
+                error: e.to_string(),
+            },
+            Status::Queued {
+                trace_id: None,
+                reason: None,
+            },
+        )
+    }
+
+    /// Exponential backoff with jitter (half fixed, half random), capped; at least
+    /// `retry_after` when the server asked for it.
+    fn backoff(&self, attempts: i32, retry_after: Option<Duration>) -> Duration {
+        let exp = attempts.clamp(1, 30) as u32 - 1;
+        let base = self
+            .config
+            .backoff_initial
+            .saturating_mul(1u32 << exp.min(20))
+            .min(self.config.backoff_max);
+        let jittered = base / 2 + base.mul_f64(fastrand::f64() / 2.0);
+        match retry_after {
+            Some(r) => jittered.max(r),
+            None => jittered,
+        }
+    }
+
+    /// The background worker: claims due deliveries and attempts them, `concurrency` at a time,
+    /// until `stop` is cancelled; in-flight attempts finish (bounded by the MLflow timeout).
+    pub async fn run_worker(self: Arc<Self>, stop: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let mut polls: u64 = 0;
+        loop {
+            if polls % 5 == 0 {
+                self.refresh_gauges().await;
+            }
+            polls += 1;
+            let free = permits
+                .available_permits()
+                .min(self.config.batch_size as usize);
+            if free > 0 && self.enabled() {
+                match self.store.claim_due(free as u32, self.config.lease).await {
+                    Ok(batch) => {
+                        let full = batch.len() == free;
+                        for d in batch {
+                            let Ok(permit) = permits.clone().acquire_owned().await else {
+                                break;
+                            };
+                            let this = self.clone();
+                            tokio::spawn(async move {
+                                this.attempt(d).await;
+                                drop(permit);
+                            });
+                        }
+                        if full {
+                            // More may be due: poll again without waiting.
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot claim due deliveries");
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(self.config.poll_interval) => {}
+            }
+        }
+        // Let in-flight attempts finish so that their outcomes are recorded.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            permits.acquire_many(self.config.concurrency as u32),
+        )
+        .await;
+    }
+
+    async fn refresh_gauges(&self) {
+        match self.store.delivery_stats().await {
+            Ok(s) => {
+                for (state, n) in [
+                    (DeliveryState::Pending, s.pending),
+                    (DeliveryState::Waiting, s.waiting),
+                    (DeliveryState::Done, s.done),
+                    (DeliveryState::Dead, s.dead),
+                ] {
+                    self.metrics
+                        .deliveries
+                        .get_or_create(&StateLabel {
+                            state: state.as_str(),
+                        })
+                        .set(n as i64);
+                }
+                self.metrics
+                    .delivery_oldest_pending_age
+                    .set(s.oldest_pending.map_or(0.0, |d| d.as_secs_f64()));
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read delivery stats"),
+        }
+        let pool = self.store.pool_status();
+        self.metrics.store_pool_size.set(pool.size as i64);
+        self.metrics.store_pool_available.set(pool.available as i64);
+    }
+}
+
+/// This user's current assessment under this name, if the trace holds one.
+fn find_ours<'a>(assessments: &'a [Assessment], key: &VoteKey) -> Option<&'a Assessment> {
+    assessments.iter().find(|a| {
+        a.name == key.name
+            && a.source_id == key.user_id
+            && a.source_type.eq_ignore_ascii_case("HUMAN")
+            && a.valid != Some(false)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_ids_are_stable_short_and_per_generation() {
+        let key = VoteKey {
+            message_id: "0192f0c4-7e4b-7cc2-9a4f-1b2c3d4e5f60".into(),
+            user_id: "alice@example.com".into(),
+            name: "user_feedback".into(),
+        };
+        let a = assessment_id_for(&key, 0);
+        assert_eq!(a, assessment_id_for(&key, 0));
+        assert_ne!(a, assessment_id_for(&key, 1));
+        assert!(a.len() <= 50 && a.starts_with("a-"), "{a}");
+        let other = VoteKey {
+            user_id: "bob@example.com".into(),
+            ..key.clone()
+        };
+        assert_ne!(a, assessment_id_for(&other, 0));
+    }
+}

@@ -1,0 +1,319 @@
+//! Parsing and validating `POST /api/feedback` bodies (CONTRACT §4), with errors that name the
+//! field and say what was expected.
+//!
+//! Unknown fields are ignored (clients may send more than we need); known fields must have the
+//! right type. Nothing here touches the store.
+
+use serde_json::{Map, Value};
+
+use crate::config::{FeedbackConfig, ValueKinds};
+use crate::error::Error;
+use crate::proxy::request::valid_id;
+use crate::store::FeedbackValue;
+
+/// Longest string value accepted.
+const MAX_STRING_VALUE: usize = 1024;
+
+/// A validated vote request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoteRequest {
+    pub chat_id: String,
+    pub message_id: String,
+    pub name: String,
+    pub value: FeedbackValue,
+    pub comment: Option<String>,
+}
+
+fn invalid(field: &str, expected: &str) -> Error {
+    Error::bad_request("INVALID_FIELD", format!("{field}: expected {expected}"))
+}
+
+const ID_EXPECTED: &str = "a string of 1-128 letters, digits, '-', '_', '.' or ':'";
+
+/// Validates an id from a path segment or a body field.
+pub fn id(field: &str, raw: &str) -> Result<String, Error> {
+    if valid_id(raw) {
+        Ok(raw.to_owned())
+    } else {
+        Err(invalid(field, ID_EXPECTED))
+    }
+}
+
+fn required_id(obj: &Map<String, Value>, field: &str) -> Result<String, Error> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(Error::bad_request(
+            "MISSING_FIELD",
+            format!("{field}: required ({ID_EXPECTED})"),
+        )),
+        Some(Value::String(s)) => id(field, s),
+        Some(_) => Err(invalid(field, ID_EXPECTED)),
+    }
+}
+
+/// Parses and validates a vote body.
+pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, Error> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        Error::bad_request("INVALID_JSON", format!("the body is not valid JSON: {e}"))
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(Error::bad_request(
+            "INVALID_JSON",
+            "the body must be a JSON object",
+        ));
+    };
+    let chat_id = required_id(&obj, "chatId")?;
+    let message_id = required_id(&obj, "messageId")?;
+
+    let name = match obj.get("name") {
+        None | Some(Value::Null) => config.default_name.clone(),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(invalid("name", "a string")),
+    };
+    let Some(kinds) = config.names.get(&name) else {
+        let accepted: Vec<&str> = config.names.keys().map(String::as_str).collect();
+        return Err(Error::bad_request(
+            "UNKNOWN_NAME",
+            format!(
+                "name: \"{}\" is not an accepted assessment name (accepted: {})",
+                truncate(&name, 64),
+                accepted.join(", ")
+            ),
+        ));
+    };
+
+    let value = match (obj.get("isUpvoted"), obj.get("value")) {
+        (Some(_), Some(_)) => {
+            return Err(Error::bad_request(
+                "INVALID_FIELD",
+                "give either isUpvoted or value, not both",
+            ));
+        }
+        (None, None) | (Some(Value::Null), None) | (None, Some(Value::Null)) => {
+            return Err(Error::bad_request(
+                "MISSING_FIELD",
+                "isUpvoted (a boolean) or value (a boolean, number or string): required",
+            ));
+        }
+        (Some(Value::Bool(b)), None) => FeedbackValue::Bool(*b),
+        (Some(_), None) => return Err(invalid("isUpvoted", "a boolean")),
+        (None, Some(v)) => value_of(v, &name, kinds)?,
+    };
+    if matches!(value, FeedbackValue::Bool(_)) && !kinds.bool {
+        return Err(kind_error(&name, kinds));
+    }
+
+    let comment = match obj.get("comment") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.trim().is_empty() => None,
+        Some(Value::String(s)) => {
+            if s.len() > config.max_comment_bytes {
+                return Err(Error::bad_request(
+                    "COMMENT_TOO_LONG",
+                    format!(
+                        "comment: at most {} bytes (got {})",
+                        config.max_comment_bytes,
+                        s.len()
+                    ),
+                ));
+            }
+            if s.chars()
+                .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+            {
+                return Err(invalid("comment", "text without control characters"));
+            }
+            Some(s.clone())
+        }
+        Some(_) => return Err(invalid("comment", "a string or null")),
+    };
+
+    Ok(VoteRequest {
+        chat_id,
+        message_id,
+        name,
+        value,
+        comment,
+    })
+}
+
+fn kind_error(name: &str, kinds: &ValueKinds) -> Error {
+    Error::bad_request(
+        "INVALID_VALUE",
+        format!("value: \"{name}\" accepts {}", kinds.describe()),
+    )
+}
+
+fn value_of(v: &Value, name: &str, kinds: &ValueKinds) -> Result<FeedbackValue, Error> {
+    let value = match v {
+        Value::Bool(b) => FeedbackValue::Bool(*b),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.is_finite() => FeedbackValue::Number(f),
+            _ => return Err(invalid("value", "a finite number")),
+        },
+        Value::String(s) => {
+            if s.is_empty() || s.len() > MAX_STRING_VALUE {
+                return Err(invalid(
+                    "value",
+                    &format!("a non-empty string of at most {MAX_STRING_VALUE} bytes"),
+                ));
+            }
+            FeedbackValue::String(s.clone())
+        }
+        _ => return Err(invalid("value", "a boolean, number or string")),
+    };
+    let ok = match value {
+        FeedbackValue::Bool(_) => kinds.bool,
+        FeedbackValue::Number(_) => kinds.number,
+        FeedbackValue::String(_) => kinds.string,
+    };
+    if ok {
+        Ok(value)
+    } else {
+        Err(kind_error(name, kinds))
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Env};
+
+    fn cfg() -> FeedbackConfig {
+        Config::from_toml_str("[agent]\nurl = \"http://x\"\n", &Env::default())
+            .unwrap()
+            .feedback
+    }
+
+    fn code(body: &str) -> (&'static str, String) {
+        match parse_vote(body.as_bytes(), &cfg()) {
+            Err(e) => (e.code(), e.to_string()),
+            Ok(v) => panic!("accepted {v:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_the_seed_shape_and_the_extended_one() {
+        let v = parse_vote(
+            br#"{"chatId":"c1","messageId":"m1","isUpvoted":true}"#,
+            &cfg(),
+        )
+        .unwrap();
+        assert_eq!(v.name, "user_feedback");
+        assert_eq!(v.value, FeedbackValue::Bool(true));
+        let v = parse_vote(
+            br#"{"chatId":"c1","messageId":"m1","value":4,"name":"rating","comment":"missing the 2024 numbers","extra":1}"#,
+            &cfg(),
+        )
+        .unwrap();
+        assert_eq!(v.name, "rating");
+        assert_eq!(v.value, FeedbackValue::Number(4.0));
+        assert_eq!(v.comment.as_deref(), Some("missing the 2024 numbers"));
+    }
+
+    #[test]
+    fn rejects_bad_input_naming_the_field() {
+        let cases = [
+            ("{", "INVALID_JSON", "not valid JSON"),
+            ("[1]", "INVALID_JSON", "JSON object"),
+            (
+                r#"{"messageId":"m","isUpvoted":true}"#,
+                "MISSING_FIELD",
+                "chatId",
+            ),
+            (
+                r#"{"chatId":"c","isUpvoted":true}"#,
+                "MISSING_FIELD",
+                "messageId",
+            ),
+            (
+                r#"{"chatId":5,"messageId":"m","isUpvoted":true}"#,
+                "INVALID_FIELD",
+                "chatId",
+            ),
+            (
+                r#"{"chatId":"c d","messageId":"m","isUpvoted":true}"#,
+                "INVALID_FIELD",
+                "chatId",
+            ),
+            (
+                r#"{"chatId":"c","messageId":"m","isUpvoted":"yes"}"#,
+                "INVALID_FIELD",
+                "isUpvoted: expected a boolean",
+            ),
+            (
+                r#"{"chatId":"c","messageId":"m"}"#,
+                "MISSING_FIELD",
+                "isUpvoted",
+            ),
+            (
+                r#"{"chatId":"c","messageId":"m","isUpvoted":true,"value":1}"#,
+                "INVALID_FIELD",
+                "not both",
+            ),
+            (
+                r#"{"chatId":"c","messageId":"m","value":true,"name":"nope"}"#,
+                "UNKNOWN_NAME",
+                "nope",
+            ),
+            (
+                r#"{"chatId":"c","messageId":"m","value":"five","name":"rating"}"#,
+                "INVALID_VALUE",
+                "rating\" accepts number",
+            ),
+            (
+                r#"{"chatId":"c","messageId":"m","isUpvoted":true,"name":"rating"}"#,
+                "INVALID_VALUE",
+                "accepts number",
+            ),
+            (
+                r#"{"chatId":"c","messageId":"m","value":[1]}"#,
+                "INVALID_FIELD",
+                "value",
+            ),
+            (
+                r#"{"chatId":"c","messageId":"m","isUpvoted":true,"comment":7}"#,
+                "INVALID_FIELD",
+                "comment",
+            ),
+            (
+                r#"{"chatId":"c","messageId":"m","isUpvoted":true,"name":3}"#,
+                "INVALID_FIELD",
+                "name",
+            ),
+        ];
+        for (body, want_code, want_text) in cases {
+            let (got_code, text) = code(body);
+            assert_eq!(got_code, want_code, "{body}: {text}");
+            assert!(text.contains(want_text), "{body}: {text}");
+        }
+    }
+
+    #[test]
+    fn comment_limit() {
+        let long = "x".repeat(5 * 1024);
+        let (c, text) = code(&format!(
+            r#"{{"chatId":"c","messageId":"m","isUpvoted":false,"comment":"{long}"}}"#
+        ));
+        assert_eq!(c, "COMMENT_TOO_LONG");
+        assert!(text.contains("4096"));
+        let ok = "y".repeat(4096);
+        assert!(
+            parse_vote(
+                format!(r#"{{"chatId":"c","messageId":"m","isUpvoted":false,"comment":"{ok}"}}"#)
+                    .as_bytes(),
+                &cfg()
+            )
+            .is_ok()
+        );
+    }
+}
