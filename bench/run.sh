@@ -1,0 +1,460 @@
+#!/usr/bin/env bash
+# The benchmark harness (issue 8): direct vs feedback-proxy vs nginx, side by side, interleaved.
+#
+#   bash bench/run.sh            # the full run (a few minutes once built); `make bench`
+#   bash bench/run.sh --smoke    # seconds; keeps the harness working (CI); figures meaningless
+#   bash bench/run.sh --only latency,sse --out DIR
+#
+# Starts on 127.0.0.1 only: the fast upstream (bench/, Rust), the proxy (release build,
+# embedded SQLite store), nginx (Debian's package, bench/nginx.conf.in), and for the feedback
+# scenario a private Postgres cluster (or BENCH_PG_URL), two more proxies on it and the MLflow
+# stand-in. Load: wrk (Debian) for plain HTTP, fpbench for SSE timing and idle streams, pgbench
+# for the SQL baseline. Every load is bounded in time and stops by itself; every process started
+# here is stopped on exit, Ctrl-C included. Installs nginx, wrk and PostgreSQL from Debian's
+# packages if they are missing (and says so).
+#
+# Results: DIR/raw.jsonl (one line per measurement), DIR/results.md (the tables), logs in DIR.
+# Environment: BENCH_PROFILE=release|debug (default: release; debug for --smoke),
+#   BENCH_PG_URL=postgres://… (use that server instead of a private cluster), BENCH_KEEP=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+MODE=full
+ONLY=""
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) MODE=smoke ;;
+    --only) ONLY=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+# ---------------------------------------------------------------- sizes
+WORKERS=2                 # nginx worker_processes = proxy tokio workers = upstream threads
+if [ "$MODE" = smoke ]; then
+  PROFILE=${BENCH_PROFILE:-debug}
+  ROUNDS=1; LAT_SECS=1; THR_SECS=1; THR_CONNS=16
+  SSE_CONCURRENCY="1 20"; SSE_EVENTS=8; SSE_INTERVAL_MS=5; SSE_REPEAT_C1=2
+  IDLE_WANT=200; IDLE_INTERVAL_S=1; IDLE_HOLD_S=2
+  FB_SECS=1; FB_USERS=4; FB_MESSAGES=4; FB_CONNS=8
+else
+  PROFILE=${BENCH_PROFILE:-release}
+  ROUNDS=3; LAT_SECS=5; THR_SECS=8; THR_CONNS=64
+  SSE_CONCURRENCY="1 100 1000"; SSE_EVENTS=64; SSE_INTERVAL_MS=20; SSE_REPEAT_C1=5
+  IDLE_WANT=10000; IDLE_INTERVAL_S=10; IDLE_HOLD_S=12
+  FB_SECS=8; FB_USERS=32; FB_MESSAGES=16; FB_CONNS=32
+fi
+wants() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
+
+RUN=$(mktemp -d /tmp/fp-bench.XXXXXX)
+chmod 755 "$RUN"   # the postgres user must enter it (private cluster)
+OUT=${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)-$MODE}
+mkdir -p "$OUT"
+RAW=$OUT/raw.jsonl
+: > "$RAW"
+T_START=$(date +%s)
+
+# ---------------------------------------------------------------- clean-up
+PIDS=()
+PG_STOP=()
+POLICY_RC_CREATED=""
+stop_pid() {
+  local pid=$1 i
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+  local status=$? i
+  set +e
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[i]}"; done
+  if ((${#PG_STOP[@]})); then "${PG_STOP[@]}" >/dev/null 2>&1; fi
+  [ -n "$POLICY_RC_CREATED" ] && rm -f /usr/sbin/policy-rc.d
+  if [ -n "${BENCH_KEEP:-}" ]; then
+    log "kept $RUN"
+  else
+    cp "$RUN"/*.log "$OUT"/ 2>/dev/null
+    rm -rf "$RUN"
+  fi
+  [ $status -ne 0 ] && log "failed (exit $status); logs in $OUT"
+  exit $status
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- tools
+ensure_tools() {
+  local pkgs=()
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || pkgs+=(nginx)
+  command -v wrk >/dev/null 2>&1 || pkgs+=(wrk)
+  if [ -z "${BENCH_PG_URL:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    pkgs+=(postgresql)
+  elif ! command -v pgbench >/dev/null 2>&1; then
+    pkgs+=(postgresql)
+  fi
+  ((${#pkgs[@]})) || return 0
+  [ "$(id -u)" = 0 ] || die "missing: ${pkgs[*]} (install them from Debian's packages, or run as root)"
+  log "installing from Debian's packages: ${pkgs[*]}"
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    # Packages must not start their services (nginx would listen on 0.0.0.0:80).
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    POLICY_RC_CREATED=1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+  if [ -n "$POLICY_RC_CREATED" ]; then rm -f /usr/sbin/policy-rc.d; POLICY_RC_CREATED=""; fi
+}
+ensure_tools
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+PGBENCH=$(command -v pgbench || echo "$PGBIN/pgbench")
+PSQL=$(command -v psql || echo "$PGBIN/psql")
+
+# Descriptors: as many as the machine allows (the hard limit; raising it needs CAP_SYS_RESOURCE).
+HARD=$(ulimit -Hn)
+[ "$HARD" = unlimited ] && HARD=1048576
+ulimit -n "$HARD" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+# Each proxied stream holds two sockets in one process (client side and upstream side).
+IDLE_MAX=$(( (NOFILE - 200) / 2 ))
+IDLE_STREAMS=$(( IDLE_WANT < IDLE_MAX ? IDLE_WANT : IDLE_MAX ))
+log "open files: $NOFILE per process (hard limit $HARD); idle streams: $IDLE_STREAMS"
+
+# ---------------------------------------------------------------- build
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+if [ "$PROFILE" = release ]; then CARGO_PROFILE=(--release); BIN=$TARGET_DIR/release
+else CARGO_PROFILE=(); BIN=$TARGET_DIR/debug; fi
+log "building the proxy and the harness ($PROFILE)"
+cargo build -q "${CARGO_PROFILE[@]}" --bin feedback-proxy
+cargo build -q "${CARGO_PROFILE[@]}" --manifest-path bench/Cargo.toml --target-dir "$TARGET_DIR"
+PROXY=$BIN/feedback-proxy
+FPB=$BIN/fpbench
+HAVE_INSPECTOR_BENCH=""
+if [ -f benches/inspector.rs ] && grep -Eq '^name *= *"inspector"' Cargo.toml; then
+  HAVE_INSPECTOR_BENCH=1
+  if [ "$MODE" = full ] && wants inspector; then
+    log "building the inspector benchmark"
+    cargo bench -q --bench inspector --no-run >/dev/null 2>&1 || log "building benches/inspector.rs failed"
+  fi
+fi
+
+# ---------------------------------------------------------------- helpers
+# Runs a command in the background with its output in $RUN/NAME.log; sets LAST_PID.
+start_bg() {
+  local name=$1; shift
+  "$@" > "$RUN/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+# Whether GET PATH on HOST:PORT answers 200 (bash's /dev/tcp: no curl needed).
+http_ok() {
+  ( exec 3<>"/dev/tcp/$1/$2" || exit 1
+    printf 'GET %s HTTP/1.1\r\nHost: %s:%s\r\nConnection: close\r\n\r\n' "$3" "$1" "$2" >&3
+    IFS= read -r -t 2 line <&3 || exit 1
+    [[ $line == "HTTP/1.1 200"* ]] ) 2>/dev/null
+}
+# Waits until NAME (pid) answers 200 on HOST:PORT PATH.
+wait_ready() {
+  local name=$1 pid=$2 host=$3 port=$4 path=$5 i
+  for i in $(seq 1 150); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "$name exited during start-up:"; tail -5 "$RUN/$name.log" >&2; return 1
+    fi
+    http_ok "$host" "$port" "$path" && return 0
+    sleep 0.1
+  done
+  log "$name did not become ready"; tail -5 "$RUN/$name.log" >&2; return 1
+}
+# The address a stand-in printed (`listening ADDR`).
+listening_addr() {
+  local name=$1 i addr
+  for i in $(seq 1 100); do
+    addr=$(sed -n 's/^listening //p' "$RUN/$name.log" 2>/dev/null | head -1)
+    [ -n "$addr" ] && { echo "$addr"; return 0; }
+    sleep 0.05
+  done
+  die "$name did not start: $(tail -3 "$RUN/$name.log")"
+}
+children() {
+  local p
+  for p in /proc/[0-9]*; do
+    [ "$(cut -d' ' -f4 "$p/stat" 2>/dev/null)" = "$1" ] && echo "${p#/proc/}"
+  done
+  return 0
+}
+# record SCENARIO SYSTEM ROUND PARAM METRICS_JSON
+record() {
+  printf '{"scenario":"%s","system":"%s","round":%s,"param":"%s","metrics":%s}\n' \
+    "$1" "$2" "$3" "$4" "$5" >> "$RAW"
+}
+skip() { printf '{"scenario":"%s","skipped":"%s"}\n' "$1" "$2" >> "$RAW"; log "$1 skipped: $2"; }
+# The systems in round R, rotated so that no system always runs first or last.
+rotate() {
+  local r=$1; shift
+  local a=("$@") n=$# i
+  for ((i=0; i<n; i++)); do echo "${a[(i+r)%n]}"; done
+}
+# run_wrk SCENARIO SYSTEM ROUND THREADS CONNS SECS URL SCRIPT [SCRIPT ARGS…]
+run_wrk() {
+  local scenario=$1 system=$2 round=$3 threads=$4 conns=$5 secs=$6 url=$7 script=$8
+  shift 8
+  local out json
+  local args=(-t"$threads" -c"$conns" -d"${secs}s" --timeout 10s -s "$script" "$url")
+  [ $# -gt 0 ] && args+=(-- "$@")
+  out=$(timeout -k 5 $((secs + 30)) wrk "${args[@]}" 2>&1) || die "wrk failed on $system: $out"
+  json=$(sed -n 's/^WRKJSON //p' <<<"$out")
+  [ -n "$json" ] || die "wrk printed no result for $system: $out"
+  record "$scenario" "$system" "$round" "" "$json"
+  printf '    %-15s round %s  %s\n' "$system" "$round" "$json" >&2
+}
+
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+LOAD_BEFORE=$(loadavg)
+start_bg loadavg bash -c 'while sleep 5; do cut -d" " -f1 /proc/loadavg; done'
+
+# ---------------------------------------------------------------- systems
+read -r P_PROXY P_NGINX P_FB_A P_FB_B P_PG < <("$FPB" ports 5 | tr "\n" " "; echo)
+
+start_bg upstream "$FPB" upstream --threads "$WORKERS"
+UPSTREAM=$(listening_addr upstream)
+UPSTREAM_PID=$LAST_PID
+
+# proxy_config FILE LISTEN_PORT STORE_URL SCHEMA [MLFLOW_ADDR]
+proxy_config() {
+  sed -e "s|@LISTEN@|127.0.0.1:$2|" -e "s|@UPSTREAM@|$UPSTREAM|" \
+      -e "s|@STORE_URL@|$3|" -e "s|@SCHEMA@|$4|" bench/proxy.toml.in > "$1"
+  if [ -n "${5:-}" ]; then
+    printf '\n[mlflow]\ntracking_uri = "http://%s"\nexperiment_id = "1"\nauth = "none"\n' "$5" >> "$1"
+  fi
+}
+proxy_config "$RUN/proxy.toml" "$P_PROXY" "sqlite://$RUN/proxy.db" feedback_proxy
+start_proxy() {
+  start_bg proxy env TOKIO_WORKER_THREADS=$WORKERS "$PROXY" serve --config "$RUN/proxy.toml"
+  PROXY_PID=$LAST_PID
+  wait_ready proxy "$PROXY_PID" 127.0.0.1 "$P_PROXY" /healthz || die "the proxy did not start"
+}
+start_proxy
+
+mkdir -p "$RUN"/nginx-tmp/{body,proxy,fastcgi,uwsgi,scgi}
+chmod -R 777 "$RUN/nginx-tmp"
+sed -e "s|@WORKERS@|$WORKERS|" -e "s|@NOFILE@|$NOFILE|" \
+    -e "s|@WORKER_CONNECTIONS@|$((NOFILE - 100))|" -e "s|@RUN@|$RUN|g" \
+    -e "s|@UPSTREAM@|$UPSTREAM|" -e "s|@LISTEN@|127.0.0.1:$P_NGINX|" \
+    bench/nginx.conf.in > "$RUN/nginx.conf"
+start_nginx() {
+  start_bg nginx "$NGINX" -c "$RUN/nginx.conf" -p "$RUN" -e "$RUN/nginx-error.log" -g 'daemon off;'
+  NGINX_PID=$LAST_PID
+  wait_ready nginx "$NGINX_PID" 127.0.0.1 "$P_NGINX" /healthz || die "nginx did not start"
+}
+start_nginx
+
+declare -A URL=(
+  [direct]="http://$UPSTREAM"
+  [proxy]="http://127.0.0.1:$P_PROXY"
+  [nginx]="http://127.0.0.1:$P_NGINX"
+)
+SYSTEMS=(direct proxy nginx)
+log "upstream $UPSTREAM, proxy :$P_PROXY, nginx :$P_NGINX (results: $OUT)"
+
+# A short warm-up of every path (connections, pools, page faults).
+for sys in "${SYSTEMS[@]}"; do
+  timeout -k 5 30 wrk -t1 -c4 -d1s -s bench/wrk/post.lua "${URL[$sys]}" >/dev/null 2>&1 || true
+done
+
+# ---------------------------------------------------------------- 1. latency
+if wants latency; then
+  log "1. latency: 1 KiB JSON POST, c=1, ${LAT_SECS}s × $ROUNDS rounds"
+  for r in $(seq 1 "$ROUNDS"); do
+    for sys in $(rotate "$r" "${SYSTEMS[@]}"); do
+      run_wrk latency "$sys" "$r" 1 1 "$LAT_SECS" "${URL[$sys]}" bench/wrk/post.lua
+    done
+  done
+fi
+
+# ---------------------------------------------------------------- 2. throughput
+if wants throughput; then
+  log "2. throughput: 1 KiB JSON POST, c=$THR_CONNS, ${THR_SECS}s × $ROUNDS rounds"
+  for r in $(seq 1 "$ROUNDS"); do
+    for sys in $(rotate "$r" "${SYSTEMS[@]}"); do
+      run_wrk throughput "$sys" "$r" "$WORKERS" "$THR_CONNS" "$THR_SECS" "${URL[$sys]}" bench/wrk/post.lua
+    done
+  done
+fi
+
+# ---------------------------------------------------------------- 3. SSE timing
+if wants sse; then
+  log "3. SSE: $SSE_EVENTS events ${SSE_INTERVAL_MS} ms apart at $SSE_CONCURRENCY streams × $ROUNDS rounds"
+  for c in $SSE_CONCURRENCY; do
+    repeat=1
+    [ "$c" = 1 ] && repeat=$SSE_REPEAT_C1
+    budget=$(( (SSE_EVENTS * SSE_INTERVAL_MS / 1000 + 30) ))
+    for r in $(seq 1 "$ROUNDS"); do
+      for sys in $(rotate "$r" "${SYSTEMS[@]}"); do
+        json=$(timeout -k 5 $(( budget * repeat + 30 )) "$FPB" sse --url "${URL[$sys]}" \
+          --streams "$c" --events "$SSE_EVENTS" --interval-ms "$SSE_INTERVAL_MS" \
+          --repeat "$repeat" --timeout "$budget") || die "the SSE client failed on $sys"
+        record sse "$sys" "$r" "streams=$c" "$json"
+        printf '    %-6s c=%-5s round %s  %s\n' "$sys" "$c" "$r" "$json" >&2
+      done
+    done
+  done
+fi
+
+# ---------------------------------------------------------------- 4. idle streams
+if wants idle; then
+  log "4. idle streams: $IDLE_STREAMS open streams, one event every ${IDLE_INTERVAL_S}s, held ${IDLE_HOLD_S}s"
+  # Fresh processes, so that "before" is a clean baseline for both.
+  stop_pid "$PROXY_PID"; start_proxy
+  stop_pid "$NGINX_PID"; start_nginx
+  sleep 1
+  idle_run() { # SYSTEM PIDS…
+    local sys=$1; shift
+    local pidargs=() p json
+    for p in "$@"; do pidargs+=(--pid "$p"); done
+    json=$(timeout -k 5 $(( IDLE_HOLD_S + 200 )) "$FPB" idle --url "${URL[$sys]}" \
+      --streams "$IDLE_STREAMS" --interval-s "$IDLE_INTERVAL_S" --hold "$IDLE_HOLD_S" \
+      --timeout 150 "${pidargs[@]}") || die "the idle client failed on $sys"
+    record idle "$sys" 1 "" "$json"
+    printf '    %-6s %s\n' "$sys" "$json" >&2
+  }
+  idle_run proxy "$PROXY_PID"
+  # shellcheck disable=SC2046
+  idle_run nginx "$NGINX_PID" $(children "$NGINX_PID")
+fi
+
+# ---------------------------------------------------------------- 5. feedback
+feedback_scenario() {
+  local pg_url
+  if [ -n "${BENCH_PG_URL:-}" ]; then
+    pg_url=$BENCH_PG_URL
+  else
+    [ -n "$PGBIN" ] || { skip feedback "no PostgreSQL server binaries"; return 0; }
+    log "starting a private PostgreSQL cluster on 127.0.0.1:$P_PG"
+    local as=()
+    [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
+    mkdir -p "$RUN/pg"
+    [ "$(id -u)" = 0 ] && chown postgres "$RUN/pg"
+    "${as[@]}" "$PGBIN/initdb" -D "$RUN/pg/data" -A trust -U postgres --no-sync >"$RUN/pg-init.log" 2>&1 \
+      || { skip feedback "initdb failed: $(tail -1 "$RUN/pg-init.log")"; return 0; }
+    # Stock settings but for the connection count (pgbench 32 + two proxies × 32).
+    "${as[@]}" "$PGBIN/pg_ctl" -D "$RUN/pg/data" -l "$RUN/pg/server.log" -w -t 30 \
+      -o "-c listen_addresses=127.0.0.1 -c port=$P_PG -c unix_socket_directories=$RUN/pg -c max_connections=200" \
+      start >/dev/null || { skip feedback "PostgreSQL did not start"; return 0; }
+    PG_STOP=("${as[@]}" "$PGBIN/pg_ctl" -D "$RUN/pg/data" -m fast -w stop)
+    "$PSQL" -q -h 127.0.0.1 -p "$P_PG" -U postgres -c "CREATE DATABASE fp_bench" postgres >/dev/null
+    pg_url="postgres://postgres@127.0.0.1:$P_PG/fp_bench?sslmode=disable"
+  fi
+
+  start_bg mlflow "$FPB" mlflow
+  local mlflow_addr
+  mlflow_addr=$(listening_addr mlflow)
+  proxy_config "$RUN/proxy-a.toml" "$P_FB_A" "$pg_url" bench_a
+  proxy_config "$RUN/proxy-b.toml" "$P_FB_B" "$pg_url" bench_b "$mlflow_addr"
+  start_bg proxy-a env TOKIO_WORKER_THREADS=$WORKERS "$PROXY" serve --config "$RUN/proxy-a.toml"
+  local pid_a=$LAST_PID
+  start_bg proxy-b env TOKIO_WORKER_THREADS=$WORKERS "$PROXY" serve --config "$RUN/proxy-b.toml"
+  local pid_b=$LAST_PID
+  if ! wait_ready proxy-a "$pid_a" 127.0.0.1 "$P_FB_A" /healthz \
+     || ! wait_ready proxy-b "$pid_b" 127.0.0.1 "$P_FB_B" /healthz; then
+    skip feedback "the proxy cannot run on Postgres in this build: $(grep -m1 -io 'cannot open the store.*' "$RUN/proxy-a.log" | tr '"' "'" || true)"
+    return 0
+  fi
+  log "seeding $((FB_USERS * FB_MESSAGES)) chats per proxy (message links with trace ids)"
+  "$FPB" feedback-seed --url "http://127.0.0.1:$P_FB_A" --users "$FB_USERS" --messages "$FB_MESSAGES" --tag a >/dev/null \
+    || { skip feedback "seeding through the proxy failed"; return 0; }
+  "$FPB" feedback-seed --url "http://127.0.0.1:$P_FB_B" --users "$FB_USERS" --messages "$FB_MESSAGES" --tag b >/dev/null \
+    || { skip feedback "seeding through the proxy failed"; return 0; }
+  # The links are written off the request path; wait until they are all in.
+  local want=$((FB_USERS * FB_MESSAGES)) i n
+  for i in $(seq 1 100); do
+    n=$(psql_q "$pg_url" "SELECT (SELECT count(*) FROM bench_a.message_links WHERE trace_id IS NOT NULL) + (SELECT count(*) FROM bench_b.message_links WHERE trace_id IS NOT NULL)" || echo 0)
+    [ "${n:-0}" -ge $((2 * want)) ] && break
+    sleep 0.1
+  done
+  [ "${n:-0}" -ge $((2 * want)) ] || log "only $n of $((2 * want)) links written; continuing"
+
+  log "5. feedback: c=$FB_CONNS, ${FB_SECS}s × $ROUNDS rounds (proxy without MLflow, with the stand-in, pgbench)"
+  for r in $(seq 1 "$ROUNDS"); do
+    for sys in $(rotate "$r" proxy-nomlflow proxy-mlflow pgbench); do
+      case $sys in
+        proxy-nomlflow)
+          run_wrk feedback "$sys" "$r" "$WORKERS" "$FB_CONNS" "$FB_SECS" "http://127.0.0.1:$P_FB_A" \
+            bench/wrk/feedback.lua a "$FB_USERS" "$FB_MESSAGES" ;;
+        proxy-mlflow)
+          run_wrk feedback "$sys" "$r" "$WORKERS" "$FB_CONNS" "$FB_SECS" "http://127.0.0.1:$P_FB_B" \
+            bench/wrk/feedback.lua b "$FB_USERS" "$FB_MESSAGES" ;;
+        pgbench) run_pgbench "$pg_url" "$r" ;;
+      esac
+    done
+  done
+}
+psql_q() { "$PSQL" -qtAX "$1" -c "$2" 2>/dev/null; }
+run_pgbench() {
+  local pg_url=$1 r=$2 out tps failed lat
+  rm -f "$RUN"/pgb.*
+  # The same transaction as the proxy's upsert_vote, on the "a" proxy's tables and keys.
+  out=$(PGOPTIONS="-c search_path=bench_a" timeout -k 5 $((FB_SECS + 60)) "$PGBENCH" "$pg_url" \
+    -n -M prepared -c "$FB_CONNS" -j "$WORKERS" -T "$FB_SECS" -f bench/pgbench/upsert_vote.sql \
+    -D users="$FB_USERS" -D messages="$FB_MESSAGES" -D tag=a -l --log-prefix="$RUN/pgb" 2>&1) \
+    || die "pgbench failed: $out"
+  tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | head -1)
+  failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
+  lat=$("$FPB" pglog "$RUN"/pgb.*)
+  [ -n "$tps" ] || die "pgbench printed no TPS: $out"
+  local json="{\"rps\":$tps,\"errors\":${failed:-0},${lat#\{}"
+  record feedback pgbench "$r" "" "$json"
+  printf '    %-15s round %s  %s\n' pgbench "$r" "$json" >&2
+}
+if wants feedback; then
+  feedback_scenario
+fi
+
+# ---------------------------------------------------------------- 6. inspector
+if wants inspector; then
+  if [ -z "$HAVE_INSPECTOR_BENCH" ]; then
+    skip inspector "benches/inspector.rs is not on this branch yet (it comes with the trace-linking change)"
+  elif [ "$MODE" = smoke ]; then
+    skip inspector "not part of the smoke run"
+  else
+    log "6. inspector: cargo bench --bench inspector"
+    out=$(timeout -k 5 600 cargo bench -q --bench inspector -- --warm-up-time 1 --measurement-time 3 --noplot 2>/dev/null) \
+      || die "cargo bench --bench inspector failed"
+    printf '%s\n' "$out" > "$OUT/inspector.txt"
+    name=""
+    while IFS= read -r line; do
+      if [[ $line =~ ^([^[:space:]]+) ]] && [[ ! $line =~ ^(Found|Benchmarking|Gnuplot|WARNING) ]]; then
+        name=${BASH_REMATCH[1]}
+      fi
+      if [[ $line =~ thrpt:[[:space:]]+\[[^[:space:]]+\ [^[:space:]]+\ ([0-9.]+)\ ([^[:space:]]+) ]]; then
+        record inspector proxy 1 "$name" "{\"value\":${BASH_REMATCH[1]},\"unit\":\"${BASH_REMATCH[2]}\"}"
+      fi
+    done <<<"$out"
+  fi
+fi
+
+# ---------------------------------------------------------------- report
+T_END=$(date +%s)
+LOAD_AFTER=$(loadavg)
+LOAD_SAMPLES=$(tr '\n' ' ' < "$RUN/loadavg.log" 2>/dev/null || true)
+LOAD_RANGE=$(tr ' ' '\n' <<<"$LOAD_SAMPLES" | sed '/^$/d' | sort -n | sed -n '1p;$p' | tr '\n' ' ')
+NOTE="Run: $(date -u +%Y-%m-%dT%H:%MZ), $MODE, $((T_END - T_START)) s, $PROFILE build of $(git rev-parse --short HEAD 2>/dev/null || echo '?'). \
+Machine: $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r), shared with other work. \
+Load average (1, 5, 15 min) before the run: $LOAD_BEFORE; after: $LOAD_AFTER; 1-min samples during it ranged ${LOAD_RANGE:-?}(the harness itself keeps 2–4 busy). \
+Versions: $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $("$PGBENCH" --version 2>/dev/null | head -1 || echo 'pgbench ?'), $(rustc --version | cut -d' ' -f1-2). \
+Open-file limit $NOFILE per process; idle streams $IDLE_STREAMS."
+"$FPB" report --raw "$RAW" --out "$OUT/results.md" --note "$NOTE"
+log "results: $OUT/results.md (raw: $RAW); $((T_END - T_START)) s"

@@ -1,0 +1,604 @@
+//! The report: raw JSON lines of one run → the markdown tables and the targets.
+//!
+//! Each raw line is `{"scenario", "system", "round", "param"?, "metrics": {…}}` or
+//! `{"scenario", "skipped": "why"}`. Rounds interleave the systems, so every "added" figure is
+//! the median over rounds of (system − direct) *within* a round, and every ratio the median of
+//! per-round ratios: the noise of a shared machine hits both sides of each difference alike.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+#[derive(Debug, Clone)]
+struct Rec {
+    scenario: String,
+    system: String,
+    round: u64,
+    param: String,
+    metrics: Value,
+}
+
+struct Data {
+    recs: Vec<Rec>,
+    skipped: BTreeMap<String, String>,
+}
+
+impl Data {
+    fn load(text: &str) -> Result<Self, String> {
+        let mut recs = Vec::new();
+        let mut skipped = BTreeMap::new();
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(line)
+                .map_err(|e| format!("raw line {}: {e}: {line}", n + 1))?;
+            let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+            if let Some(why) = v.get("skipped").and_then(Value::as_str) {
+                skipped.insert(s("scenario"), why.to_owned());
+                continue;
+            }
+            recs.push(Rec {
+                scenario: s("scenario"),
+                system: s("system"),
+                round: v.get("round").and_then(Value::as_u64).unwrap_or(0),
+                param: s("param"),
+                metrics: v.get("metrics").cloned().unwrap_or(Value::Null),
+            });
+        }
+        Ok(Self { recs, skipped })
+    }
+
+    fn select(&self, scenario: &str, param: &str, system: &str) -> Vec<&Rec> {
+        self.recs
+            .iter()
+            .filter(|r| r.scenario == scenario && r.param == param && r.system == system)
+            .collect()
+    }
+
+    /// Values of `metric` over rounds.
+    fn values(&self, scenario: &str, param: &str, system: &str, metric: &str) -> Vec<f64> {
+        self.select(scenario, param, system)
+            .iter()
+            .filter_map(|r| r.metrics.get(metric).and_then(Value::as_f64))
+            .collect()
+    }
+
+    fn median(&self, scenario: &str, param: &str, system: &str, metric: &str) -> Option<f64> {
+        median(self.values(scenario, param, system, metric))
+    }
+
+    fn sum(&self, scenario: &str, param: &str, system: &str, metric: &str) -> Option<f64> {
+        let v = self.values(scenario, param, system, metric);
+        (!v.is_empty()).then(|| v.iter().sum())
+    }
+
+    /// Per-round pairs (a, b) of `metric` for two systems, matched by round.
+    fn pairs(
+        &self,
+        scenario: &str,
+        param: &str,
+        a: &str,
+        b: &str,
+        metric: &str,
+    ) -> Vec<(f64, f64)> {
+        let by_round = |sys: &str| -> BTreeMap<u64, f64> {
+            self.select(scenario, param, sys)
+                .iter()
+                .filter_map(|r| Some((r.round, r.metrics.get(metric)?.as_f64()?)))
+                .collect()
+        };
+        let (ra, rb) = (by_round(a), by_round(b));
+        ra.iter()
+            .filter_map(|(round, x)| Some((*x, *rb.get(round)?)))
+            .collect()
+    }
+
+    /// Median over rounds of (a − b).
+    fn added(&self, scenario: &str, param: &str, a: &str, b: &str, metric: &str) -> Option<f64> {
+        median(
+            self.pairs(scenario, param, a, b, metric)
+                .into_iter()
+                .map(|(x, y)| x - y)
+                .collect(),
+        )
+    }
+
+    /// Median over rounds of a / b.
+    fn ratio(&self, scenario: &str, param: &str, a: &str, b: &str, metric: &str) -> Option<f64> {
+        median(
+            self.pairs(scenario, param, a, b, metric)
+                .into_iter()
+                .filter(|(_, y)| *y != 0.0)
+                .map(|(x, y)| x / y)
+                .collect(),
+        )
+    }
+
+    fn params(&self, scenario: &str) -> Vec<String> {
+        let mut p: Vec<(u64, String)> = self
+            .recs
+            .iter()
+            .filter(|r| r.scenario == scenario)
+            .map(|r| {
+                let n = r
+                    .param
+                    .trim_start_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .unwrap_or(0);
+                (n, r.param.clone())
+            })
+            .collect();
+        p.sort();
+        p.dedup();
+        p.into_iter().map(|(_, s)| s).collect()
+    }
+
+    fn rounds(&self, scenario: &str) -> usize {
+        let mut r: Vec<u64> = self
+            .recs
+            .iter()
+            .filter(|r| r.scenario == scenario)
+            .map(|r| r.round)
+            .collect();
+        r.sort_unstable();
+        r.dedup();
+        r.len()
+    }
+
+    fn has(&self, scenario: &str) -> bool {
+        self.recs.iter().any(|r| r.scenario == scenario)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn f(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(x) => format!("{x:.decimals$}"),
+        None => "–".into(),
+    }
+}
+
+fn signed(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(x) => format!("{x:+.decimals$}"),
+        None => "–".into(),
+    }
+}
+
+/// A target line: figure, limit, met or missed.
+struct Target {
+    what: &'static str,
+    limit: &'static str,
+    figure: String,
+    met: Option<bool>,
+}
+
+pub fn run(raw: &Path, out: Option<&Path>, note: &str) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(raw).map_err(|e| format!("cannot read {}: {e}", raw.display()))?;
+    let data = Data::load(&text)?;
+    let md = render(&data, note);
+    print!("{md}");
+    if let Some(out) = out {
+        std::fs::write(out, &md).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    }
+    Ok(())
+}
+
+fn render(d: &Data, note: &str) -> String {
+    let mut s = String::new();
+    let mut targets: Vec<Target> = Vec::new();
+    let _ = writeln!(s, "## Results\n");
+    if !note.is_empty() {
+        let _ = writeln!(s, "{note}\n");
+    }
+
+    // 1. Latency.
+    let _ = writeln!(s, "### 1. Latency: 1 KiB JSON POST, concurrency 1 (wrk)\n");
+    if d.has("latency") {
+        let _ = writeln!(
+            s,
+            "Median of {} interleaved rounds; \"added\" is the median of per-round differences to direct.\n",
+            d.rounds("latency")
+        );
+        let _ = writeln!(
+            s,
+            "| µs | direct | proxy | nginx | proxy added | nginx added |\n|---|---:|---:|---:|---:|---:|"
+        );
+        for (label, m) in [("p50", "p50_us"), ("p99", "p99_us")] {
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} | {} | {} |",
+                f(d.median("latency", "", "direct", m), 0),
+                f(d.median("latency", "", "proxy", m), 0),
+                f(d.median("latency", "", "nginx", m), 0),
+                signed(d.added("latency", "", "proxy", "direct", m), 0),
+                signed(d.added("latency", "", "nginx", "direct", m), 0),
+            );
+        }
+        let added = d.added("latency", "", "proxy", "direct", "p99_us");
+        targets.push(Target {
+            what: "added p99 latency at c=1",
+            limit: "≤ 0.3 ms",
+            figure: format!("{} ms", f(added.map(|v| v / 1000.0), 3)),
+            met: added.map(|v| v <= 300.0),
+        });
+    } else {
+        skipped(&mut s, d, "latency");
+    }
+
+    // 2. Throughput.
+    let _ = writeln!(
+        s,
+        "\n### 2. Throughput: 1 KiB JSON POST, concurrency 64 (wrk)\n"
+    );
+    if d.has("throughput") {
+        let _ = writeln!(
+            s,
+            "Median of {} interleaved rounds; ratios are medians of per-round ratios.\n",
+            d.rounds("throughput")
+        );
+        let _ = writeln!(
+            s,
+            "| | direct | proxy | nginx | proxy / nginx | proxy / direct |\n|---|---:|---:|---:|---:|---:|"
+        );
+        let _ = writeln!(
+            s,
+            "| requests/s | {} | {} | {} | {} | {} |",
+            f(d.median("throughput", "", "direct", "rps"), 0),
+            f(d.median("throughput", "", "proxy", "rps"), 0),
+            f(d.median("throughput", "", "nginx", "rps"), 0),
+            f(d.ratio("throughput", "", "proxy", "nginx", "rps"), 2),
+            f(d.ratio("throughput", "", "proxy", "direct", "rps"), 2),
+        );
+        let _ = writeln!(
+            s,
+            "| p99 (µs) | {} | {} | {} | | |",
+            f(d.median("throughput", "", "direct", "p99_us"), 0),
+            f(d.median("throughput", "", "proxy", "p99_us"), 0),
+            f(d.median("throughput", "", "nginx", "p99_us"), 0),
+        );
+        let _ = writeln!(
+            s,
+            "| errors (all rounds) | {} | {} | {} | | |",
+            f(d.sum("throughput", "", "direct", "errors"), 0),
+            f(d.sum("throughput", "", "proxy", "errors"), 0),
+            f(d.sum("throughput", "", "nginx", "errors"), 0),
+        );
+        let r = d.ratio("throughput", "", "proxy", "nginx", "rps");
+        targets.push(Target {
+            what: "throughput vs nginx (c=64)",
+            limit: "≥ 1.0×",
+            figure: format!("{}×", f(r, 2)),
+            met: r.map(|v| v >= 1.0),
+        });
+    } else {
+        skipped(&mut s, d, "throughput");
+    }
+
+    // 3. SSE.
+    let _ = writeln!(s, "\n### 3. SSE timing (fpbench sse)\n");
+    if d.has("sse") {
+        let _ = writeln!(
+            s,
+            "Median of {} interleaved rounds. TTFB: request sent → first event; gap: between consecutive events (the upstream sends them 20 ms apart); lag: upstream send → client receipt. Lost / reordered / failed are totals over all rounds.\n",
+            d.rounds("sse")
+        );
+        let _ = writeln!(
+            s,
+            "| streams | µs | direct | proxy | nginx | proxy added | nginx added |\n|---:|---|---:|---:|---:|---:|---:|"
+        );
+        let mut worst_ttfb: Option<f64> = None;
+        for p in d.params("sse") {
+            for (label, m) in [
+                ("TTFB p50", "ttfb_p50_us"),
+                ("TTFB p99", "ttfb_p99_us"),
+                ("gap p50", "gap_p50_us"),
+                ("gap p99", "gap_p99_us"),
+                ("lag p50", "lag_p50_us"),
+                ("lag p99", "lag_p99_us"),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "| {} | {label} | {} | {} | {} | {} | {} |",
+                    p.trim_start_matches("streams="),
+                    f(d.median("sse", &p, "direct", m), 0),
+                    f(d.median("sse", &p, "proxy", m), 0),
+                    f(d.median("sse", &p, "nginx", m), 0),
+                    signed(d.added("sse", &p, "proxy", "direct", m), 0),
+                    signed(d.added("sse", &p, "nginx", "direct", m), 0),
+                );
+            }
+            let counts = |sys: &str| {
+                format!(
+                    "{} / {} / {}",
+                    f(d.sum("sse", &p, sys, "lost"), 0),
+                    f(d.sum("sse", &p, sys, "reordered"), 0),
+                    f(d.sum("sse", &p, sys, "failed"), 0)
+                )
+            };
+            let _ = writeln!(
+                s,
+                "| {} | lost / reordered / failed | {} | {} | {} | | |",
+                p.trim_start_matches("streams="),
+                counts("direct"),
+                counts("proxy"),
+                counts("nginx"),
+            );
+            if let Some(a) = d.added("sse", &p, "proxy", "direct", "ttfb_p99_us") {
+                worst_ttfb = Some(worst_ttfb.map_or(a, |w: f64| w.max(a)));
+            }
+        }
+        let lost: f64 = d
+            .params("sse")
+            .iter()
+            .filter_map(|p| {
+                Some(d.sum("sse", p, "proxy", "lost")? + d.sum("sse", p, "proxy", "reordered")?)
+            })
+            .sum();
+        targets.push(Target {
+            what: "SSE added TTFB p99 (worst concurrency)",
+            limit: "≤ 1 ms",
+            figure: format!("{} ms", f(worst_ttfb.map(|v| v / 1000.0), 3)),
+            met: worst_ttfb.map(|v| v <= 1000.0),
+        });
+        targets.push(Target {
+            what: "SSE events lost or reordered by the proxy",
+            limit: "0",
+            figure: format!("{lost:.0}"),
+            met: Some(lost == 0.0),
+        });
+    } else {
+        skipped(&mut s, d, "sse");
+    }
+
+    // 4. Idle streams.
+    let _ = writeln!(s, "\n### 4. Idle streams at scale (fpbench idle)\n");
+    if d.has("idle") {
+        let _ = writeln!(
+            s,
+            "One event every 10 s per stream; memory read from /proc (proxy: its one process; nginx: master + workers). Per stream = (peak − before) / streams open. MB = 10⁶ bytes.\n"
+        );
+        let _ = writeln!(s, "| | proxy | nginx |\n|---|---:|---:|");
+        let m = |sys: &str, k: &str| d.median("idle", "", sys, k);
+        let mb = |v: Option<f64>| f(v.map(|k| k * 1024.0 / 1e6), 1);
+        let row = |s: &mut String, label: &str, a: String, b: String| {
+            let _ = writeln!(s, "| {label} | {a} | {b} |");
+        };
+        row(
+            &mut s,
+            "streams requested / open / failed",
+            format!(
+                "{} / {} / {}",
+                f(m("proxy", "streams"), 0),
+                f(m("proxy", "open"), 0),
+                f(m("proxy", "failed"), 0)
+            ),
+            format!(
+                "{} / {} / {}",
+                f(m("nginx", "streams"), 0),
+                f(m("nginx", "open"), 0),
+                f(m("nginx", "failed"), 0)
+            ),
+        );
+        row(
+            &mut s,
+            "RSS before (MB)",
+            mb(m("proxy", "rss_before_kib")),
+            mb(m("nginx", "rss_before_kib")),
+        );
+        row(
+            &mut s,
+            "RSS with all streams open (MB)",
+            mb(m("proxy", "rss_peak_kib")),
+            mb(m("nginx", "rss_peak_kib")),
+        );
+        row(
+            &mut s,
+            "RSS per stream (KiB)",
+            f(m("proxy", "rss_per_stream_kib"), 1),
+            f(m("nginx", "rss_per_stream_kib"), 1),
+        );
+        row(
+            &mut s,
+            "PSS per stream (KiB)",
+            f(m("proxy", "pss_per_stream_kib"), 1),
+            f(m("nginx", "pss_per_stream_kib"), 1),
+        );
+        let at_10k =
+            |sys: &str| Some(m(sys, "rss_before_kib")? + 10_000.0 * m(sys, "rss_per_stream_kib")?);
+        row(
+            &mut s,
+            "RSS at 10,000 streams (MB; measured, or projected from per-stream)",
+            mb(at_10k("proxy")),
+            mb(at_10k("nginx")),
+        );
+        row(
+            &mut s,
+            "RSS after closing (MB)",
+            mb(m("proxy", "rss_after_kib")),
+            mb(m("nginx", "rss_after_kib")),
+        );
+        row(
+            &mut s,
+            "file descriptors with all open",
+            f(m("proxy", "fds"), 0),
+            f(m("nginx", "fds"), 0),
+        );
+        row(
+            &mut s,
+            "events delivered while held",
+            f(m("proxy", "events_while_held"), 0),
+            f(m("nginx", "events_while_held"), 0),
+        );
+        let p = at_10k("proxy").map(|k| k * 1024.0 / 1e6);
+        targets.push(Target {
+            what: "proxy RSS at 10k streams",
+            limit: "≤ 150 MB",
+            figure: format!("{} MB", f(p, 1)),
+            met: p.map(|v| v <= 150.0),
+        });
+    } else {
+        skipped(&mut s, d, "idle");
+    }
+
+    // 5. Feedback.
+    let _ = writeln!(
+        s,
+        "\n### 5. Feedback path: POST /api/feedback at concurrency 32 (wrk) vs pgbench\n"
+    );
+    if d.has("feedback") {
+        let _ = writeln!(
+            s,
+            "Median of {} interleaved rounds; the ratio is the median of per-round ratios to pgbench running the store's upsert transaction with the same key distribution and 32 clients.\n",
+            d.rounds("feedback")
+        );
+        let _ = writeln!(
+            s,
+            "| | votes/s (pgbench: TPS) | p50 (ms) | p99 (ms) | errors | vs pgbench |\n|---|---:|---:|---:|---:|---:|"
+        );
+        for (label, sys) in [
+            ("proxy, MLflow not configured", "proxy-nomlflow"),
+            ("proxy, MLflow stand-in", "proxy-mlflow"),
+            ("pgbench (upsert_vote SQL)", "pgbench"),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} | {} | {} |",
+                f(d.median("feedback", "", sys, "rps"), 0),
+                f(
+                    d.median("feedback", "", sys, "p50_us").map(|v| v / 1000.0),
+                    2
+                ),
+                f(
+                    d.median("feedback", "", sys, "p99_us").map(|v| v / 1000.0),
+                    2
+                ),
+                f(d.sum("feedback", "", sys, "errors"), 0),
+                if sys == "pgbench" {
+                    "1.00".into()
+                } else {
+                    f(d.ratio("feedback", "", sys, "pgbench", "rps"), 2)
+                },
+            );
+        }
+        for (what, sys) in [
+            (
+                "feedback votes/s vs pgbench TPS (no MLflow)",
+                "proxy-nomlflow",
+            ),
+            (
+                "feedback votes/s vs pgbench TPS (MLflow stand-in)",
+                "proxy-mlflow",
+            ),
+        ] {
+            let r = d.ratio("feedback", "", sys, "pgbench", "rps");
+            targets.push(Target {
+                what,
+                limit: "≥ 80 %",
+                figure: format!("{} %", f(r.map(|v| v * 100.0), 0)),
+                met: r.map(|v| v >= 0.8),
+            });
+        }
+    } else {
+        skipped(&mut s, d, "feedback");
+    }
+
+    // 6. Inspector.
+    let _ = writeln!(
+        s,
+        "\n### 6. Trace inspector (criterion, `cargo bench --bench inspector`)\n"
+    );
+    let insp: Vec<&Rec> = d
+        .recs
+        .iter()
+        .filter(|r| r.scenario == "inspector")
+        .collect();
+    if insp.is_empty() {
+        skipped(&mut s, d, "inspector");
+    } else {
+        let _ = writeln!(s, "| benchmark | throughput |\n|---|---:|");
+        for r in insp {
+            let _ = writeln!(
+                s,
+                "| {} | {} {} |",
+                r.param,
+                f(r.metrics.get("value").and_then(Value::as_f64), 1),
+                r.metrics.get("unit").and_then(Value::as_str).unwrap_or("")
+            );
+        }
+    }
+
+    let _ = writeln!(s, "\n### Targets\n");
+    let _ = writeln!(s, "| target | limit | figure | |\n|---|---|---:|---|");
+    for t in &targets {
+        let verdict = match t.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "no figure",
+        };
+        let _ = writeln!(s, "| {} | {} | {} | {verdict} |", t.what, t.limit, t.figure);
+    }
+    s
+}
+
+fn skipped(s: &mut String, d: &Data, scenario: &str) {
+    let why = d
+        .skipped
+        .get(scenario)
+        .map(String::as_str)
+        .unwrap_or("not run");
+    let _ = writeln!(s, "Skipped: {why}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_is_per_round_then_median() {
+        let raw = r#"
+{"scenario":"latency","system":"direct","round":1,"metrics":{"p50_us":100,"p99_us":200}}
+{"scenario":"latency","system":"proxy","round":1,"metrics":{"p50_us":150,"p99_us":300}}
+{"scenario":"latency","system":"direct","round":2,"metrics":{"p50_us":300,"p99_us":400}}
+{"scenario":"latency","system":"proxy","round":2,"metrics":{"p50_us":360,"p99_us":480}}
+{"scenario":"latency","system":"direct","round":3,"metrics":{"p50_us":100,"p99_us":200}}
+{"scenario":"latency","system":"proxy","round":3,"metrics":{"p50_us":170,"p99_us":290}}
+{"scenario":"feedback","skipped":"no store"}
+"#;
+        let d = Data::load(raw).expect("parses");
+        assert_eq!(
+            d.added("latency", "", "proxy", "direct", "p50_us"),
+            Some(60.0)
+        );
+        assert_eq!(
+            d.added("latency", "", "proxy", "direct", "p99_us"),
+            Some(90.0)
+        );
+        let md = render(&d, "");
+        assert!(md.contains("Skipped: no store"));
+        assert!(md.contains("| added p99 latency at c=1 | ≤ 0.3 ms | 0.090 ms | met |"));
+    }
+
+    #[test]
+    fn median_even_and_odd() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+}
