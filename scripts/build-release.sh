@@ -29,6 +29,17 @@ BIN=target/release/feedback-proxy
 fail() { echo "build-release: $*" >&2; exit 1; }
 step() { printf '==> %s\n' "$*"; }
 
+# Refuse a bad AGENT_URL before building anything.
+if [ -n "${AGENT_URL:-}" ]; then
+  case "$AGENT_URL" in
+    https://*) ;;
+    *) fail "AGENT_URL must be an https:// URL, got: $AGENT_URL" ;;
+  esac
+  case "$AGENT_URL" in
+    *'"'* | *'|'* | *' '* | *'&'* | *'\'*) fail "AGENT_URL contains a character it cannot: $AGENT_URL" ;;
+  esac
+fi
+
 step "cargo build --release --locked"
 cargo build --release --locked --bin feedback-proxy
 [ -x "$BIN" ] || fail "$BIN was not produced"
@@ -41,13 +52,6 @@ strip --strip-all -o "$OUT/feedback-proxy" "$BIN"
 cp app.yaml "$OUT/app.yaml"
 cp config/databricks.toml "$OUT/config/databricks.toml"
 if [ -n "${AGENT_URL:-}" ]; then
-  case "$AGENT_URL" in
-    https://*) ;;
-    *) fail "AGENT_URL must be an https:// URL, got: $AGENT_URL" ;;
-  esac
-  case "$AGENT_URL" in
-    *'"'* | *'|'* | *' '*) fail "AGENT_URL contains a character it cannot: $AGENT_URL" ;;
-  esac
   sed -i "s|\"$PLACEHOLDER\"|\"$AGENT_URL\"|" "$OUT/app.yaml"
 fi
 if grep -q "$PLACEHOLDER" "$OUT/app.yaml"; then
