@@ -31,6 +31,7 @@ pub mod error;
 pub mod feedback;
 pub mod identity;
 pub mod metrics;
+pub mod mlflow;
 pub mod proxy;
 pub mod route;
 pub mod server;
