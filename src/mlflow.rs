@@ -100,6 +100,9 @@ pub struct Assessment {
     pub value: Option<serde_json::Value>,
     /// `feedback.error`, for feedback that records a failed judge.
     pub error: Option<serde_json::Value>,
+    /// Whether the server sent a `feedback` object (as opposed to an expectation or an issue
+    /// reference): only feedback assessments are votes.
+    pub is_feedback: bool,
     /// The whole `expectation` object, for expectation assessments.
     pub expectation: Option<serde_json::Value>,
     /// `None` when absent or empty (see [`AssessmentUpdate`]).
@@ -119,11 +122,6 @@ impl Assessment {
     /// The value as a vote value, when it is one (bool, number or string).
     pub fn feedback_value(&self) -> Option<FeedbackValue> {
         self.value.as_ref().and_then(FeedbackValue::from_json)
-    }
-
-    /// Whether this is a feedback assessment (as opposed to an expectation).
-    pub fn is_feedback(&self) -> bool {
-        self.expectation.is_none()
     }
 }
 

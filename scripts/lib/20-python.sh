@@ -70,17 +70,38 @@ fp_ensure_venv() {
   local base
   base=$(fp_base_python) || return 1
   if [ ! -x "$py" ]; then
-    fp_py_log "creating venv $dir with $base"
     mkdir -p "$(dirname "$dir")"
-    "$base" -m venv "$dir" || {
+    local clear=()
+    if [ -f "$dir/pyvenv.cfg" ]; then
+      # A venv whose interpreter is gone (Python upgraded or moved): rebuild it.
+      clear=(--clear)
+    elif [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then
+      fp_py_log "$dir exists, is not empty and is not a venv: refusing to use it (set FP_VENV)"
+      return 1
+    fi
+    fp_py_log "creating venv $dir with $base"
+    "$base" -m venv "${clear[@]}" "$dir" || {
       fp_py_log "creating the venv failed (Debian: apt-get install python3-venv)"
       return 1
     }
   fi
   fp_py_log "installing ${FP_PY_REQUIREMENTS[*]} (first run: a few minutes)"
   local log="${FP_TEST_TMP:-/tmp}/pip-install.log"
-  # --progress-bar off keeps CI logs readable; pip's own lines still show what is happening.
-  if ! "$py" -I -m pip install --progress-bar off "${FP_PY_REQUIREMENTS[@]}" >"$log" 2>&1; then
+  # pip's own output goes to the log; a progress line every 10 s says it is still working.
+  "$py" -I -m pip install --progress-bar off "${FP_PY_REQUIREMENTS[@]}" >"$log" 2>&1 &
+  local pip_pid=$! waited=0
+  while kill -0 "$pip_pid" 2>/dev/null; do
+    sleep 1
+    waited=$((waited + 1))
+    if ((waited % 10 == 0)); then
+      if grep -q '^Installing collected packages' "$log"; then
+        fp_py_log "pip: ${waited} s, installing…"
+      else
+        fp_py_log "pip: ${waited} s, $(grep -c '^Collecting' "$log" || true) packages collected…"
+      fi
+    fi
+  done
+  if ! wait "$pip_pid"; then
     fp_py_log "pip install failed; last lines of $log:"
     tail -n 30 "$log" >&2
     return 1

@@ -123,7 +123,7 @@ fn decodes_a_created_assessment() {
     assert_eq!(a.rationale.as_deref(), Some("Looks right"));
     assert_eq!(a.valid, Some(true));
     assert_eq!(a.overrides, None);
-    assert!(a.is_feedback());
+    assert!(a.is_feedback);
     assert_eq!(a.create_time.as_deref(), Some("2026-11-23T02:32:37.005Z"));
 }
 

@@ -130,6 +130,7 @@ impl From<WireAssessment> for Assessment {
             Some(s) => (s.source_type, s.source_id.unwrap_or_default()),
             None => (String::new(), String::new()),
         };
+        let is_feedback = w.feedback.is_some();
         let (value, error) = match w.feedback {
             // `"value": null` (an error-only feedback) is no value.
             Some(f) => (f.value.filter(|v| !v.is_null()), f.error),
@@ -143,6 +144,7 @@ impl From<WireAssessment> for Assessment {
             source_id,
             value,
             error,
+            is_feedback,
             expectation: w.expectation,
             // The server cannot null a rationale once set, only empty it (PATCH with the mask
             // and no text stores ""): both mean "no rationale".
