@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+export FP_REPO_ROOT=$ROOT
 export FP_TEST_TMP=${FP_TEST_TMP:-$(mktemp -d /tmp/feedback-proxy-test.XXXXXX)}
 # The postgres user must be able to enter the cluster directories we create here.
 chmod 755 "$FP_TEST_TMP"
@@ -17,6 +18,11 @@ cleanup_hooks=()
 on_exit() {
   local status=$?
   for ((i=${#cleanup_hooks[@]}-1; i>=0; i--)); do eval "${cleanup_hooks[i]}" || true; done
+  if [ $status = 0 ] && [ -z "${FP_KEEP_TMP:-}" ]; then
+    rm -rf "$FP_TEST_TMP"
+  else
+    printf '\nlogs and data of this run: %s\n' "$FP_TEST_TMP" >&2
+  fi
   exit $status
 }
 trap on_exit EXIT

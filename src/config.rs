@@ -753,10 +753,7 @@ impl Config {
             if matches!(
                 pg.sslmode,
                 SslMode::Disable | SslMode::Allow | SslMode::Prefer
-            ) && !pg
-                .hosts
-                .iter()
-                .all(|h| h.starts_with('/') || h == "localhost" || h.starts_with("127."))
+            ) && !pg_hosts_local(&pg.hosts)
             {
                 out.push(format!(
                     "store sslmode={} for a remote Postgres host: the connection may be unencrypted",
@@ -767,7 +764,72 @@ impl Config {
         if self.mlflow.tracking_uri.is_some() && self.mlflow.experiment_id.is_none() {
             out.push("mlflow.tracking_uri is set but mlflow.experiment_id is not: feedback will answer no_experiment_id".to_owned());
         }
+        let hops = [
+            ("agent.url", Some(&self.agent.url), &self.agent.auth),
+            (
+                "mlflow.tracking_uri",
+                self.mlflow.tracking_uri.as_ref(),
+                &self.mlflow.auth,
+            ),
+        ];
+        for (key, url, auth) in hops {
+            let Some(url) = url else { continue };
+            // A token sent in the clear to another machine.
+            if url.scheme() == "http" && *auth != AuthSpec::None && !is_local_host(url) {
+                out.push(format!(
+                    "{key} is plain http:// to {} with auth \"{auth}\": the token crosses the network unencrypted",
+                    url.host_str().unwrap_or_default()
+                ));
+            }
+            // Databricks answers every unauthenticated call with 401 (or a login redirect).
+            if *auth == AuthSpec::None && self.is_databricks_url(url) {
+                out.push(format!(
+                    "{key} is a Databricks URL but its auth is \"none\": every call will be rejected (use \"databricks-oauth\")"
+                ));
+            }
+        }
+        if let StoreKind::Postgres(pg) = &self.store.kind {
+            if self.store.password == PasswordSource::Static
+                && pg.password.is_none()
+                && !pg_hosts_local(&pg.hosts)
+            {
+                out.push(format!(
+                    "store: Postgres at {} with no password (store.password = \"static\", none in the URL or PGPASSWORD): login fails unless the server trusts this client; Lakebase needs store.password = \"databricks-oauth\"",
+                    pg.hosts.join(",")
+                ));
+            }
+        }
         out
+    }
+
+    /// Whether `url` is served by Databricks: the workspace host or a Databricks App.
+    fn is_databricks_url(&self, url: &Url) -> bool {
+        let Some(host) = url.host_str() else {
+            return false;
+        };
+        self.databricks
+            .host
+            .as_ref()
+            .and_then(|h| h.host_str())
+            .is_some_and(|h| h.eq_ignore_ascii_case(host))
+            || host.to_ascii_lowercase().ends_with(".databricksapps.com")
+    }
+}
+
+/// Whether every Postgres host is this machine (a Unix socket directory or a loopback name).
+fn pg_hosts_local(hosts: &[String]) -> bool {
+    hosts
+        .iter()
+        .all(|h| h.starts_with('/') || h == "localhost" || h.starts_with("127."))
+}
+
+/// Whether a URL points at this machine (the loopback name or a loopback address).
+fn is_local_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
     }
 }
 

@@ -2,8 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use feedback_proxy::body::Body;
+use feedback_proxy::client::{ClientOptions, HttpClient};
 use feedback_proxy::config::{Config, Env, LogFormat};
 
 #[derive(Parser)]
@@ -33,6 +36,17 @@ enum Command {
         #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
         config: PathBuf,
     },
+    /// Probe a running proxy's /healthz: exit 0 on a 2xx answer, 1 otherwise (for container
+    /// health checks, so that an image needs no curl).
+    Healthcheck {
+        /// The URL to probe [default: http://127.0.0.1:$DATABRICKS_APP_PORT/healthz, port 8000
+        /// when the variable is unset].
+        #[arg(long)]
+        url: Option<String>,
+        /// How long the whole probe may take.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -58,6 +72,22 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Healthcheck { url, timeout } => {
+            let url = url.unwrap_or_else(|| {
+                let port = env.get("DATABRICKS_APP_PORT").unwrap_or("8000");
+                format!("http://127.0.0.1:{port}/healthz")
+            });
+            match healthcheck(&url, timeout) {
+                Ok(status) => {
+                    println!("{url}: {status}");
+                    ExitCode::SUCCESS
+                }
+                Err(why) => {
+                    eprintln!("{url}: {why}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve { config, log_format } => {
             let mut cfg = match Config::load(&config, &env) {
                 Ok(c) => c,
@@ -75,6 +105,34 @@ fn main() -> ExitCode {
             serve(cfg, &env)
         }
     }
+}
+
+/// One GET of `url` within `timeout`; `Ok` carries the 2xx status, `Err` says what went wrong.
+fn healthcheck(url: &str, timeout: Duration) -> Result<http::StatusCode, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a valid URL ({e})"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let client = HttpClient::new(&ClientOptions {
+            connect_timeout: timeout,
+            ..ClientOptions::default()
+        });
+        let req = http::Request::get(uri)
+            .header(http::header::USER_AGENT, "feedback-proxy-healthcheck")
+            .body(Body::full(""))
+            .map_err(|e| format!("cannot build the request ({e})"))?;
+        let (parts, _) = client
+            .exchange(req, timeout, 64 << 10)
+            .await
+            .map_err(|e| e.to_string())?;
+        if parts.status.is_success() {
+            Ok(parts.status)
+        } else {
+            Err(format!("unhealthy: HTTP {}", parts.status))
+        }
+    })
 }
 
 fn serve(config: Config, env: &Env) -> ExitCode {

@@ -681,7 +681,8 @@ impl Deliverer {
 /// This user's current assessment under this name, if the trace holds one.
 fn find_ours<'a>(assessments: &'a [Assessment], key: &VoteKey) -> Option<&'a Assessment> {
     assessments.iter().find(|a| {
-        a.name == key.name
+        a.is_feedback
+            && a.name == key.name
             && a.source_id == key.user_id
             && a.source_type.eq_ignore_ascii_case("HUMAN")
             && a.valid != Some(false)

@@ -1,0 +1,619 @@
+//! [`MlflowError`]: every way an MLflow call can fail, classified once so that the delivery
+//! worker can decide between "retry", "retry later (`Retry-After`)", "the trace is not there
+//! (yet)" and "give up with a reason" without looking at strings.
+//!
+//! The server's error JSON (`{"error_code", "message", …}`) is kept as code + message; other
+//! bodies (405s are HTML, a reverse proxy may answer plain text) are reduced to a one-line
+//! reason. Nothing here ever holds a request body, a header or a token: the message is what the
+//! server or the transport said, cleaned of control characters and bounded in length.
+
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
+use http::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use serde::Deserialize;
+
+use crate::auth::AuthError;
+use crate::client::ExchangeError;
+
+/// Longest [`MlflowError::short`] answer, in characters.
+pub const SHORT_MAX_CHARS: usize = 200;
+/// Longest message kept from a server, in characters (error bodies are untrusted input that may
+/// end up in the store as a dead-letter reason).
+const MESSAGE_MAX_CHARS: usize = 1000;
+/// A `Retry-After` beyond this is treated as this: a server asking for days is misconfigured,
+/// and the caller's own limits (delivery max age) take over anyway.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// What went wrong, as far as the caller's next step is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlflowErrorKind {
+    /// The trace or assessment does not exist (JSON 404, `RESOURCE_DOES_NOT_EXIST`). For a trace
+    /// that was just produced this is also what "not flushed yet" looks like.
+    NotFound,
+    /// A create with a client-chosen assessment id that is taken. Open-source MLflow answers
+    /// 500 "… due to a constraint violation." (sample 07); a 409 or `RESOURCE_ALREADY_EXISTS`
+    /// means the same.
+    AlreadyExists,
+    /// 429 (or a 503 carrying `Retry-After`): come back after `retry_after` when given.
+    RateLimited { retry_after: Option<Duration> },
+    /// 5xx: the server failed; the same request may succeed later.
+    Server,
+    /// Any other 4xx (bad request, 405, 413, an unknown endpoint): the same request will fail
+    /// again.
+    Client,
+    /// No complete answer within the configured timeout (or a 408).
+    Timeout,
+    /// The connection failed or broke before a complete answer arrived.
+    Connect,
+    /// 401/403 from MLflow, or no credential could be obtained for it.
+    Auth,
+    /// Rejected locally before sending (the open-source server silently drops bad fields).
+    Invalid,
+    /// A success status with a body we cannot read.
+    Decode,
+}
+
+impl MlflowErrorKind {
+    /// A stable snake_case name (logs, dead-letter reasons).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::AlreadyExists => "already_exists",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Server => "server",
+            Self::Client => "client",
+            Self::Timeout => "timeout",
+            Self::Connect => "connect",
+            Self::Auth => "auth",
+            Self::Invalid => "invalid",
+            Self::Decode => "decode",
+        }
+    }
+}
+
+/// A failed MLflow call.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", self.short())]
+pub struct MlflowError {
+    pub kind: MlflowErrorKind,
+    /// The HTTP status, when the server answered.
+    pub status: Option<u16>,
+    /// The server's `error_code` (e.g. `RESOURCE_DOES_NOT_EXIST`); for credential failures
+    /// [`TOKEN_UNAVAILABLE`] or [`TOKEN_REJECTED`].
+    pub error_code: Option<String>,
+    /// One line, at most 1000 characters, no control characters.
+    pub message: String,
+}
+
+/// `error_code` of an [`MlflowErrorKind::Auth`] error whose token endpoint could not be reached
+/// (transient: retryable).
+pub const TOKEN_UNAVAILABLE: &str = "TOKEN_UNAVAILABLE";
+/// `error_code` of an [`MlflowErrorKind::Auth`] error whose token endpoint refused us.
+pub const TOKEN_REJECTED: &str = "TOKEN_REJECTED";
+
+impl MlflowError {
+    pub(crate) fn new(kind: MlflowErrorKind, message: impl AsRef<str>) -> Self {
+        Self {
+            kind,
+            status: None,
+            error_code: None,
+            message: clean(message.as_ref(), MESSAGE_MAX_CHARS),
+        }
+    }
+
+    pub(crate) fn invalid(message: impl AsRef<str>) -> Self {
+        Self::new(MlflowErrorKind::Invalid, message)
+    }
+
+    /// Whether sending the same request again later may succeed.
+    ///
+    /// [`MlflowErrorKind::NotFound`] is deliberately NOT retryable here: a 404 on a trace means
+    /// "not flushed yet" only for a young trace, and only the caller knows how old it is (the
+    /// delivery worker retries it up to its own horizon).
+    pub fn is_retryable(&self) -> bool {
+        match self.kind {
+            MlflowErrorKind::RateLimited { .. }
+            | MlflowErrorKind::Server
+            | MlflowErrorKind::Timeout
+            | MlflowErrorKind::Connect => true,
+            MlflowErrorKind::Auth => self.error_code.as_deref() == Some(TOKEN_UNAVAILABLE),
+            MlflowErrorKind::NotFound
+            | MlflowErrorKind::AlreadyExists
+            | MlflowErrorKind::Client
+            | MlflowErrorKind::Invalid
+            | MlflowErrorKind::Decode => false,
+        }
+    }
+
+    /// How long the server asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.kind {
+            MlflowErrorKind::RateLimited { retry_after } => retry_after,
+            _ => None,
+        }
+    }
+
+    /// One line for users and operators, at most [`SHORT_MAX_CHARS`] characters:
+    /// `404 RESOURCE_DOES_NOT_EXIST: Trace with ID 'tr-…' not found.`, `timeout: no response
+    /// within 10s`, `invalid: assessment name …`.
+    pub fn short(&self) -> String {
+        let head = match (self.status, self.error_code.as_deref()) {
+            (Some(s), Some(c)) => format!("{s} {c}"),
+            (Some(s), None) => s.to_string(),
+            (None, Some(c)) => format!("{} {c}", self.kind.label()),
+            (None, None) => self.kind.label().to_owned(),
+        };
+        let line = if self.message.is_empty() {
+            head
+        } else {
+            format!("{head}: {}", self.message)
+        };
+        clean(&line, SHORT_MAX_CHARS)
+    }
+
+    /// A transport failure of [`crate::client::HttpClient::exchange`].
+    pub(crate) fn from_exchange(err: &ExchangeError) -> Self {
+        let kind = match err {
+            ExchangeError::Timeout(_) => MlflowErrorKind::Timeout,
+            // A connection that breaks while the answer is being read is, for the caller, the
+            // same as one that never connected: the outcome is unknown and a retry is the
+            // answer (creates are made idempotent by the client-chosen assessment id).
+            ExchangeError::Connect(_) | ExchangeError::Read(_) => MlflowErrorKind::Connect,
+            ExchangeError::TooLarge(_) => MlflowErrorKind::Decode,
+        };
+        Self::new(kind, err.to_string())
+    }
+
+    /// A credential for the MLflow hop could not be obtained.
+    pub(crate) fn from_auth(err: &AuthError) -> Self {
+        let mut e = Self::new(MlflowErrorKind::Auth, err.to_string());
+        e.error_code = Some(if err.is_rejection() {
+            TOKEN_REJECTED.to_owned()
+        } else {
+            TOKEN_UNAVAILABLE.to_owned()
+        });
+        e
+    }
+
+    /// A non-success answer from the server.
+    pub(crate) fn from_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Self {
+        let parsed = parse_error_body(headers, body);
+        let code = status.as_u16();
+        let error_code = parsed.error_code.filter(|c| !c.is_empty());
+        let by_code = error_code.as_deref().and_then(kind_from_error_code);
+        let retry_after = headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let kind = match (code, by_code) {
+            (429, _) => MlflowErrorKind::RateLimited { retry_after },
+            // A JSON 404 is the server saying "no such trace/assessment". A 404 with any other
+            // body (Flask's HTML page, a proxy's text) means the URL matched no endpoint: a
+            // wrong tracking URI, or a trace id the server cannot route (open-source MLflow
+            // 404s `trace:/catalog.schema/…` ids in HTML). Retrying that as "not flushed yet"
+            // would only delay the inevitable.
+            (404, Some(MlflowErrorKind::NotFound)) => MlflowErrorKind::NotFound,
+            (404, None) if error_code.is_some() && !endpoint_missing(error_code.as_deref()) => {
+                MlflowErrorKind::NotFound
+            }
+            (404, _) => MlflowErrorKind::Client,
+            (408, _) => MlflowErrorKind::Timeout,
+            (503, _) if retry_after.is_some() => MlflowErrorKind::RateLimited { retry_after },
+            (_, Some(MlflowErrorKind::RateLimited { .. })) => {
+                MlflowErrorKind::RateLimited { retry_after }
+            }
+            (_, Some(k)) if code < 500 => k,
+            (401 | 403, _) => MlflowErrorKind::Auth,
+            // 501 Not Implemented will not start working on a retry.
+            (501, _) => MlflowErrorKind::Client,
+            (500..=599, _) => MlflowErrorKind::Server,
+            _ => MlflowErrorKind::Client,
+        };
+        let message = parsed.message.unwrap_or_else(|| {
+            status
+                .canonical_reason()
+                .unwrap_or("unexpected status")
+                .to_owned()
+        });
+        Self {
+            kind,
+            status: Some(code),
+            error_code,
+            message: clean(&message, MESSAGE_MAX_CHARS),
+        }
+    }
+}
+
+/// Server error codes that say more than the status does.
+fn kind_from_error_code(code: &str) -> Option<MlflowErrorKind> {
+    Some(match code {
+        "RESOURCE_DOES_NOT_EXIST" | "NOT_FOUND" => MlflowErrorKind::NotFound,
+        "RESOURCE_ALREADY_EXISTS" | "ALREADY_EXISTS" => MlflowErrorKind::AlreadyExists,
+        "REQUEST_LIMIT_EXCEEDED" | "RESOURCE_EXHAUSTED" | "TOO_MANY_REQUESTS" => {
+            MlflowErrorKind::RateLimited { retry_after: None }
+        }
+        "PERMISSION_DENIED" | "UNAUTHENTICATED" | "UNAUTHORIZED" => MlflowErrorKind::Auth,
+        _ => return None,
+    })
+}
+
+/// Databricks' codes for "no such API" (as opposed to "no such object").
+fn endpoint_missing(code: Option<&str>) -> bool {
+    matches!(code, Some("ENDPOINT_NOT_FOUND" | "FEATURE_DISABLED"))
+}
+
+#[derive(Default)]
+struct ParsedError {
+    error_code: Option<String>,
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    error_code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// `{"error_code", "message"}` when the body is that JSON; otherwise a one-line summary of
+/// whatever text it is (HTML pages reduced to their title and first paragraph).
+fn parse_error_body(headers: &HeaderMap, body: &[u8]) -> ParsedError {
+    if let Ok(b) = serde_json::from_slice::<ErrorBody>(body) {
+        if b.error_code.is_some() || b.message.is_some() {
+            return ParsedError {
+                error_code: b.error_code,
+                message: b.message.filter(|m| !m.trim().is_empty()),
+            };
+        }
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(16 * 1024)]);
+    let is_html = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("html"))
+        || text.trim_start().starts_with('<');
+    let summary = if is_html {
+        html_summary(&text)
+    } else {
+        clean(&text, 160)
+    };
+    ParsedError {
+        error_code: None,
+        message: (!summary.is_empty()).then_some(summary),
+    }
+}
+
+/// `<title>405 Method Not Allowed</title><h1>…</h1><p>The method is not allowed…</p>` →
+/// `Method Not Allowed: The method is not allowed…`.
+fn html_summary(html: &str) -> String {
+    let title = between(html, "<title>", "</title>").map(|t| {
+        let t = clean(&strip_tags(t), 100);
+        // Flask's titles repeat the status code the caller already has.
+        match t.split_once(' ') {
+            Some((n, rest)) if n.len() == 3 && n.bytes().all(|b| b.is_ascii_digit()) => {
+                rest.to_owned()
+            }
+            _ => t,
+        }
+    });
+    let para = between(html, "<p>", "</p>").map(|p| clean(&strip_tags(p), 120));
+    let out = match (title, para) {
+        (Some(t), Some(p)) if !t.is_empty() && !p.is_empty() => format!("{t}: {p}"),
+        (Some(t), _) if !t.is_empty() => t,
+        (_, Some(p)) if !p.is_empty() => p,
+        _ => clean(&strip_tags(html), 160),
+    };
+    clean(&out, 160)
+}
+
+fn between<'a>(s: &'a str, open: &str, close: &str) -> Option<&'a str> {
+    let lower = s.to_ascii_lowercase();
+    let start = lower.find(open)? + open.len();
+    let end = start + lower[start..].find(close)?;
+    s.get(start..end)
+}
+
+fn strip_tags(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_tag = false;
+    for c in s.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => {
+                in_tag = false;
+                out.push(' ');
+            }
+            _ if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// One line: control characters become spaces, runs of whitespace collapse, at most `max`
+/// characters (an ellipsis marks a cut).
+pub(crate) fn clean(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max * 4));
+    let mut count = 0;
+    let mut pending_space = false;
+    for c in s.chars() {
+        if c.is_whitespace() || c.is_control() {
+            pending_space = count > 0;
+            continue;
+        }
+        let needed = if pending_space { 2 } else { 1 };
+        if count + needed > max {
+            // Make room for the ellipsis.
+            while count + 1 > max || out.ends_with(' ') {
+                if out.pop().is_none() {
+                    break;
+                }
+                count -= 1;
+            }
+            out.push('…');
+            return out;
+        }
+        if pending_space {
+            out.push(' ');
+            count += 1;
+            pending_space = false;
+        }
+        out.push(c);
+        count += 1;
+    }
+    out
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §10.2.3). A date in the past means
+/// "now" (zero); anything unparseable is ignored.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let d = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = httpdate::parse_http_date(value).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(d.min(RETRY_AFTER_MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn sample_error(name: &str) -> (StatusCode, Vec<u8>) {
+        let path = format!(
+            "{}/tests/fixtures/samples/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).expect("sample present");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("sample is JSON");
+        let status = StatusCode::from_u16(v["status"].as_u64().expect("status") as u16)
+            .expect("valid status");
+        let body = serde_json::to_vec(&v["response_body"]).expect("serializable");
+        (status, body)
+    }
+
+    fn json_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h
+    }
+
+    #[test]
+    fn unknown_trace_is_not_found_and_short_names_it() {
+        let (status, body) = sample_error("20_err_unknown_trace.json");
+        let e = MlflowError::from_response(status, &json_headers(), &body);
+        assert_eq!(e.kind, MlflowErrorKind::NotFound);
+        assert_eq!(e.status, Some(404));
+        assert_eq!(e.error_code.as_deref(), Some("RESOURCE_DOES_NOT_EXIST"));
+        assert_eq!(
+            e.short(),
+            "404 RESOURCE_DOES_NOT_EXIST: Trace with ID 'tr-00000000000000000000000000000000' not found."
+        );
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn unknown_assessment_is_not_found() {
+        let (status, body) = sample_error("38_patch_unknown_assessment.json");
+        let e = MlflowError::from_response(status, &json_headers(), &body);
+        assert_eq!(e.kind, MlflowErrorKind::NotFound);
+    }
+
+    #[test]
+    fn bad_request_is_client_and_final() {
+        for name in [
+            "03_create_assessment_flat.json",
+            "32_patch_without_mask.json",
+        ] {
+            let (status, body) = sample_error(name);
+            let e = MlflowError::from_response(status, &json_headers(), &body);
+            assert_eq!(e.kind, MlflowErrorKind::Client, "{name}");
+            assert_eq!(e.error_code.as_deref(), Some("INVALID_PARAMETER_VALUE"));
+            assert!(
+                e.message
+                    .starts_with("Missing value for required parameter")
+            );
+            assert!(!e.is_retryable());
+        }
+    }
+
+    #[test]
+    fn constraint_violation_is_a_retryable_server_error_without_context() {
+        // Only create_assessment, which knows it sent a client id, turns this into
+        // AlreadyExists.
+        let (status, body) = sample_error("07_create_with_same_client_assessment_id.json");
+        let e = MlflowError::from_response(status, &json_headers(), &body);
+        assert_eq!(e.kind, MlflowErrorKind::Server);
+        assert!(e.is_retryable());
+        assert!(e.message.contains("constraint violation"));
+    }
+
+    #[test]
+    fn html_405_becomes_a_short_client_reason() {
+        let body = b"<!doctype html>\n<html lang=en>\n<title>405 Method Not Allowed</title>\n<h1>Method Not Allowed</h1>\n<p>The method is not allowed for the requested URL.</p>\n";
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        let e = MlflowError::from_response(StatusCode::METHOD_NOT_ALLOWED, &h, body);
+        assert_eq!(e.kind, MlflowErrorKind::Client);
+        assert_eq!(e.error_code, None);
+        assert_eq!(
+            e.short(),
+            "405: Method Not Allowed: The method is not allowed for the requested URL."
+        );
+    }
+
+    #[test]
+    fn html_404_is_a_missing_endpoint_not_a_missing_trace() {
+        let body = b"<!doctype html><title>404 Not Found</title><h1>Not Found</h1><p>The requested URL was not found on the server.</p>";
+        let e = MlflowError::from_response(StatusCode::NOT_FOUND, &HeaderMap::new(), body);
+        assert_eq!(e.kind, MlflowErrorKind::Client);
+        let e = MlflowError::from_response(
+            StatusCode::NOT_FOUND,
+            &json_headers(),
+            br#"{"error_code":"ENDPOINT_NOT_FOUND","message":"No API found for 'POST /x'"}"#,
+        );
+        assert_eq!(e.kind, MlflowErrorKind::Client);
+        let e = MlflowError::from_response(
+            StatusCode::NOT_FOUND,
+            &json_headers(),
+            br#"{"error_code":"NOT_FOUND","message":"Trace not found"}"#,
+        );
+        assert_eq!(e.kind, MlflowErrorKind::NotFound);
+    }
+
+    #[test]
+    fn plain_text_403_is_auth() {
+        let e = MlflowError::from_response(
+            StatusCode::FORBIDDEN,
+            &HeaderMap::new(),
+            b"Invalid Host header - possible DNS rebinding attack detected",
+        );
+        assert_eq!(e.kind, MlflowErrorKind::Auth);
+        assert_eq!(
+            e.short(),
+            "403: Invalid Host header - possible DNS rebinding attack detected"
+        );
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn rate_limits_carry_retry_after() {
+        let mut h = json_headers();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        let e = MlflowError::from_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            &h,
+            br#"{"error_code":"REQUEST_LIMIT_EXCEEDED","message":"slow down"}"#,
+        );
+        assert_eq!(
+            e.kind,
+            MlflowErrorKind::RateLimited {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        assert!(e.is_retryable());
+        // A 503 with Retry-After is honoured the same way; without it, it is a server error.
+        let e = MlflowError::from_response(StatusCode::SERVICE_UNAVAILABLE, &h, b"");
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        let e = MlflowError::from_response(StatusCode::SERVICE_UNAVAILABLE, &json_headers(), b"");
+        assert_eq!(e.kind, MlflowErrorKind::Server);
+        assert_eq!(e.short(), "503: Service Unavailable");
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = httpdate::parse_http_date("Mon, 23 Nov 2026 02:36:36 GMT").expect("date");
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Mon, 23 Nov 2026 02:37:06 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Mon, 23 Nov 2026 02:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(
+            parse_retry_after("99999999", now),
+            Some(Duration::from_secs(24 * 3600))
+        );
+    }
+
+    #[test]
+    fn short_is_bounded_and_single_line() {
+        let long = format!("line one\nline two\t{}", "x".repeat(5000));
+        let e = MlflowError::from_response(
+            StatusCode::BAD_REQUEST,
+            &json_headers(),
+            serde_json::to_vec(
+                &serde_json::json!({"error_code": "INVALID_PARAMETER_VALUE", "message": long}),
+            )
+            .expect("json")
+            .as_slice(),
+        );
+        let s = e.short();
+        assert!(
+            s.chars().count() <= SHORT_MAX_CHARS,
+            "{}",
+            s.chars().count()
+        );
+        assert!(s.starts_with("400 INVALID_PARAMETER_VALUE: line one line two xxx"));
+        assert!(s.ends_with('…'));
+        assert!(!s.contains('\n'));
+        assert!(e.message.chars().count() <= MESSAGE_MAX_CHARS);
+    }
+
+    #[test]
+    fn clean_handles_edges() {
+        assert_eq!(clean("  a \r\n b  ", 10), "a b");
+        assert_eq!(clean("abcdef", 3), "ab…");
+        assert_eq!(clean("ab cdef", 4), "ab…");
+        assert_eq!(clean("", 3), "");
+        assert_eq!(clean("ééé", 3), "ééé");
+    }
+
+    #[test]
+    fn token_failures_are_auth_and_retryable_only_when_unreachable() {
+        let e = MlflowError::from_auth(&AuthError::Unreachable {
+            endpoint: "https://h/oidc/v1/token".into(),
+            reason: "connection refused".into(),
+        });
+        assert_eq!(e.kind, MlflowErrorKind::Auth);
+        assert!(e.is_retryable());
+        assert!(e.short().starts_with("auth TOKEN_UNAVAILABLE: "));
+        let e = MlflowError::from_auth(&AuthError::Rejected {
+            endpoint: "https://h/oidc/v1/token".into(),
+            status: 401,
+            reason: "invalid_client".into(),
+        });
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn transport_failures() {
+        let e = MlflowError::from_exchange(&ExchangeError::Timeout(Duration::from_secs(10)));
+        assert_eq!(e.kind, MlflowErrorKind::Timeout);
+        assert_eq!(e.short(), "timeout: no response within 10s");
+        assert!(e.is_retryable());
+        let e = MlflowError::from_exchange(&ExchangeError::Connect("tcp connect error".into()));
+        assert_eq!(e.kind, MlflowErrorKind::Connect);
+        assert!(e.is_retryable());
+        let e = MlflowError::from_exchange(&ExchangeError::TooLarge(10));
+        assert_eq!(e.kind, MlflowErrorKind::Decode);
+        assert!(!e.is_retryable());
+    }
+}
