@@ -283,6 +283,14 @@ if wants latency; then
       run_wrk latency "$sys" "$r" 1 1 "$LAT_SECS" "${URL[$sys]}" bench/wrk/post.lua
     done
   done
+  log "1b. latency, the systems interleaved request by request (fpbench latency), ${LAT_SECS}s × $ROUNDS"
+  for r in $(seq 1 "$ROUNDS"); do
+    out=$(timeout -k 5 $((LAT_SECS + 30)) "$FPB" latency --seconds "$LAT_SECS" --round "$r" \
+      --target direct="${URL[direct]}" --target proxy="${URL[proxy]}" --target nginx="${URL[nginx]}") \
+      || die "the latency client failed"
+    printf '%s\n' "$out" >> "$RAW"
+    printf '    round %s  %s\n' "$r" "$(tr '\n' ' ' <<<"$out")" >&2
+  done
 fi
 
 # ---------------------------------------------------------------- 2. throughput

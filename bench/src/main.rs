@@ -14,6 +14,7 @@
 
 mod feedback;
 mod idle;
+mod latency;
 mod mlflow;
 mod procfs;
 mod report;
@@ -77,6 +78,19 @@ enum Command {
         /// Hard limit for one run of the set, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+    },
+    /// Latency at concurrency 1, the systems interleaved request by request.
+    Latency {
+        /// `NAME=http://127.0.0.1:PORT` (repeatable), e.g. direct=…, proxy=…, nginx=….
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// At most this many requests in all.
+        #[arg(long, default_value_t = 1_000_000)]
+        max_requests: u64,
+        #[arg(long, default_value_t = 1)]
+        round: u32,
     },
     /// Prints N free loopback ports (bound and released; for the servers the script configures).
     Ports { n: usize },
@@ -172,6 +186,24 @@ fn main() -> ExitCode {
             }))
         }),
         Command::Ports { n } => ports(n),
+        Command::Latency {
+            targets,
+            seconds,
+            max_requests,
+            round,
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the runtime: {e}"))
+            .and_then(|rt| {
+                // One thread: one request in flight, no cross-thread wake-ups in the client.
+                rt.block_on(latency::run(latency::Options {
+                    targets,
+                    duration: Duration::from_secs(seconds),
+                    max_requests,
+                    round,
+                }))
+            }),
         Command::Idle {
             url,
             streams,
