@@ -244,8 +244,8 @@ async fn drop_role(role: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn minted_passwords_rotate_once_per_cache_period() {
-    // Credentials live 125 s, so they are reused for 5 s (until 2 minutes before expiry).
-    let cache_period = Duration::from_secs(5);
+    // Credentials live 128 s, so they are reused for 8 s (until 2 minutes before expiry).
+    let cache_period = Duration::from_secs(8);
     let lifetime = Duration::from_secs(120) + cache_period;
     let (role, db) = role_with_db("first-password").await;
     let fake = pg::FakeCredentials::start("first-password", lifetime).await;
@@ -422,6 +422,15 @@ async fn credential_failures_are_clear_and_secret_free() {
     let msg = unavailable(open(&wrong, "", pg::deps()).await.err().expect("connected"));
     assert!(msg.contains("password authentication failed"), "{msg}");
     assert!(!msg.contains("not-the-password"), "{msg}");
+    // prefer tries TLS, then plaintext, and reports both.
+    let wrong = pg::with_user(&db.url, &role, Some("not-the-password"));
+    let wrong = pg::with_params(&wrong, &[("sslmode", "prefer")]);
+    let msg = unavailable(open(&wrong, "", pg::deps()).await.err().expect("connected"));
+    assert!(
+        msg.contains("(with TLS): password authentication failed")
+            && msg.contains("(without TLS): password authentication failed"),
+        "{msg}"
+    );
     drop(db);
     drop_role(&role).await;
 }

@@ -191,6 +191,7 @@ fp_pg_setup() {
     echo "using the Postgres at 127.0.0.1:5432"
   fi
 
+  cleanup_hooks+=("rm -rf '$certs'")
   if ! fp_pg_make_certs "$certs"; then
     export FP_TEST_PG_TLS_ERROR="cannot make test certificates (is openssl installed?)"
   else

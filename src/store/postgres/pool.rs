@@ -140,14 +140,21 @@ impl Manager {
             match self.connect_host(host, password.as_ref()).await {
                 Ok(client) => return self.finish(client).await,
                 Err(failures) => {
+                    // allow / prefer make two attempts; say which failed how.
+                    let several = failures.len() > 1;
                     for (mode, e) in failures {
                         auth_refused |= matches!(
                             e.code(),
                             Some(c) if *c == SqlState::INVALID_PASSWORD
                                 || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
                         );
+                        let attempt = match (several, mode) {
+                            (false, _) => "",
+                            (true, SslMode::Disable) => " (without TLS)",
+                            (true, _) => " (with TLS)",
+                        };
                         problems.push(format!(
-                            "{host}:{}: {}",
+                            "{host}:{}{attempt}: {}",
                             self.target.port,
                             describe_connect_error(&e, mode, host)
                         ));
