@@ -16,10 +16,24 @@
 //! blocking-pool thread. The async runtime's threads never block on SQLite.
 //!
 //! Timestamps are integer milliseconds since the Unix epoch from this process's clock; vote
-//! values are JSON text. The SQL is in `ops.rs`, next to the function that runs it.
+//! values are JSON text. The SQL is in `links`, `votes` and `outbox`, next to the function that
+//! runs it; `conn` has the shared helpers.
 
+/// The delivery columns every query returning deliveries selects, in the order
+/// `conn::delivery` decodes them.
+macro_rules! delivery_columns {
+    () => {
+        "message_id, user_id, name, chat_id, desired, desired_value, desired_comment, version, \
+         assessment_id, generation, trace_id, state, attempts, next_attempt_at, enqueued_at, \
+         last_error, updated_at"
+    };
+}
+
+mod conn;
+mod links;
 mod migrate;
-mod ops;
+mod outbox;
+mod votes;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -151,54 +165,57 @@ impl Store for SqliteStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
-        self.call("health", ops::health).await
+        self.call("health", conn::health).await
     }
 
     async fn claim_message(&self, link: &LinkRecord) -> Result<Claim, StoreError> {
         let link = link.clone();
-        self.call("claim_message", move |c| ops::claim_message(c, &link))
+        self.call("claim_message", move |c| links::claim_message(c, &link))
             .await
     }
 
     async fn record_links(&self, links: &[LinkRecord]) -> Result<(), StoreError> {
         let links = links.to_vec();
-        self.call("record_links", move |c| ops::record_links(c, &links))
+        self.call("record_links", move |c| links::record_links(c, &links))
             .await
     }
 
     async fn get_link(&self, message_id: &str) -> Result<Option<MessageLink>, StoreError> {
         let id = message_id.to_owned();
-        self.call("get_link", move |c| ops::get_link(c, &id)).await
+        self.call("get_link", move |c| links::get_link(c, &id))
+            .await
     }
 
     async fn set_link_trace_id(&self, message_id: &str, trace_id: &str) -> Result<(), StoreError> {
         let (id, trace) = (message_id.to_owned(), trace_id.to_owned());
         self.call("set_link_trace_id", move |c| {
-            ops::set_link_trace_id(c, &id, &trace)
+            links::set_link_trace_id(c, &id, &trace)
         })
         .await
     }
 
     async fn upsert_vote(&self, vote: &NewVote, enqueue: &Enqueue) -> Result<Delivery, StoreError> {
         let (vote, enqueue) = (vote.clone(), enqueue.clone());
-        self.call("upsert_vote", move |c| ops::upsert_vote(c, &vote, &enqueue))
-            .await
+        self.call("upsert_vote", move |c| {
+            votes::upsert_vote(c, &vote, &enqueue)
+        })
+        .await
     }
 
     async fn retract_vote(&self, key: &VoteKey) -> Result<Option<Delivery>, StoreError> {
         let key = key.clone();
-        self.call("retract_vote", move |c| ops::retract_vote(c, &key))
+        self.call("retract_vote", move |c| votes::retract_vote(c, &key))
             .await
     }
 
     async fn list_votes(&self, chat_id: &str, user_id: &str) -> Result<Vec<Vote>, StoreError> {
         let (chat, user) = (chat_id.to_owned(), user_id.to_owned());
-        self.call("list_votes", move |c| ops::list_votes(c, &chat, &user))
+        self.call("list_votes", move |c| votes::list_votes(c, &chat, &user))
             .await
     }
 
     async fn claim_due(&self, limit: u32, lease: Duration) -> Result<Vec<Delivery>, StoreError> {
-        self.call("claim_due", move |c| ops::claim_due(c, limit, lease))
+        self.call("claim_due", move |c| outbox::claim_due(c, limit, lease))
             .await
     }
 
@@ -209,7 +226,7 @@ impl Store for SqliteStore {
         lease: Duration,
     ) -> Result<Option<Delivery>, StoreError> {
         let key = key.clone();
-        self.call("claim", move |c| ops::claim(c, &key, version, lease))
+        self.call("claim", move |c| outbox::claim(c, &key, version, lease))
             .await
     }
 
@@ -222,7 +239,7 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         let (key, fact, outcome) = (key.clone(), fact.clone(), outcome.clone());
         self.call("finish", move |c| {
-            ops::finish(c, &key, version, &fact, &outcome)
+            outbox::finish(c, &key, version, &fact, &outcome)
         })
         .await
     }
@@ -233,7 +250,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<Delivery>, StoreError> {
         self.call("list_deliveries", move |c| {
-            ops::list_deliveries(c, state, limit)
+            outbox::list_deliveries(c, state, limit)
         })
         .await
     }
@@ -244,12 +261,12 @@ impl Store for SqliteStore {
         key: Option<&VoteKey>,
     ) -> Result<u64, StoreError> {
         let key = key.cloned();
-        self.call("requeue", move |c| ops::requeue(c, state, key.as_ref()))
+        self.call("requeue", move |c| outbox::requeue(c, state, key.as_ref()))
             .await
     }
 
     async fn delivery_stats(&self) -> Result<DeliveryStats, StoreError> {
-        self.call("delivery_stats", ops::delivery_stats).await
+        self.call("delivery_stats", outbox::delivery_stats).await
     }
 
     fn pool_status(&self) -> PoolStatus {

@@ -7,7 +7,7 @@
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
-use super::ops::{now_ms, sql_error};
+use super::conn::{now_ms, sql_error};
 use crate::store::{Migrated, StoreError};
 
 struct Migration {
