@@ -65,7 +65,7 @@ pub struct Deps {
     pub metrics: Arc<Metrics>,
 }
 
-/// The Postgres store: a connection pool and the schema it works in.
+/// The Postgres store: a connection pool (whose connections all work in the proxy's schema).
 pub struct PgStore {
     pool: Pool<Manager>,
     metrics: Arc<Metrics>,
