@@ -436,6 +436,37 @@ async fn credential_failures_are_clear_and_secret_free() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_failing_credential_endpoint_falls_back_to_a_still_valid_credential() {
+    // Reused for 1 s, but valid for a login for almost two more minutes.
+    let (role, db) = role_with_db("minted-secret").await;
+    let fake = pg::FakeCredentials::start("minted-secret", Duration::from_secs(121)).await;
+    let url = pg::with_params(
+        &pg::with_user(&db.url, &role, None),
+        &[("sslmode", "require")],
+    );
+    let store = open(
+        &url,
+        "password = \"lakebase-provisioned:instance-1\"",
+        pg::deps_with(Some(fake.url.clone()), Some("app-oauth-token")),
+    )
+    .await
+    .unwrap();
+    let fetched_at = fake.state.answered_at.lock().unwrap()[0];
+    *fake.state.fail.lock().unwrap() = Some((
+        503,
+        r#"{"error_code":"TEMPORARILY_UNAVAILABLE"}"#.to_owned(),
+    ));
+    tokio::time::sleep_until((fetched_at + Duration::from_millis(1200)).into()).await;
+    // The pool is empty (migrations used their own connection): this opens one, which tries
+    // to mint a credential, fails, and logs in with the current one.
+    store.health().await.unwrap();
+    assert_eq!(fake.state.calls(), 2, "a new credential was attempted");
+    drop(store);
+    drop(db);
+    drop_role(&role).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn connections_are_replaced_after_max_lifetime() {
     let db = TestDb::create(&pg::shared_url()).await;
     let admin = db.admin().await;

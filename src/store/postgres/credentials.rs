@@ -36,6 +36,9 @@ use crate::store::StoreError;
 pub(super) const REFRESH_MARGIN: Duration = Duration::from_secs(120);
 /// A failed fetch is reported to callers arriving within this window instead of retried.
 const FAILURE_MEMORY: Duration = Duration::from_secs(1);
+/// A credential this close to expiry is not used for a new login even as a fallback (clock
+/// skew, the login itself taking time).
+const LOGIN_SLACK: Duration = Duration::from_secs(10);
 /// Assumed lifetime when the endpoint's answer has no usable expiry.
 const ASSUMED_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// Largest credential response we read.
@@ -77,6 +80,8 @@ struct Minted {
     password: Secret,
     /// Reuse until then.
     refresh_at: Instant,
+    /// Still good for a login until then (the fallback when minting a new one fails).
+    usable_until: Instant,
 }
 
 impl Credentials {
@@ -156,7 +161,7 @@ impl Credentials {
         }
         if let Some((at, err)) = &cache.last_failure {
             if now.duration_since(*at) < FAILURE_MEMORY {
-                return Err(err.clone());
+                return usable(&cache.current, now).ok_or_else(|| err.clone());
             }
         }
         let labels = SourceLabel { source: lb.label };
@@ -176,6 +181,7 @@ impl Credentials {
                 cache.current = Some(Minted {
                     password: password.clone(),
                     refresh_at,
+                    usable_until: now + lifetime.saturating_sub(LOGIN_SLACK),
                 });
                 cache.last_failure = None;
                 tracing::debug!(source = lb.label, "minted a database credential");
@@ -188,7 +194,15 @@ impl Credentials {
                     .get_or_create(&labels)
                     .inc();
                 cache.last_failure = Some((Instant::now(), err.clone()));
-                Err(err)
+                // The endpoint hiccuped, but the credential we have can still log in: use it
+                // and try again on a later connection.
+                match usable(&cache.current, Instant::now()) {
+                    Some(p) => {
+                        tracing::warn!(source = lb.label, error = %err, "minting a database credential failed; reusing the current one until it expires");
+                        Ok(p)
+                    }
+                    None => Err(err),
+                }
             }
         }
     }
@@ -250,6 +264,13 @@ impl Credentials {
         }
         Ok((Secret::new(answer.token), expires_at))
     }
+}
+
+fn usable(current: &Option<Minted>, now: Instant) -> Option<Secret> {
+    current
+        .as_ref()
+        .filter(|m| now < m.usable_until)
+        .map(|m| m.password.clone())
 }
 
 async fn bearer(
