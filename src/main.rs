@@ -47,6 +47,11 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Bring the store's schema up to date and exit (safe to run from several processes).
+    Migrate {
+        #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -88,6 +93,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Migrate { config } => match Config::load(&config, &env) {
+            Ok(c) => migrate(c),
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                ExitCode::from(2)
+            }
+        },
         Command::Serve { config, log_format } => {
             let mut cfg = match Config::load(&config, &env) {
                 Ok(c) => c,
@@ -174,6 +186,51 @@ fn serve(config: Config, env: &Env) -> ExitCode {
             }
             Err(e) => {
                 tracing::error!(error = %e, "feedback-proxy failed to start");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn migrate(config: Config) -> ExitCode {
+    use feedback_proxy::auth::TokenSources;
+    use feedback_proxy::client::{ClientOptions, HttpClient};
+    use feedback_proxy::metrics::Metrics;
+    use std::sync::Arc;
+
+    let _log = feedback_proxy::telemetry::init(config.log.format, &config.log.level);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let metrics = Arc::new(Metrics::new());
+        let http = HttpClient::new(&ClientOptions::default());
+        let tokens = TokenSources::new(config.databricks.clone(), http.clone(), metrics.clone());
+        let deps = feedback_proxy::store::postgres::Deps {
+            databricks: tokens.get(&feedback_proxy::config::AuthSpec::DatabricksOauth),
+            databricks_host: config.databricks.host.clone(),
+            http,
+            metrics,
+        };
+        match feedback_proxy::store::migrate(&config.store, deps).await {
+            Ok(m) => {
+                println!(
+                    "store ({}) schema at version {} (was {})",
+                    config.store.kind.name(),
+                    m.to,
+                    m.from
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("migration failed: {e}");
                 ExitCode::FAILURE
             }
         }

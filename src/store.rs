@@ -20,6 +20,7 @@
 //! id or client request id wakes the message's waiting deliveries), `done`, `dead` (gave up;
 //! an operator can requeue).
 
+mod codec;
 pub mod postgres;
 pub mod sqlite;
 
@@ -297,7 +298,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies link writes in order, in as few transactions as the backend likes (see
     /// [`LinkRecord`] for the merge rules). For every link that ends up with a trace id or a
-    /// client request id, the message's `waiting` deliveries become `pending`, due now.
+    /// client request id, the message's `waiting` deliveries become `pending`, due now, with
+    /// `attempts = 0`, `enqueued_at = now` and `last_error = NULL` (like [`Store::requeue`]:
+    /// time spent parked does not count against the retry horizon).
     async fn record_links(&self, links: &[LinkRecord]) -> Result<(), StoreError>;
 
     async fn get_link(&self, message_id: &str) -> Result<Option<MessageLink>, StoreError>;
@@ -307,9 +310,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// In ONE transaction: upserts the vote, and upserts its delivery with
     /// `desired = Upsert{value, comment}`, `version + 1` (1 for a new row), `attempts = 0`,
-    /// `enqueued_at = next_attempt_at = now`, `last_error = NULL`, state from `enqueue`.
-    /// An existing lease is KEPT (the holder finishes, then the new version is due at once).
-    /// `assessment_id`, `generation` and `trace_id` are kept. Returns the delivery as stored.
+    /// `enqueued_at = next_attempt_at = now`, state from `enqueue`, `last_error = NULL` (or the
+    /// waiting reason). An existing lease is KEPT (the holder finishes, then the new version is
+    /// due at once). `assessment_id`, `generation` and `trace_id` are kept. Returns the delivery
+    /// as stored.
+    ///
+    /// `Enqueue::Waiting` is a decision the caller made from a link it read BEFORE this call;
+    /// if by the time the vote commits the message's link has a trace id or a client request
+    /// id (a concurrent [`Store::record_links`] already ran its wake-up), the delivery is
+    /// stored `pending` instead, so that it can never stay parked past its wake-up. Backends
+    /// serialize this check with `record_links` per message.
     async fn upsert_vote(&self, vote: &NewVote, enqueue: &Enqueue) -> Result<Delivery, StoreError>;
 
     /// In ONE transaction: deletes the vote and sets its delivery to `desired = Delete`,
@@ -355,7 +365,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Delivery>, StoreError>;
 
     /// Makes deliveries in `state` (`dead` or `waiting`) pending and due now, resetting
-    /// `attempts` and `enqueued_at`; only `key` if given. Returns how many changed.
+    /// `attempts` and `enqueued_at` (`last_error` is kept for the record); only `key` if given.
+    /// Returns how many changed.
     async fn requeue(&self, state: DeliveryState, key: Option<&VoteKey>)
     -> Result<u64, StoreError>;
 
@@ -368,10 +379,29 @@ pub trait Store: Send + Sync + 'static {
 /// A shared store handle.
 pub type SharedStore = Arc<dyn Store>;
 
-/// Opens the configured store (running migrations if configured to).
+/// Opens the configured store (running migrations if configured to; otherwise checking that
+/// the schema is at the version this binary expects).
 pub async fn open(config: &StoreConfig, deps: postgres::Deps) -> Result<SharedStore, StoreError> {
     match &config.kind {
-        StoreKind::Sqlite { path } => sqlite::open(path, config).await,
+        StoreKind::Sqlite { path } => sqlite::open(path, config, deps.metrics).await,
         StoreKind::Postgres(pg) => postgres::open(pg, config, deps).await,
+    }
+}
+
+/// What [`migrate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    /// Schema version found.
+    pub from: i32,
+    /// Schema version now (the newest this binary knows).
+    pub to: i32,
+}
+
+/// Brings the configured store's schema up to date (what `feedback-proxy migrate` runs),
+/// whatever `config.migrate` says. Safe to run from several processes at once.
+pub async fn migrate(config: &StoreConfig, deps: postgres::Deps) -> Result<Migrated, StoreError> {
+    match &config.kind {
+        StoreKind::Sqlite { path } => sqlite::migrate_file(path).await,
+        StoreKind::Postgres(pg) => postgres::migrate(pg, config, deps).await,
     }
 }

@@ -1,0 +1,254 @@
+//! The delivery outbox in Postgres: claiming with leases (`FOR UPDATE SKIP LOCKED`), finishing
+//! attempts, operator listing / requeueing, and the counts behind metrics.
+
+use std::time::Duration;
+
+use tokio_postgres::Row;
+
+use super::PgStore;
+use super::pool::query_error;
+use crate::store::codec;
+use crate::store::{
+    AssessmentFact, Delivery, DeliveryState, DeliveryStats, Outcome, StoreError, VoteKey,
+};
+
+/// Decodes a row selected with `delivery_columns!()`.
+pub(super) fn delivery(row: &Row) -> Result<Delivery, StoreError> {
+    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("delivery: {e}"));
+    let desired: String = row.try_get(4).map_err(corrupt)?;
+    let state: String = row.try_get(11).map_err(corrupt)?;
+    Ok(Delivery {
+        key: VoteKey {
+            message_id: row.try_get(0).map_err(corrupt)?,
+            user_id: row.try_get(1).map_err(corrupt)?,
+            name: row.try_get(2).map_err(corrupt)?,
+        },
+        chat_id: row.try_get(3).map_err(corrupt)?,
+        desired: codec::desired(
+            &desired,
+            row.try_get(5).map_err(corrupt)?,
+            row.try_get(6).map_err(corrupt)?,
+        )?,
+        version: row.try_get(7).map_err(corrupt)?,
+        assessment_id: row.try_get(8).map_err(corrupt)?,
+        generation: row.try_get(9).map_err(corrupt)?,
+        trace_id: row.try_get(10).map_err(corrupt)?,
+        state: codec::state(&state)?,
+        attempts: row.try_get(12).map_err(corrupt)?,
+        next_attempt_at: row.try_get(13).map_err(corrupt)?,
+        enqueued_at: row.try_get(14).map_err(corrupt)?,
+        last_error: row.try_get(15).map_err(corrupt)?,
+        updated_at: row.try_get(16).map_err(corrupt)?,
+    })
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub(super) async fn claim_due(
+    store: &PgStore,
+    limit: u32,
+    lease: Duration,
+) -> Result<Vec<Delivery>, StoreError> {
+    // SKIP LOCKED: rows another claimer is taking right now are skipped, not waited for, so
+    // concurrent claimers (tasks or replicas) split the due work between them.
+    const SQL: &str = concat!(
+        "UPDATE deliveries SET
+            lease_until = now() + $2::bigint * interval '1 millisecond',
+            attempts = attempts + 1, updated_at = now()
+        WHERE (message_id, user_id, name) IN (
+            SELECT message_id, user_id, name FROM deliveries
+            WHERE state = 'pending' AND next_attempt_at <= now()
+                AND (lease_until IS NULL OR lease_until <= now())
+            ORDER BY next_attempt_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED)
+        RETURNING ",
+        delivery_columns!()
+    );
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    let rows = c
+        .client
+        .query(&stmt, &[&i64::from(limit), &millis(lease)])
+        .await
+        .map_err(query_error)?;
+    let mut out = rows.iter().map(delivery).collect::<Result<Vec<_>, _>>()?;
+    // RETURNING has no order.
+    out.sort_by_key(|d| d.next_attempt_at);
+    Ok(out)
+}
+
+pub(super) async fn claim(
+    store: &PgStore,
+    key: &VoteKey,
+    version: i64,
+    lease: Duration,
+) -> Result<Option<Delivery>, StoreError> {
+    // Two claims of the same row serialize on its row lock; the loser re-checks the WHERE
+    // clause against the winner's committed lease and matches nothing.
+    const SQL: &str = concat!(
+        "UPDATE deliveries SET
+            lease_until = now() + $5::bigint * interval '1 millisecond',
+            attempts = attempts + 1, updated_at = now()
+        WHERE message_id = $1 AND user_id = $2 AND name = $3 AND version = $4
+            AND state = 'pending' AND (lease_until IS NULL OR lease_until <= now())
+        RETURNING ",
+        delivery_columns!()
+    );
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    let row = c
+        .client
+        .query_opt(
+            &stmt,
+            &[
+                &key.message_id,
+                &key.user_id,
+                &key.name,
+                &version,
+                &millis(lease),
+            ],
+        )
+        .await
+        .map_err(query_error)?;
+    row.as_ref().map(delivery).transpose()
+}
+
+pub(super) async fn finish(
+    store: &PgStore,
+    key: &VoteKey,
+    version: i64,
+    fact: &AssessmentFact,
+    outcome: &Outcome,
+) -> Result<bool, StoreError> {
+    // The fact columns are written whatever the version; the outcome columns only when the
+    // attempt worked on the current version. The lease is always released.
+    const SQL: &str = "UPDATE deliveries SET
+            lease_until = NULL,
+            assessment_id = CASE $5::text WHEN 'exists' THEN $6 WHEN 'gone' THEN NULL
+                ELSE assessment_id END,
+            trace_id = CASE WHEN $5::text = 'exists' THEN $7 ELSE trace_id END,
+            generation = generation + CASE WHEN $5::text = 'gone' THEN 1 ELSE 0 END,
+            state = CASE WHEN version = $4 THEN $8 ELSE state END,
+            next_attempt_at = CASE WHEN version = $4 THEN COALESCE($9, next_attempt_at)
+                ELSE next_attempt_at END,
+            last_error = CASE WHEN version = $4 THEN $10 ELSE last_error END,
+            updated_at = now()
+        WHERE message_id = $1 AND user_id = $2 AND name = $3
+        RETURNING version = $4";
+    let plan = codec::finish(fact, outcome);
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    let row = c
+        .client
+        .query_opt(
+            &stmt,
+            &[
+                &key.message_id,
+                &key.user_id,
+                &key.name,
+                &version,
+                &plan.fact,
+                &plan.assessment_id,
+                &plan.trace_id,
+                &plan.state.as_str(),
+                &plan.next_attempt_at,
+                &plan.last_error,
+            ],
+        )
+        .await
+        .map_err(query_error)?;
+    match row {
+        Some(r) => r.try_get(0).map_err(query_error),
+        None => Ok(false),
+    }
+}
+
+pub(super) async fn list_deliveries(
+    store: &PgStore,
+    state: Option<DeliveryState>,
+    limit: u32,
+) -> Result<Vec<Delivery>, StoreError> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        delivery_columns!(),
+        " FROM deliveries WHERE ($1::text IS NULL OR state = $1)
+        ORDER BY updated_at DESC, message_id, user_id, name LIMIT $2"
+    );
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    let rows = c
+        .client
+        .query(
+            &stmt,
+            &[&state.map(DeliveryState::as_str), &i64::from(limit)],
+        )
+        .await
+        .map_err(query_error)?;
+    rows.iter().map(delivery).collect()
+}
+
+pub(super) async fn requeue(
+    store: &PgStore,
+    state: DeliveryState,
+    key: Option<&VoteKey>,
+) -> Result<u64, StoreError> {
+    const SQL: &str = "UPDATE deliveries SET
+            state = 'pending', attempts = 0, next_attempt_at = now(), enqueued_at = now(),
+            updated_at = now()
+        WHERE state = $1
+            AND ($2::text IS NULL OR (message_id = $2 AND user_id = $3 AND name = $4))";
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    c.client
+        .execute(
+            &stmt,
+            &[
+                &state.as_str(),
+                &key.map(|k| k.message_id.as_str()),
+                &key.map(|k| k.user_id.as_str()),
+                &key.map(|k| k.name.as_str()),
+            ],
+        )
+        .await
+        .map_err(query_error)
+}
+
+pub(super) async fn delivery_stats(store: &PgStore) -> Result<DeliveryStats, StoreError> {
+    // The age is computed by the database, whose clock wrote `enqueued_at`.
+    const SQL: &str = "SELECT state, count(*),
+            EXTRACT(EPOCH FROM now() - min(enqueued_at))::float8
+        FROM deliveries GROUP BY state";
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    let rows = c.client.query(&stmt, &[]).await.map_err(query_error)?;
+    let mut stats = DeliveryStats::default();
+    for row in rows {
+        let state: String = row.try_get(0).map_err(query_error)?;
+        let count: i64 = row.try_get(1).map_err(query_error)?;
+        let count = u64::try_from(count).unwrap_or(0);
+        match codec::state(&state)? {
+            DeliveryState::Pending => {
+                stats.pending = count;
+                let age: Option<f64> = row.try_get(2).map_err(query_error)?;
+                stats.oldest_pending =
+                    age.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok());
+            }
+            DeliveryState::Waiting => stats.waiting = count,
+            DeliveryState::Done => stats.done = count,
+            DeliveryState::Dead => stats.dead = count,
+        }
+    }
+    Ok(stats)
+}

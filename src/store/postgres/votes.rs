@@ -1,0 +1,181 @@
+//! Votes in Postgres: each vote change and its delivery in ONE transaction.
+
+use tokio_postgres::Row;
+
+use super::outbox::delivery;
+use super::pool::query_error;
+use super::{PgStore, lock_messages};
+use crate::store::codec::{self, DESIRED_DELETE};
+use crate::store::{Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey};
+
+pub(super) async fn upsert_vote(
+    store: &PgStore,
+    vote: &NewVote,
+    enqueue: &Enqueue,
+) -> Result<Delivery, StoreError> {
+    // The link check for a waiting enqueue. It must be its own statement AFTER the lock: a
+    // statement's snapshot is taken when it starts, so one that also took the lock would not
+    // see a `record_links` committed while it waited.
+    const LINKED: &str = "SELECT EXISTS (SELECT 1 FROM message_links WHERE message_id = $1
+            AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))";
+    const VOTE: &str =
+        "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at)
+        VALUES ($1, $2, $3, $4, $5, $6, now())
+        ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+            chat_id = excluded.chat_id, value = excluded.value, comment = excluded.comment,
+            updated_at = excluded.updated_at";
+    const DELIVERY: &str = concat!(
+        "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
+            desired_comment, version, generation, state, attempts, next_attempt_at, enqueued_at,
+            last_error, updated_at)
+        VALUES ($1, $2, $3, $4, 'upsert', $5, $6, 1, 0, $7, 0, now(), now(), $8, now())
+        ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+            chat_id = excluded.chat_id, desired = excluded.desired,
+            desired_value = excluded.desired_value, desired_comment = excluded.desired_comment,
+            version = deliveries.version + 1, state = excluded.state, attempts = 0,
+            next_attempt_at = excluded.next_attempt_at, enqueued_at = excluded.enqueued_at,
+            last_error = excluded.last_error, updated_at = excluded.updated_at
+        RETURNING ",
+        delivery_columns!()
+    );
+    let value = codec::value_json(&vote.value)?;
+    let k = &vote.key;
+    let (mut state, mut reason) = codec::enqueue(enqueue);
+
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let tx = c.client.transaction().await.map_err(query_error)?;
+    if state == DeliveryState::Waiting {
+        // Serialized with `record_links` for this message: either its wake-up runs after we
+        // commit (and finds our waiting delivery), or it committed before this check.
+        lock_messages(&tx, &mut c.statements, &[k.message_id.as_str()]).await?;
+        let linked = c.statements.get(&tx, LINKED).await?;
+        let row = tx
+            .query_one(&linked, &[&k.message_id])
+            .await
+            .map_err(query_error)?;
+        if row.try_get::<_, bool>(0).map_err(query_error)? {
+            state = DeliveryState::Pending;
+            reason = None;
+        }
+    }
+    let stmt = c.statements.get(&tx, VOTE).await?;
+    tx.execute(
+        &stmt,
+        &[
+            &k.message_id,
+            &k.user_id,
+            &k.name,
+            &vote.chat_id,
+            &value,
+            &vote.comment,
+        ],
+    )
+    .await
+    .map_err(query_error)?;
+    let stmt = c.statements.get(&tx, DELIVERY).await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &k.message_id,
+                &k.user_id,
+                &k.name,
+                &vote.chat_id,
+                &value,
+                &vote.comment,
+                &state.as_str(),
+                &reason,
+            ],
+        )
+        .await
+        .map_err(query_error)?;
+    let d = delivery(&row)?;
+    tx.commit().await.map_err(query_error)?;
+    Ok(d)
+}
+
+pub(super) async fn retract_vote(
+    store: &PgStore,
+    key: &VoteKey,
+) -> Result<Option<Delivery>, StoreError> {
+    const VOTE: &str = "DELETE FROM votes WHERE message_id = $1 AND user_id = $2 AND name = $3
+        RETURNING chat_id";
+    // An upsert rather than an update: a vote always has a delivery row, but if one was ever
+    // removed by hand, the retraction must still reach MLflow.
+    const DELIVERY: &str = concat!(
+        "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, version, generation,
+            state, attempts, next_attempt_at, enqueued_at, updated_at)
+        VALUES ($1, $2, $3, $4, $5, 1, 0, 'pending', 0, now(), now(), now())
+        ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+            desired = excluded.desired, desired_value = NULL, desired_comment = NULL,
+            version = deliveries.version + 1, state = 'pending', attempts = 0,
+            next_attempt_at = now(), enqueued_at = now(), last_error = NULL, updated_at = now()
+        RETURNING ",
+        delivery_columns!()
+    );
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let tx = c.client.transaction().await.map_err(query_error)?;
+    let stmt = c.statements.get(&tx, VOTE).await?;
+    let Some(row) = tx
+        .query_opt(&stmt, &[&key.message_id, &key.user_id, &key.name])
+        .await
+        .map_err(query_error)?
+    else {
+        // Nothing to retract; the transaction rolls back when dropped (it wrote nothing).
+        return Ok(None);
+    };
+    let chat_id: String = row.try_get(0).map_err(query_error)?;
+    let stmt = c.statements.get(&tx, DELIVERY).await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &key.message_id,
+                &key.user_id,
+                &key.name,
+                &chat_id,
+                &DESIRED_DELETE,
+            ],
+        )
+        .await
+        .map_err(query_error)?;
+    let d = delivery(&row)?;
+    tx.commit().await.map_err(query_error)?;
+    Ok(Some(d))
+}
+
+pub(super) async fn list_votes(
+    store: &PgStore,
+    chat_id: &str,
+    user_id: &str,
+) -> Result<Vec<Vote>, StoreError> {
+    const SQL: &str = "SELECT message_id, user_id, name, chat_id, value, comment, updated_at
+        FROM votes WHERE chat_id = $1 AND user_id = $2 ORDER BY message_id, name";
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    let rows = c
+        .client
+        .query(&stmt, &[&chat_id, &user_id])
+        .await
+        .map_err(query_error)?;
+    rows.iter().map(vote).collect()
+}
+
+fn vote(row: &Row) -> Result<Vote, StoreError> {
+    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("vote: {e}"));
+    let value: serde_json::Value = row.try_get(4).map_err(corrupt)?;
+    Ok(Vote {
+        key: VoteKey {
+            message_id: row.try_get(0).map_err(corrupt)?,
+            user_id: row.try_get(1).map_err(corrupt)?,
+            name: row.try_get(2).map_err(corrupt)?,
+        },
+        chat_id: row.try_get(3).map_err(corrupt)?,
+        value: codec::value_from_json(&value)?,
+        comment: row.try_get(5).map_err(corrupt)?,
+        updated_at: row.try_get(6).map_err(corrupt)?,
+    })
+}

@@ -1,0 +1,146 @@
+//! Message links in SQLite: claiming a client-supplied message id, recording links in one
+//! transaction per batch (and waking the deliveries waiting for them), reading one back.
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::conn::{from_ms, immediate, now_ms, sql_error};
+use crate::store::{Claim, LinkRecord, MessageLink, StoreError};
+
+pub(super) fn claim_message(conn: &mut Connection, link: &LinkRecord) -> Result<Claim, StoreError> {
+    let now = now_ms();
+    let tx = immediate(conn)?;
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO message_links
+                (message_id, chat_id, user_id, trace_id, client_request_id, open, created_at, updated_at)
+            VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)
+            ON CONFLICT (message_id) DO NOTHING",
+        )
+        .and_then(|mut s| {
+            s.execute((
+                &link.message_id,
+                &link.chat_id,
+                &link.user_id,
+                &link.trace_id,
+                &link.client_request_id,
+                now,
+            ))
+        })
+        .map_err(sql_error)?;
+    let claim = if inserted == 1 {
+        Claim::Created
+    } else {
+        let reopened = tx
+            .prepare_cached(
+                "UPDATE message_links SET open = 1, updated_at = ?3
+                WHERE message_id = ?1 AND user_id = ?2",
+            )
+            .and_then(|mut s| s.execute((&link.message_id, &link.user_id, now)))
+            .map_err(sql_error)?;
+        if reopened == 1 {
+            Claim::Owned
+        } else {
+            Claim::OtherUser
+        }
+    };
+    tx.commit().map_err(sql_error)?;
+    Ok(claim)
+}
+
+/// All links in one transaction, applied one by one; then wakes the waiting deliveries of the
+/// batch's messages that now have a trace id or client request id.
+pub(super) fn record_links(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), StoreError> {
+    if links.is_empty() {
+        return Ok(());
+    }
+    let now = now_ms();
+    let tx = immediate(conn)?;
+    {
+        let mut upsert = tx
+            .prepare_cached(
+                "INSERT INTO message_links
+                    (message_id, chat_id, user_id, trace_id, client_request_id, open, created_at, updated_at)
+                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+                ON CONFLICT (message_id) DO UPDATE SET
+                    chat_id = COALESCE(excluded.chat_id, message_links.chat_id),
+                    trace_id = COALESCE(excluded.trace_id, message_links.trace_id),
+                    client_request_id = COALESCE(excluded.client_request_id, message_links.client_request_id),
+                    open = excluded.open,
+                    updated_at = excluded.updated_at
+                WHERE message_links.user_id = excluded.user_id",
+            )
+            .map_err(sql_error)?;
+        for l in links {
+            upsert
+                .execute((
+                    &l.message_id,
+                    &l.chat_id,
+                    &l.user_id,
+                    &l.trace_id,
+                    &l.client_request_id,
+                    l.open,
+                    now,
+                ))
+                .map_err(sql_error)?;
+        }
+        // Same reset as `requeue`: time spent parked does not count against the horizon.
+        let mut wake = tx
+            .prepare_cached(
+                "UPDATE deliveries SET
+                    state = 'pending', next_attempt_at = ?2, enqueued_at = ?2, attempts = 0,
+                    last_error = NULL, updated_at = ?2
+                WHERE state = 'waiting' AND message_id = ?1
+                    AND EXISTS (SELECT 1 FROM message_links AS l WHERE l.message_id = ?1
+                        AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL))",
+            )
+            .map_err(sql_error)?;
+        let mut seen = std::collections::HashSet::new();
+        for l in links {
+            if seen.insert(l.message_id.as_str()) {
+                wake.execute((&l.message_id, now)).map_err(sql_error)?;
+            }
+        }
+    }
+    tx.commit().map_err(sql_error)
+}
+
+pub(super) fn get_link(
+    conn: &mut Connection,
+    message_id: &str,
+) -> Result<Option<MessageLink>, StoreError> {
+    conn.prepare_cached(
+        "SELECT message_id, chat_id, user_id, trace_id, client_request_id, open,
+            created_at, updated_at
+        FROM message_links WHERE message_id = ?1",
+    )
+    .and_then(|mut s| {
+        s.query_row([message_id], |r| {
+            Ok(MessageLink {
+                message_id: r.get(0)?,
+                chat_id: r.get(1)?,
+                user_id: r.get(2)?,
+                trace_id: r.get(3)?,
+                client_request_id: r.get(4)?,
+                open: r.get(5)?,
+                created_at: from_ms(r.get(6)?),
+                updated_at: from_ms(r.get(7)?),
+            })
+        })
+        .optional()
+    })
+    .map_err(sql_error)
+}
+
+pub(super) fn set_link_trace_id(
+    conn: &mut Connection,
+    message_id: &str,
+    trace_id: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE message_links SET trace_id = ?2, updated_at = ?3
+        WHERE message_id = ?1 AND trace_id IS NULL",
+    )
+    .and_then(|mut s| s.execute((message_id, trace_id, now_ms())))
+    .map_err(sql_error)?;
+    Ok(())
+}

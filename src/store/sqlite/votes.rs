@@ -1,0 +1,177 @@
+//! Votes in SQLite: each vote change and its delivery in ONE `BEGIN IMMEDIATE` transaction.
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::conn::{delivery, from_ms, immediate, now_ms, raw_delivery, sql_error};
+use crate::store::codec::{self, DESIRED_DELETE};
+use crate::store::{Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey};
+
+pub(super) fn upsert_vote(
+    conn: &mut Connection,
+    vote: &NewVote,
+    enqueue: &Enqueue,
+) -> Result<Delivery, StoreError> {
+    let value = codec::value_json(&vote.value)?.to_string();
+    let k = &vote.key;
+    let (mut state, mut reason) = codec::enqueue(enqueue);
+    let now = now_ms();
+    // IMMEDIATE: this transaction holds the write lock from its first statement, so the link
+    // check below cannot interleave with a `record_links` wake-up.
+    let tx = immediate(conn)?;
+    if state == DeliveryState::Waiting {
+        let linked: bool = tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM message_links WHERE message_id = ?1
+                    AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))",
+            )
+            .and_then(|mut s| s.query_row([&k.message_id], |r| r.get(0)))
+            .map_err(sql_error)?;
+        if linked {
+            state = DeliveryState::Pending;
+            reason = None;
+        }
+    }
+    tx.prepare_cached(
+        "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at)
+        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+            chat_id = excluded.chat_id, value = excluded.value, comment = excluded.comment,
+            updated_at = excluded.updated_at",
+    )
+    .and_then(|mut s| {
+        s.execute((
+            &k.message_id,
+            &k.user_id,
+            &k.name,
+            &vote.chat_id,
+            &value,
+            &vote.comment,
+            now,
+        ))
+    })
+    .map_err(sql_error)?;
+    let raw = tx
+        .prepare_cached(concat!(
+            "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
+                desired_comment, version, generation, state, attempts, next_attempt_at,
+                enqueued_at, last_error, updated_at)
+            VALUES (?1, ?2, ?3, ?4, 'upsert', ?5, ?6, 1, 0, ?7, 0, ?8, ?8, ?9, ?8)
+            ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+                chat_id = excluded.chat_id, desired = excluded.desired,
+                desired_value = excluded.desired_value, desired_comment = excluded.desired_comment,
+                version = deliveries.version + 1, state = excluded.state, attempts = 0,
+                next_attempt_at = excluded.next_attempt_at, enqueued_at = excluded.enqueued_at,
+                last_error = excluded.last_error, updated_at = excluded.updated_at
+            RETURNING ",
+            delivery_columns!()
+        ))
+        .and_then(|mut s| {
+            s.query_row(
+                (
+                    &k.message_id,
+                    &k.user_id,
+                    &k.name,
+                    &vote.chat_id,
+                    &value,
+                    &vote.comment,
+                    state.as_str(),
+                    now,
+                    reason,
+                ),
+                raw_delivery,
+            )
+        })
+        .map_err(sql_error)?;
+    tx.commit().map_err(sql_error)?;
+    delivery(raw)
+}
+
+pub(super) fn retract_vote(
+    conn: &mut Connection,
+    key: &VoteKey,
+) -> Result<Option<Delivery>, StoreError> {
+    let now = now_ms();
+    let tx = immediate(conn)?;
+    let chat_id: Option<String> = tx
+        .prepare_cached(
+            "DELETE FROM votes WHERE message_id = ?1 AND user_id = ?2 AND name = ?3
+            RETURNING chat_id",
+        )
+        .and_then(|mut s| {
+            s.query_row((&key.message_id, &key.user_id, &key.name), |r| r.get(0))
+                .optional()
+        })
+        .map_err(sql_error)?;
+    let Some(chat_id) = chat_id else {
+        return Ok(None);
+    };
+    // An upsert, so that a retraction reaches MLflow even if the delivery row was removed.
+    let raw = tx
+        .prepare_cached(concat!(
+            "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, version,
+                generation, state, attempts, next_attempt_at, enqueued_at, updated_at)
+            VALUES (?1, ?2, ?3, ?4, ?5, 1, 0, 'pending', 0, ?6, ?6, ?6)
+            ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+                desired = excluded.desired, desired_value = NULL, desired_comment = NULL,
+                version = deliveries.version + 1, state = 'pending', attempts = 0,
+                next_attempt_at = ?6, enqueued_at = ?6, last_error = NULL, updated_at = ?6
+            RETURNING ",
+            delivery_columns!()
+        ))
+        .and_then(|mut s| {
+            s.query_row(
+                (
+                    &key.message_id,
+                    &key.user_id,
+                    &key.name,
+                    &chat_id,
+                    DESIRED_DELETE,
+                    now,
+                ),
+                raw_delivery,
+            )
+        })
+        .map_err(sql_error)?;
+    tx.commit().map_err(sql_error)?;
+    delivery(raw).map(Some)
+}
+
+pub(super) fn list_votes(
+    conn: &mut Connection,
+    chat_id: &str,
+    user_id: &str,
+) -> Result<Vec<Vote>, StoreError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT message_id, user_id, name, chat_id, value, comment, updated_at
+            FROM votes WHERE chat_id = ?1 AND user_id = ?2 ORDER BY message_id, name",
+        )
+        .and_then(|mut s| {
+            s.query_map((chat_id, user_id), |r| {
+                Ok((
+                    VoteKey {
+                        message_id: r.get(0)?,
+                        user_id: r.get(1)?,
+                        name: r.get(2)?,
+                    },
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql_error)?;
+    rows.into_iter()
+        .map(|(key, chat_id, value, comment, updated_at)| {
+            Ok(Vote {
+                key,
+                chat_id,
+                value: codec::value_from_text(&value)?,
+                comment,
+                updated_at: from_ms(updated_at),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,238 @@
+//! Store migrations on both backends: concurrent `feedback-proxy migrate` processes (the real
+//! binary), idempotence, `migrate = false`, and refusing a schema newer than the binary.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use feedback_proxy::store::StoreError;
+use support::pg::{self, TestDb};
+
+fn write_config(dir: &Path, store_url: &str) -> std::path::PathBuf {
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!("[agent]\nurl = \"http://127.0.0.1:1\"\n\n[store]\nurl = \"{store_url}\"\n"),
+    )
+    .unwrap();
+    path
+}
+
+/// Starts two `feedback-proxy migrate` processes at once and waits for both.
+fn migrate_twice_at_once(config: &Path) -> [Output; 2] {
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_feedback-proxy"))
+            .args(["migrate", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .env_remove("FEEDBACK_PROXY_CONFIG")
+            .env_remove("PGHOST")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start feedback-proxy migrate")
+    };
+    let (a, b) = (spawn(), spawn());
+    [
+        a.wait_with_output().expect("wait"),
+        b.wait_with_output().expect("wait"),
+    ]
+}
+
+/// Both succeeded, and exactly one of them found the empty database.
+fn assert_both_migrated(outputs: &[Output; 2]) {
+    let mut from = Vec::new();
+    for out in outputs {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "migrate failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("schema at version"))
+            .unwrap_or_else(|| panic!("no summary line in {stdout}"));
+        assert!(line.contains("schema at version 1"), "{line}");
+        from.push(line.ends_with("(was 0)"));
+    }
+    from.sort();
+    assert_eq!(
+        from,
+        [false, true],
+        "exactly one process applied the migration"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_concurrent_migrations_leave_one_schema_version() {
+    let db = TestDb::create(&pg::shared_url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outputs = migrate_twice_at_once(&write_config(dir.path(), &db.url));
+    assert_both_migrated(&outputs);
+
+    let admin = db.admin().await;
+    let rows = admin
+        .query("SELECT version FROM feedback_proxy.schema_migrations", &[])
+        .await
+        .unwrap();
+    let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(versions, [1]);
+    let tables: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'feedback_proxy'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        tables, 4,
+        "message_links, votes, deliveries, schema_migrations"
+    );
+
+    // Idempotent, and open() with migrate = true finds nothing to do.
+    let store = feedback_proxy::store::open(&pg::store_config(&db.url, ""), pg::deps())
+        .await
+        .unwrap();
+    store.health().await.unwrap();
+    let again = feedback_proxy::store::migrate(&pg::store_config(&db.url, ""), pg::deps())
+        .await
+        .unwrap();
+    assert_eq!((again.from, again.to), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_schema_checks() {
+    let db = TestDb::create(&pg::shared_url()).await;
+    // migrate = false on an empty database: a clear refusal.
+    let no_migrate = pg::store_config(&db.url, "migrate = false");
+    let err = feedback_proxy::store::open(&no_migrate, pg::deps())
+        .await
+        .err()
+        .expect("opened an unmigrated database");
+    assert!(
+        matches!(&err, StoreError::Schema(m) if m.contains("feedback-proxy migrate")),
+        "{err:?}"
+    );
+    feedback_proxy::store::migrate(&no_migrate, pg::deps())
+        .await
+        .unwrap();
+    feedback_proxy::store::open(&no_migrate, pg::deps())
+        .await
+        .unwrap();
+
+    // A schema from a newer binary is refused, migrating or not.
+    db.admin()
+        .await
+        .batch_execute("INSERT INTO feedback_proxy.schema_migrations (version) VALUES (999)")
+        .await
+        .unwrap();
+    for extra in ["", "migrate = false"] {
+        let err = feedback_proxy::store::open(&pg::store_config(&db.url, extra), pg::deps())
+            .await
+            .err()
+            .expect("opened a newer schema");
+        assert!(
+            matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 1)")),
+            "{err:?}"
+        );
+    }
+
+    // Another schema name is independent.
+    let other = pg::store_config(&db.url, "schema = \"other_proxy\"");
+    feedback_proxy::store::open(&other, pg::deps())
+        .await
+        .unwrap()
+        .health()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_concurrent_migrations_leave_one_schema_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("store.db");
+    let url = format!("sqlite://{}", file.display());
+    let outputs = migrate_twice_at_once(&write_config(dir.path(), &url));
+    assert_both_migrated(&outputs);
+
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    let versions: Vec<i32> = conn
+        .prepare("SELECT version FROM schema_migrations")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(versions, [1]);
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    drop(conn);
+
+    let config = pg::store_config(&url, "migrate = false");
+    feedback_proxy::store::open(&config, pg::deps())
+        .await
+        .unwrap()
+        .health()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_schema_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("store.db");
+    let url = format!("sqlite://{}", file.display());
+    let err = feedback_proxy::store::open(&pg::store_config(&url, "migrate = false"), pg::deps())
+        .await
+        .err()
+        .expect("opened an unmigrated file");
+    assert!(
+        matches!(&err, StoreError::Schema(m) if m.contains("feedback-proxy migrate")),
+        "{err:?}"
+    );
+    let m = feedback_proxy::store::migrate(&pg::store_config(&url, ""), pg::deps())
+        .await
+        .unwrap();
+    assert_eq!((m.from, m.to), (0, 1));
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    conn.execute(
+        "INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let err = feedback_proxy::store::open(&pg::store_config(&url, ""), pg::deps())
+        .await
+        .err()
+        .expect("opened a newer schema");
+    assert!(
+        matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 1)")),
+        "{err:?}"
+    );
+
+    // The binary says so too, and exits non-zero.
+    let out = Command::new(env!("CARGO_BIN_EXE_feedback-proxy"))
+        .args(["migrate", "--config"])
+        .arg(write_config(dir.path(), &url))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("newer than this binary"), "{stderr}");
+
+    // A directory that does not exist is a clear error, not a panic.
+    let missing = pg::store_config("sqlite:///nonexistent/dir/store.db", "");
+    let err = feedback_proxy::store::open(&missing, pg::deps())
+        .await
+        .err()
+        .expect("opened a file in a missing directory");
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("cannot open SQLite database /nonexistent/dir/store.db")),
+        "{err:?}"
+    );
+}
