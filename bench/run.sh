@@ -382,10 +382,10 @@ feedback_scenario() {
     return 0
   fi
   log "seeding $((FB_USERS * FB_MESSAGES)) chats per proxy (message links with trace ids)"
-  "$FPB" feedback-seed --url "http://127.0.0.1:$P_FB_A" --users "$FB_USERS" --messages "$FB_MESSAGES" --tag a >/dev/null \
-    || { skip feedback "seeding through the proxy failed"; return 0; }
-  "$FPB" feedback-seed --url "http://127.0.0.1:$P_FB_B" --users "$FB_USERS" --messages "$FB_MESSAGES" --tag b >/dev/null \
-    || { skip feedback "seeding through the proxy failed"; return 0; }
+  "$FPB" feedback-seed --url "http://127.0.0.1:$P_FB_A" --users "$FB_USERS" --messages "$FB_MESSAGES" --tag a \
+    --check-status no_experiment_id >&2 || { skip feedback "seeding through the proxy failed"; return 0; }
+  "$FPB" feedback-seed --url "http://127.0.0.1:$P_FB_B" --users "$FB_USERS" --messages "$FB_MESSAGES" --tag b \
+    --check-status logged,updated >&2 || { skip feedback "seeding through the proxy failed"; return 0; }
   # The links are written off the request path; wait until they are all in.
   local want=$((FB_USERS * FB_MESSAGES)) i n
   for i in $(seq 1 100); do

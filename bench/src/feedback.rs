@@ -15,7 +15,13 @@ use crate::target::{CHAT_REQUEST, Target};
 /// Requests in flight while seeding.
 const CONCURRENCY: u32 = 16;
 
-pub async fn seed(url: &str, users: u32, messages: u32, tag: &str) -> Result<(), String> {
+pub async fn seed(
+    url: &str,
+    users: u32,
+    messages: u32,
+    tag: &str,
+    expect: &[String],
+) -> Result<(), String> {
     let target = Target::parse(url)?;
     let total = users * messages;
     let next = Arc::new(AtomicU32::new(0));
@@ -74,5 +80,48 @@ pub async fn seed(url: &str, users: u32, messages: u32, tag: &str) -> Result<(),
         t.await.map_err(|e| format!("seeding task failed: {e}"))??;
     }
     println!("seeded {total} message links");
+    if !expect.is_empty() {
+        check_vote(&target, tag, expect).await?;
+    }
+    Ok(())
+}
+
+/// Votes once (user 0, message 0) and checks that `mlflowStatus` is one of `expect`: proves that
+/// the configuration under test really takes the path it is meant to measure.
+async fn check_vote(target: &Target, tag: &str, expect: &[String]) -> Result<(), String> {
+    // Give the link writer a moment: the vote should find its message's trace id.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut send = target.connect().await?;
+    let user = format!("{tag}-u0@bench.example");
+    let body: &'static str = if tag == "a" {
+        r#"{"chatId":"a-c0","messageId":"a-m0-0","isUpvoted":true}"#
+    } else {
+        r#"{"chatId":"b-c0","messageId":"b-m0-0","isUpvoted":true}"#
+    };
+    let req = target.post("/api/feedback", body, &[("x-forwarded-email", &user)])?;
+    let res = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("vote: {e}"))?;
+    let status = res.status();
+    let bytes = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("vote body: {e}"))?
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        format!(
+            "vote answer is not JSON ({e}): {}",
+            String::from_utf8_lossy(&bytes)
+        )
+    })?;
+    let got = v["mlflowStatus"].as_str().unwrap_or("");
+    if status != StatusCode::OK || !expect.iter().any(|e| e == got) {
+        return Err(format!(
+            "check vote: status {status}, mlflowStatus {got:?} (expected one of {expect:?}): {v}"
+        ));
+    }
+    println!("check vote: mlflowStatus {got}");
     Ok(())
 }

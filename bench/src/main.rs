@@ -128,6 +128,10 @@ enum Command {
         /// Distinguishes the ids of one proxy instance from another's.
         #[arg(long, default_value = "b")]
         tag: String,
+        /// After seeding, vote once and require `mlflowStatus` to be one of these (comma
+        /// separated). Tags "a" and "b" only.
+        #[arg(long, value_delimiter = ',')]
+        check_status: Vec<String>,
     },
     /// Latency percentiles (µs) from pgbench `--log` files.
     Pglog { files: Vec<PathBuf> },
@@ -228,9 +232,9 @@ fn main() -> ExitCode {
             users,
             messages,
             tag,
-        } => {
-            client_runtime().and_then(|rt| rt.block_on(feedback::seed(&url, users, messages, &tag)))
-        }
+            check_status,
+        } => client_runtime()
+            .and_then(|rt| rt.block_on(feedback::seed(&url, users, messages, &tag, &check_status))),
         Command::Pglog { files } => stats::pglog(&files),
         Command::Report { raw, out, note } => report::run(&raw, out.as_deref(), &note),
     };
