@@ -41,13 +41,13 @@ if [ "$MODE" = smoke ]; then
   ROUNDS=1; LAT_SECS=1; THR_SECS=1; THR_CONNS=16
   SSE_CONCURRENCY="1 20"; SSE_EVENTS=8; SSE_INTERVAL_MS=5; SSE_REPEAT_C1=2
   IDLE_WANT=200; IDLE_INTERVAL_S=1; IDLE_HOLD_S=2
-  FB_SECS=1; FB_USERS=4; FB_MESSAGES=4; FB_CONNS=8
+  FB_SECS=1; FB_ROUNDS=1; FB_USERS=4; FB_MESSAGES=4; FB_CONNS=8
 else
   PROFILE=${BENCH_PROFILE:-release}
   ROUNDS=3; LAT_SECS=5; THR_SECS=8; THR_CONNS=64
   SSE_CONCURRENCY="1 100 1000"; SSE_EVENTS=64; SSE_INTERVAL_MS=20; SSE_REPEAT_C1=5
   IDLE_WANT=10000; IDLE_INTERVAL_S=10; IDLE_HOLD_S=12
-  FB_SECS=8; FB_USERS=32; FB_MESSAGES=16; FB_CONNS=32
+  FB_SECS=6; FB_ROUNDS=5; FB_USERS=32; FB_MESSAGES=16; FB_CONNS=32
 fi
 wants() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 
@@ -196,6 +196,25 @@ children() {
   done
   return 0
 }
+# CPU time (ns) used so far by the given processes, summed over their threads (the first field
+# of /proc/PID/task/TID/schedstat: nanoseconds on a CPU; clock-tick accounting is too coarse for
+# one SSE stream).
+cpu_ns() {
+  local t=0 p f a
+  for p in "$@"; do
+    for f in /proc/"$p"/task/*/schedstat; do
+      read -r a _ < "$f" 2>/dev/null && t=$((t + a))
+    done
+  done
+  echo "$t"
+}
+# with_cpu METRICS_JSON NANOSECONDS OPERATIONS: adds "cpu_us_per_op" (CPU µs of the system under
+# test per request or event: less sensitive to a noisy neighbour than latency).
+with_cpu() {
+  local per="null"
+  [ "$3" -gt 0 ] && per=$(awk -v ns="$2" -v n="$3" 'BEGIN { printf "%.2f", ns / n / 1000 }')
+  printf '%s,"cpu_us_per_op":%s}' "${1%\}}" "$per"
+}
 # record SCENARIO SYSTEM ROUND PARAM METRICS_JSON
 record() {
   printf '{"scenario":"%s","system":"%s","round":%s,"param":"%s","metrics":%s}\n' \
@@ -215,9 +234,14 @@ run_wrk() {
   local out json
   local args=(-t"$threads" -c"$conns" -d"${secs}s" --timeout 10s -s "$script" "$url")
   [ $# -gt 0 ] && args+=(-- "$@")
+  local pids=(${SYSPIDS[$system]:-}) t0 t1 n
+  t0=$(cpu_ns "${pids[@]}")
   out=$(timeout -k 5 $((secs + 30)) wrk "${args[@]}" 2>&1) || die "wrk failed on $system: $out"
+  t1=$(cpu_ns "${pids[@]}")
   json=$(sed -n 's/^WRKJSON //p' <<<"$out")
   [ -n "$json" ] || die "wrk printed no result for $system: $out"
+  n=$(sed -n 's/.*"requests":\([0-9]*\).*/\1/p' <<<"$json")
+  ((${#pids[@]})) && json=$(with_cpu "$json" $((t1 - t0)) "${n:-0}")
   record "$scenario" "$system" "$round" "" "$json"
   printf '    %-15s round %s  %s\n' "$system" "$round" "$json" >&2
 }
@@ -268,6 +292,13 @@ declare -A URL=(
   [nginx]="http://127.0.0.1:$P_NGINX"
 )
 SYSTEMS=(direct proxy nginx)
+# Whose CPU time is charged to each system: direct → the upstream; proxy → the proxy process;
+# nginx → its workers. (The upstream's share is the same in every column.)
+declare -A SYSPIDS
+set_syspids() {
+  SYSPIDS=([direct]="$UPSTREAM_PID" [proxy]="$PROXY_PID" [nginx]="$(children "$NGINX_PID" | tr '\n' ' ')")
+}
+set_syspids
 log "upstream $UPSTREAM, proxy :$P_PROXY, nginx :$P_NGINX (results: $OUT)"
 
 # A short warm-up of every path (connections, pools, page faults).
@@ -312,9 +343,13 @@ if wants sse; then
     budget=$(( (SSE_EVENTS * SSE_INTERVAL_MS / 1000 + 30) ))
     for r in $(seq 1 "$ROUNDS"); do
       for sys in $(rotate "$r" "${SYSTEMS[@]}"); do
+        pids=(${SYSPIDS[$sys]})
+        t0=$(cpu_ns "${pids[@]}")
         json=$(timeout -k 5 $(( budget * repeat + 30 )) "$FPB" sse --url "${URL[$sys]}" \
           --streams "$c" --events "$SSE_EVENTS" --interval-ms "$SSE_INTERVAL_MS" \
           --repeat "$repeat" --timeout "$budget") || die "the SSE client failed on $sys"
+        t1=$(cpu_ns "${pids[@]}")
+        json=$(with_cpu "$json" $((t1 - t0)) $((c * SSE_EVENTS * repeat)))
         record sse "$sys" "$r" "streams=$c" "$json"
         printf '    %-6s c=%-5s round %s  %s\n' "$sys" "$c" "$r" "$json" >&2
       done
@@ -328,6 +363,7 @@ if wants idle; then
   # Fresh processes, so that "before" is a clean baseline for both.
   stop_pid "$PROXY_PID"; start_proxy
   stop_pid "$NGINX_PID"; start_nginx
+  set_syspids
   sleep 1
   idle_run() { # SYSTEM PIDS…
     local sys=$1; shift
@@ -376,6 +412,8 @@ feedback_scenario() {
   local pid_a=$LAST_PID
   start_bg proxy-b env TOKIO_WORKER_THREADS=$WORKERS "$PROXY" serve --config "$RUN/proxy-b.toml"
   local pid_b=$LAST_PID
+  SYSPIDS[proxy-nomlflow]=$pid_a
+  SYSPIDS[proxy-mlflow]=$pid_b
   if ! wait_ready proxy-a "$pid_a" 127.0.0.1 "$P_FB_A" /healthz \
      || ! wait_ready proxy-b "$pid_b" 127.0.0.1 "$P_FB_B" /healthz; then
     skip feedback "the proxy cannot run on Postgres in this build: $(grep -m1 -io 'cannot open the store.*' "$RUN/proxy-a.log" | tr '"' "'" || true)"
@@ -395,8 +433,8 @@ feedback_scenario() {
   done
   [ "${n:-0}" -ge $((2 * want)) ] || log "only $n of $((2 * want)) links written; continuing"
 
-  log "5. feedback: c=$FB_CONNS, ${FB_SECS}s × $ROUNDS rounds (proxy without MLflow, with the stand-in, pgbench)"
-  for r in $(seq 1 "$ROUNDS"); do
+  log "5. feedback: c=$FB_CONNS, ${FB_SECS}s × $FB_ROUNDS rounds (proxy without MLflow, with the stand-in, pgbench)"
+  for r in $(seq 1 "$FB_ROUNDS"); do
     for sys in $(rotate "$r" proxy-nomlflow proxy-mlflow pgbench); do
       case $sys in
         proxy-nomlflow)

@@ -283,6 +283,17 @@ fn render(d: &Data, note: &str) -> String {
         );
         let _ = writeln!(
             s,
+            "| CPU µs per request (upstream / proxy / nginx workers) | {} | {} | {} | {} | |",
+            f(d.median("throughput", "", "direct", "cpu_us_per_op"), 1),
+            f(d.median("throughput", "", "proxy", "cpu_us_per_op"), 1),
+            f(d.median("throughput", "", "nginx", "cpu_us_per_op"), 1),
+            f(
+                d.ratio("throughput", "", "proxy", "nginx", "cpu_us_per_op"),
+                2
+            ),
+        );
+        let _ = writeln!(
+            s,
             "| errors (all rounds) | {} | {} | {} | | |",
             f(d.sum("throughput", "", "direct", "errors"), 0),
             f(d.sum("throughput", "", "proxy", "errors"), 0),
@@ -313,23 +324,24 @@ fn render(d: &Data, note: &str) -> String {
         );
         let mut worst_ttfb: Option<f64> = None;
         for p in d.params("sse") {
-            for (label, m) in [
-                ("TTFB p50", "ttfb_p50_us"),
-                ("TTFB p99", "ttfb_p99_us"),
-                ("gap p50", "gap_p50_us"),
-                ("gap p99", "gap_p99_us"),
-                ("lag p50", "lag_p50_us"),
-                ("lag p99", "lag_p99_us"),
+            for (label, m, dp) in [
+                ("TTFB p50", "ttfb_p50_us", 0),
+                ("TTFB p99", "ttfb_p99_us", 0),
+                ("gap p50", "gap_p50_us", 0),
+                ("gap p99", "gap_p99_us", 0),
+                ("lag p50", "lag_p50_us", 0),
+                ("lag p99", "lag_p99_us", 0),
+                ("CPU per event", "cpu_us_per_op", 1),
             ] {
                 let _ = writeln!(
                     s,
                     "| {} | {label} | {} | {} | {} | {} | {} |",
                     p.trim_start_matches("streams="),
-                    f(d.median("sse", &p, "direct", m), 0),
-                    f(d.median("sse", &p, "proxy", m), 0),
-                    f(d.median("sse", &p, "nginx", m), 0),
-                    signed(d.added("sse", &p, "proxy", "direct", m), 0),
-                    signed(d.added("sse", &p, "nginx", "direct", m), 0),
+                    f(d.median("sse", &p, "direct", m), dp),
+                    f(d.median("sse", &p, "proxy", m), dp),
+                    f(d.median("sse", &p, "nginx", m), dp),
+                    signed(d.added("sse", &p, "proxy", "direct", m), dp),
+                    signed(d.added("sse", &p, "nginx", "direct", m), dp),
                 );
             }
             let counts = |sys: &str| {
@@ -478,7 +490,7 @@ fn render(d: &Data, note: &str) -> String {
         );
         let _ = writeln!(
             s,
-            "| | votes/s (pgbench: TPS) | p50 (ms) | p99 (ms) | errors | vs pgbench |\n|---|---:|---:|---:|---:|---:|"
+            "| | votes/s (pgbench: TPS) | p50 (ms) | p99 (ms) | errors | proxy CPU µs per vote | vs pgbench |\n|---|---:|---:|---:|---:|---:|---:|"
         );
         for (label, sys) in [
             ("proxy, MLflow not configured", "proxy-nomlflow"),
