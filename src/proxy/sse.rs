@@ -26,6 +26,8 @@
 //! Known limit of the pre-filter: a key spelt with JSON escapes (`"trace\u005fid"`) is not
 //! recognised; no MLflow or Databricks server writes keys that way.
 
+// Spelt out so that the fuzz crate, which compiles this file on its own, finds it too.
+#[path = "sse/frame.rs"]
 mod frame;
 
 use std::ops::ControlFlow;
