@@ -247,7 +247,7 @@ fn samples_in_one_byte_frames() {
 }
 
 /// Cut points (with repeats, so empty frames occur too) → frames.
-fn cut<'a>(body: &'a [u8], mut cuts: Vec<usize>) -> Vec<&'a [u8]> {
+fn cut(body: &[u8], mut cuts: Vec<usize>) -> Vec<&[u8]> {
     cuts.sort_unstable();
     let mut frames = Vec::new();
     let mut prev = 0;
