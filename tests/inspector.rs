@@ -156,8 +156,8 @@ fn run(mut insp: Inspector, frames: &[&[u8]]) -> Run {
 /// The data of every event of a whole stream.
 fn events(stream: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    Framer::new(usize::MAX).feed(stream, |d| {
-        out.push(d.to_vec());
+    Framer::new(usize::MAX).feed(stream, |e| {
+        out.push(e.data.to_vec());
         ControlFlow::Continue(())
     });
     out

@@ -27,7 +27,7 @@ mod sse;
 #[path = "../../src/proxy/trace.rs"]
 mod trace;
 
-use sse::{Framer, Inspector};
+use sse::{Event, Framer, Inspector};
 use trace::{Candidate, Found, Source};
 
 const CAPS: [usize; 8] = [0, 1, 8, 32, 64, 256, 4096, 1 << 20];
@@ -189,9 +189,10 @@ fn check_framer(body: &[u8], frames: &[&[u8]], cap: usize) {
     let mut framer = Framer::new(cap);
     let mut got: Vec<Vec<u8>> = Vec::new();
     for f in frames {
-        let r = framer.feed(f, |d| {
-            assert!(d.len() <= cap);
-            got.push(d.to_vec());
+        let r = framer.feed(f, |e| {
+            assert!(e.data.len() <= cap);
+            check_within(f, &e);
+            got.push(e.data.to_vec());
             ControlFlow::Continue(())
         });
         assert_eq!(r, None);
@@ -205,8 +206,9 @@ fn check_framer(body: &[u8], frames: &[&[u8]], cap: usize) {
     let mut again: Vec<Vec<u8>> = Vec::new();
     for f in frames {
         let mut rest: &[u8] = f;
-        while let Some(n) = framer.feed(rest, |d| {
-            again.push(d.to_vec());
+        while let Some(n) = framer.feed(rest, |e| {
+            check_within(rest, &e);
+            again.push(e.data.to_vec());
             ControlFlow::Break(())
         }) {
             assert!(n >= 1 && n <= rest.len());
@@ -214,6 +216,31 @@ fn check_framer(body: &[u8], frames: &[&[u8]], cap: usize) {
         }
     }
     assert_eq!(again, want.events, "break-and-resume differs");
+}
+
+/// `within`, when given, is a range of the frame holding every data line of the event, which
+/// is what lets the inspector pre-filter by searching the frame once.
+fn check_within(frame: &[u8], e: &Event<'_>) {
+    let Some(r) = e.within.clone() else { return };
+    assert!(
+        r.start <= r.end && r.end <= frame.len(),
+        "{r:?} out of a frame of {}",
+        frame.len()
+    );
+    let raw = &frame[r];
+    assert!(e.data.len() <= raw.len());
+    for line in e.data.split(|&b| b == b'\n') {
+        assert!(
+            line.is_empty() || memchr::memmem::find(raw, line).is_some(),
+            "a data line is not within the reported range"
+        );
+    }
+    if passes_prefilter(e.data) {
+        assert!(
+            passes_prefilter(raw),
+            "a key in the data but not in the range"
+        );
+    }
 }
 
 fn check_json(body: &[u8], frames: &[&[u8]], cap: usize) {

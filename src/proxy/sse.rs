@@ -6,9 +6,12 @@
 //! or alters a byte of the stream, and never fails it.
 //!
 //! - **SSE** ([`Inspector::sse`]): frames events incrementally ([`Framer`], WHATWG rules, any
-//!   split of bytes across frames) and looks at each event's data. A cheap pre-filter (`memmem`
-//!   for `trace_id` and `client_request_id`) keeps ordinary delta events from ever being
-//!   JSON-parsed; only candidate events go to [`trace::from_event`]. The FIRST valid trace id
+//!   split of bytes across frames) and looks at each event's data. A cheap pre-filter keeps
+//!   ordinary delta events from ever being JSON-parsed: the keys `"trace_id"` and
+//!   `"client_request_id"` are searched for (`memmem`) once per frame, lazily, and an event is
+//!   looked at only if one of them occurs among its bytes (an event that began in an earlier
+//!   frame is searched on its own). Only candidate events go to [`trace::from_event`]. The FIRST
+//!   valid trace id
 //!   wins and ends inspection; [`Inspector::feed`] then says where that event ended in the
 //!   frame, so the proxy can inject its own `feedback-proxy.trace` event right after it.
 //! - **JSON** ([`Inspector::json`]): a non-streaming body is copied as it passes (the frames
@@ -30,11 +33,11 @@
 #[path = "sse/frame.rs"]
 mod frame;
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 
 use memchr::memmem::Finder;
 
-pub use self::frame::Framer;
+pub use self::frame::{Event, Framer};
 use super::trace::{self, Candidate, Found, Source};
 
 /// The keys whose presence makes an event worth parsing. `trace_id` also covers
@@ -102,11 +105,20 @@ impl Inspector {
         }
         match &mut self.mode {
             Mode::Sse(framer) => {
-                let at = framer.feed(chunk, |data| {
+                let mut hits = KeyHits::default();
+                let at = framer.feed(chunk, |ev| {
+                    let keys = [&self.trace_key, &self.client_request_id_key];
+                    // The frame-wide search first (cheap per event); then the event's own data,
+                    // which rules out a key seen only in a comment or another field.
+                    let candidate = ev
+                        .within
+                        .is_none_or(|range| hits.occur_in(chunk, range, keys))
+                        && keys.iter().any(|k| k.find(ev.data).is_some());
+                    if !candidate {
+                        return ControlFlow::Continue(());
+                    }
                     on_event(
-                        data,
-                        &self.trace_key,
-                        &self.client_request_id_key,
+                        ev.data,
                         &mut self.trace_id,
                         &mut self.client_request_id,
                         &mut self.rejected,
@@ -180,20 +192,55 @@ impl Inspector {
     }
 }
 
-/// Looks at one event's data; `Break` when it yields the first trace id. A free function over
-/// the inspector's fields so that it can run while the framer is borrowed.
+/// Where the pre-filter keys next occur in the frame being fed, searched lazily: for a frame of
+/// ordinary events, one pass per key over the whole frame instead of one per event.
+#[derive(Debug, Default)]
+struct KeyHits {
+    next: [Next; 2],
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+enum Next {
+    #[default]
+    Unknown,
+    /// The first occurrence at or after the last position searched from.
+    At(usize),
+    /// None after the last position searched from.
+    Never,
+}
+
+impl KeyHits {
+    /// Whether any key occurs in `chunk[range]`. Ranges come in increasing order (events in
+    /// stream order), so each key is searched from a position at most once past each hit.
+    fn occur_in(&mut self, chunk: &[u8], range: Range<usize>, keys: [&Finder<'_>; 2]) -> bool {
+        let mut found = false;
+        for (next, key) in self.next.iter_mut().zip(keys) {
+            let stale = match *next {
+                Next::Unknown => true,
+                Next::At(at) => at < range.start,
+                Next::Never => false,
+            };
+            if stale {
+                *next = match chunk.get(range.start..).and_then(|h| key.find(h)) {
+                    Some(at) => Next::At(range.start + at),
+                    None => Next::Never,
+                };
+            }
+            // A key holds no line end, so one that starts inside the event ends inside it.
+            found |= matches!(*next, Next::At(at) if at < range.end);
+        }
+        found
+    }
+}
+
+/// Looks at one candidate event's data; `Break` when it yields the first trace id. A free
+/// function over the inspector's fields so that it can run while the framer is borrowed.
 fn on_event(
     data: &[u8],
-    trace_key: &Finder<'_>,
-    client_request_id_key: &Finder<'_>,
     trace_id: &mut Option<Found>,
     client_request_id: &mut Option<String>,
     rejected: &mut Option<Source>,
 ) -> ControlFlow<()> {
-    // The pre-filter: an ordinary event costs two SIMD substring searches and nothing else.
-    if trace_key.find(data).is_none() && client_request_id_key.find(data).is_none() {
-        return ControlFlow::Continue(());
-    }
     let found = trace::from_event(data);
     match found.client_request_id {
         Candidate::Valid(f) => {

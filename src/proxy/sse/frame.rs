@@ -19,12 +19,16 @@
 //! other; the proxy has no use for the names or for reconnection ids. It also never looks at the
 //! bytes it does not need: comment and other non-`data` lines are skipped in place.
 //!
+//! Each event is handed over with the range of the current chunk that holds all of its data,
+//! when it does lie wholly within the chunk (the common case): a caller can then pre-filter with
+//! ONE substring search over the whole chunk instead of one per event ([`Event::within`]).
+//!
 //! Memory is bounded: the only thing kept across chunks is the current event's data (plus a few
 //! bytes of line state). An event whose data would grow past `max_data` stops framing for the
 //! rest of the stream ([`Framer::overflowed`]); the buffer is freed. The data buffer is reused
 //! from event to event, so framing allocates only while it grows to the largest event seen.
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 
 use memchr::{memchr, memchr2};
 
@@ -56,6 +60,17 @@ enum Bom {
     Done,
 }
 
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event<'a> {
+    /// The event's data: its `data` lines' values joined with `\n`.
+    pub data: &'a [u8],
+    /// A range of the chunk being fed that contains every byte of `data` (the event's lines up
+    /// to its blank line), or `None` when the event began in an earlier chunk. No byte sequence
+    /// without a line end can occur in `data` unless it occurs in `chunk[within]`.
+    pub within: Option<Range<usize>>,
+}
+
 /// Incremental SSE framing with bounded memory; see the module documentation.
 #[derive(Debug)]
 pub struct Framer {
@@ -68,6 +83,8 @@ pub struct Framer {
     has_data: bool,
     /// The current event's data so far, joined with `\n`. Reused across events.
     data: Vec<u8>,
+    /// Where in the current chunk the current event began, if it did in this chunk.
+    event_start: Option<usize>,
     overflowed: bool,
 }
 
@@ -81,11 +98,12 @@ impl Framer {
             pending_cr: false,
             has_data: false,
             data: Vec::new(),
+            event_start: None,
             overflowed: false,
         }
     }
 
-    /// Frames the next chunk, calling `on_event` with the data of every event it completes.
+    /// Frames the next chunk, calling `on_event` with every event it completes.
     ///
     /// When `on_event` answers `Break`, framing stops right after that event's blank line and
     /// this returns how many bytes of `chunk` that is (including a CRLF's LF, when it is in this
@@ -93,7 +111,7 @@ impl Framer {
     /// the stream. Otherwise the whole chunk is consumed and this returns `None`.
     pub fn feed<F>(&mut self, chunk: &[u8], mut on_event: F) -> Option<usize>
     where
-        F: FnMut(&[u8]) -> ControlFlow<()>,
+        F: FnMut(Event<'_>) -> ControlFlow<()>,
     {
         if self.overflowed {
             return None;
@@ -134,7 +152,7 @@ impl Framer {
     /// Frames `chunk[start..]`; see [`Framer::feed`].
     fn scan<F>(&mut self, chunk: &[u8], start: usize, on_event: &mut F) -> Option<usize>
     where
-        F: FnMut(&[u8]) -> ControlFlow<()>,
+        F: FnMut(Event<'_>) -> ControlFlow<()>,
     {
         let mut pos = start;
         if self.pending_cr {
@@ -145,14 +163,25 @@ impl Framer {
                 }
             }
         }
+        // An event whose data is still empty and whose line state is clean lies wholly in this
+        // chunk (or later ones): its bytes start here.
+        self.event_start = (self.line == Line::Start && !self.has_data).then_some(pos);
         loop {
             let rest = match chunk.get(pos..) {
                 Some(rest) if !rest.is_empty() && !self.overflowed => rest,
                 _ => return None,
             };
-            let Some(end) = memchr2(b'\n', b'\r', rest) else {
-                self.segment(rest);
-                return None;
+            // A blank line right after a line end is the most common line of all (every event
+            // ends with one): take it without a search.
+            let end = match rest.first() {
+                Some(b'\n' | b'\r') => 0,
+                _ => match memchr2(b'\n', b'\r', rest) {
+                    Some(end) => end,
+                    None => {
+                        self.segment(rest);
+                        return None;
+                    }
+                },
             };
             let (line, term) = rest.split_at(end);
             self.segment(line);
@@ -164,9 +193,20 @@ impl Framer {
                     None => self.pending_cr = true,
                 }
             }
+            let line_start = pos;
             pos += used;
-            if self.end_line(on_event).is_break() {
-                return Some(pos);
+            match std::mem::replace(&mut self.line, Line::Start) {
+                Line::Start => {
+                    // A blank line: dispatch, and the next event starts after it.
+                    let within = self.event_start.map(|s| s..line_start);
+                    self.event_start = Some(pos);
+                    if self.dispatch(within, on_event).is_break() {
+                        return Some(pos);
+                    }
+                }
+                // `data` without a colon: a data line with an empty value.
+                Line::Name { matched } if usize::from(matched) == DATA.len() => self.begin_data(),
+                Line::Name { .. } | Line::Data { .. } | Line::Skip => {}
             }
         }
     }
@@ -231,31 +271,18 @@ impl Framer {
         }
     }
 
-    /// The current line ended.
-    fn end_line<F>(&mut self, on_event: &mut F) -> ControlFlow<()>
-    where
-        F: FnMut(&[u8]) -> ControlFlow<()>,
-    {
-        match std::mem::replace(&mut self.line, Line::Start) {
-            Line::Start => self.dispatch(on_event),
-            // `data` without a colon: a data line with an empty value.
-            Line::Name { matched } if usize::from(matched) == DATA.len() => {
-                self.begin_data();
-                ControlFlow::Continue(())
-            }
-            Line::Name { .. } | Line::Data { .. } | Line::Skip => ControlFlow::Continue(()),
-        }
-    }
-
     /// A blank line: hands over the event's data, if it has any, and starts a new event.
-    fn dispatch<F>(&mut self, on_event: &mut F) -> ControlFlow<()>
+    fn dispatch<F>(&mut self, within: Option<Range<usize>>, on_event: &mut F) -> ControlFlow<()>
     where
-        F: FnMut(&[u8]) -> ControlFlow<()>,
+        F: FnMut(Event<'_>) -> ControlFlow<()>,
     {
         if !self.has_data || self.overflowed {
             return ControlFlow::Continue(());
         }
-        let flow = on_event(&self.data);
+        let flow = on_event(Event {
+            data: &self.data,
+            within,
+        });
         self.data.clear();
         self.has_data = false;
         flow
@@ -290,13 +317,28 @@ mod tests {
         let mut f = Framer::new(1 << 20);
         let mut out = Vec::new();
         for c in chunks {
-            let r = f.feed(c, |d| {
-                out.push(String::from_utf8_lossy(d).into_owned());
+            let r = f.feed(c, |e| {
+                check_within(c, &e);
+                out.push(String::from_utf8_lossy(e.data).into_owned());
                 ControlFlow::Continue(())
             });
             assert_eq!(r, None);
         }
         out
+    }
+
+    /// `within`, when given, holds every byte of the data (data lines are a subsequence of it).
+    fn check_within(chunk: &[u8], e: &Event<'_>) {
+        let Some(r) = e.within.clone() else { return };
+        let raw = &chunk[r];
+        for line in e.data.split(|&b| b == b'\n') {
+            assert!(
+                raw.windows(line.len().max(1)).any(|w| w == line) || line.is_empty(),
+                "{:?} not in {:?}",
+                String::from_utf8_lossy(line),
+                String::from_utf8_lossy(raw)
+            );
+        }
     }
 
     /// Every way of cutting `input` in two or three pieces frames to the same events.
@@ -384,8 +426,10 @@ mod tests {
     fn break_reports_the_offset_after_the_blank_line() {
         let input = b"data: a\r\n\r\ndata: b\r\n\r\ndata: c\n\n";
         let mut f = Framer::new(100);
-        let at = f.feed(input, |d| {
-            if d == b"b" {
+        let at = f.feed(input, |e| {
+            let want = if e.data == b"a" { 0..9 } else { 11..20 };
+            assert_eq!(e.within, Some(want));
+            if e.data == b"b" {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
@@ -396,8 +440,9 @@ mod tests {
         // The rest continues the stream.
         let mut rest = Vec::new();
         assert_eq!(
-            f.feed(&input[22..], |d| {
-                rest.push(d.to_vec());
+            f.feed(&input[22..], |e| {
+                assert_eq!(e.within, Some(0..8));
+                rest.push(e.data.to_vec());
                 ControlFlow::Continue(())
             }),
             None
@@ -419,8 +464,8 @@ mod tests {
     fn overflow_stops_framing_and_frees_the_buffer() {
         let mut f = Framer::new(8);
         let mut seen = Vec::new();
-        let mut push = |d: &[u8]| {
-            seen.push(d.to_vec());
+        let mut push = |e: Event<'_>| {
+            seen.push(e.data.to_vec());
             ControlFlow::Continue(())
         };
         f.feed(b"data: 12345678\n\n", &mut push);
@@ -443,8 +488,8 @@ mod tests {
         let mut f = Framer::new(8);
         let mut seen = Vec::new();
         for c in input.chunks(7) {
-            f.feed(c, |d| {
-                seen.push(d.to_vec());
+            f.feed(c, |e| {
+                seen.push(e.data.to_vec());
                 ControlFlow::Continue(())
             });
         }
