@@ -306,3 +306,54 @@ async fn trace_ids_from_configured_headers() {
         Some("tr-0123456789abcdef0123456789abcdef")
     );
 }
+
+/// End to end through the running proxy against the real example agent and `mlflow server`:
+/// the link recorded for the answer holds the trace id the tracking server has for exactly
+/// that request (found independently through the client request id the proxy minted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_matches_the_tracking_servers_trace_for_the_request() {
+    use support::mlflow::{agent_url, client_with, mlflow_url, wait_for_trace};
+
+    let proxy = TestProxy::start(&format!(
+        "{}[[agent.routes]]\npath = \"/api/chat\"\nupstream_path = \"/invocations\"\nclient_request_id = true\ncontext = true\nevents = true\n",
+        base(&agent_url(), "")
+    ))
+    .await;
+    let res = send(
+        &h1(),
+        post(&proxy.url("/api/chat"))
+            .header("x-forwarded-email", "erin@example.com")
+            .header("x-chat-id", "chat-e2e"),
+        r#"{"input":[{"role":"user","content":"which trace am I?"}],"stream":true}"#,
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let message_id = res.headers()["x-message-id"].to_str().unwrap().to_owned();
+    let text = String::from_utf8(body_bytes(res).await.to_vec()).unwrap();
+    assert!(text.contains("which trace am I?"), "{text}");
+    assert!(text.contains("event: feedback-proxy.trace"), "{text}");
+
+    let l = link(&proxy, &message_id).await;
+    let trace_id = l.trace_id.clone().expect("a trace id was linked");
+    let crid = l
+        .client_request_id
+        .clone()
+        .expect("a client request id was minted");
+    assert_eq!(l.user_id, "erin@example.com");
+    assert_eq!(l.chat_id.as_deref(), Some("chat-e2e"));
+
+    let (client, _) = client_with(&mlflow_url(), Duration::from_secs(5));
+    wait_for_trace(&client, &trace_id, Duration::from_secs(20)).await;
+    // The tracking server's own answer, found by the id only this request carried.
+    let found = client
+        .find_trace_by_client_request_id(&support::mlflow::experiment_id(), &crid)
+        .await
+        .unwrap();
+    assert_eq!(found.as_deref(), Some(trace_id.as_str()));
+    let info = client.get_trace_info(&trace_id).await.unwrap();
+    assert_eq!(info.client_request_id.as_deref(), Some(crid.as_str()));
+    assert_eq!(
+        info.metadata.get("mlflow.trace.user").map(String::as_str),
+        Some("erin@example.com")
+    );
+}
