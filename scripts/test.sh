@@ -5,7 +5,8 @@
 #   - a Python venv with mlflow==3.17.2 (cached under .cache/), an `mlflow server` and the
 #     example agent;
 # then runs formatting and lint checks, the Rust tests, and the browser test. Everything it
-# starts is stopped on exit.
+# starts is stopped on exit. Arguments are passed to the test runner as a filter
+# (e.g. `scripts/test.sh feedback`), which also skips the browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -44,12 +45,16 @@ done
 
 step "rust tests"
 if command -v cargo-nextest >/dev/null 2>&1; then
-  cargo nextest run --all-targets --no-fail-fast
+  cargo nextest run --all-targets --no-fail-fast "$@"
 else
-  cargo test --all-targets --no-fail-fast
+  cargo test --all-targets --no-fail-fast "$@"
 fi
 
-for t in "${FP_TEST_AFTER[@]:-}"; do
-  [ -n "$t" ] && "$t"
-done
+# With a test filter (a developer's focused run), the after-steps (browser test, benchmark
+# smoke run) are skipped.
+if [ $# -eq 0 ]; then
+  for t in "${FP_TEST_AFTER[@]:-}"; do
+    [ -n "$t" ] && "$t"
+  done
+fi
 step "all tests passed"

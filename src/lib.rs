@@ -16,12 +16,14 @@
 //! - [`auth`]: token sources (static, Databricks OAuth M2M, Databricks CLI).
 //! - [`client`]: the pooled outbound HTTP client.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and logging.
+//! - [`admin`]: operator commands on the store (`migrate`, `deliveries list|retry`).
 //! - [`error`], [`body`]: the crate error and its one mapping to HTTP; the one body type.
 //!
 //! The binary (`main.rs`) only parses the command line and calls into [`App`].
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod body;
@@ -87,12 +89,7 @@ impl App {
 
         let store = store::open(
             &config.store,
-            store::postgres::Deps {
-                databricks: tokens.get(&config::AuthSpec::DatabricksOauth),
-                databricks_host: config.databricks.host.clone(),
-                http: http.clone(),
-                metrics: metrics.clone(),
-            },
+            admin::store_deps(&config, &http, &tokens, metrics.clone()),
         )
         .await?;
 

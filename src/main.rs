@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use feedback_proxy::admin;
 use feedback_proxy::body::Body;
 use feedback_proxy::client::{ClientOptions, HttpClient};
 use feedback_proxy::config::{Config, Env, LogFormat};
+use feedback_proxy::store::{DeliveryState, VoteKey};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +54,85 @@ enum Command {
         #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
         config: PathBuf,
     },
+    /// See the MLflow delivery outbox, or requeue dead letters.
+    Deliveries {
+        #[command(subcommand)]
+        action: DeliveriesAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeliveriesAction {
+    /// List deliveries, newest first, with counts by state.
+    List {
+        #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
+        config: PathBuf,
+        /// Only this state.
+        #[arg(long, value_enum)]
+        state: Option<CliState>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make dead (or waiting) deliveries due again.
+    Retry {
+        #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
+        config: PathBuf,
+        /// Which deliveries to requeue.
+        #[arg(long, value_enum, default_value = "dead")]
+        state: RetryState,
+        /// Only this vote (with --user and optionally --name).
+        #[arg(long)]
+        message_id: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+impl DeliveriesAction {
+    fn config(&self) -> &PathBuf {
+        match self {
+            Self::List { config, .. } | Self::Retry { config, .. } => config,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliState {
+    Pending,
+    Waiting,
+    Done,
+    Dead,
+}
+
+impl From<CliState> for DeliveryState {
+    fn from(s: CliState) -> Self {
+        match s {
+            CliState::Pending => Self::Pending,
+            CliState::Waiting => Self::Waiting,
+            CliState::Done => Self::Done,
+            CliState::Dead => Self::Dead,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RetryState {
+    Dead,
+    Waiting,
+}
+
+impl From<RetryState> for DeliveryState {
+    fn from(s: RetryState) -> Self {
+        match s {
+            RetryState::Dead => Self::Dead,
+            RetryState::Waiting => Self::Waiting,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -97,6 +178,13 @@ fn main() -> ExitCode {
             Ok(c) => migrate(c),
             Err(e) => {
                 eprintln!("{}: {e}", config.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Deliveries { action } => match Config::load(action.config(), &env) {
+            Ok(c) => deliveries(c, action),
+            Err(e) => {
+                eprintln!("{}: {e}", action.config().display());
                 ExitCode::from(2)
             }
         },
@@ -192,34 +280,24 @@ fn serve(config: Config, env: &Env) -> ExitCode {
     })
 }
 
-fn migrate(config: Config) -> ExitCode {
-    use feedback_proxy::auth::TokenSources;
-    use feedback_proxy::client::{ClientOptions, HttpClient};
-    use feedback_proxy::metrics::Metrics;
-    use std::sync::Arc;
-
-    let _log = feedback_proxy::telemetry::init(config.log.format, &config.log.level);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// A small runtime for the one-shot commands.
+fn oneshot<F: std::future::Future<Output = ExitCode>>(config: &Config, f: F) -> ExitCode {
+    let _log = feedback_proxy::telemetry::init(config.log.format, "warn");
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(rt) => rt.block_on(f),
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    runtime.block_on(async {
-        let metrics = Arc::new(Metrics::new());
-        let http = HttpClient::new(&ClientOptions::default());
-        let tokens = TokenSources::new(config.databricks.clone(), http.clone(), metrics.clone());
-        let deps = feedback_proxy::store::postgres::Deps {
-            databricks: tokens.get(&feedback_proxy::config::AuthSpec::DatabricksOauth),
-            databricks_host: config.databricks.host.clone(),
-            http,
-            metrics,
-        };
-        match feedback_proxy::store::migrate(&config.store, deps).await {
+    }
+}
+
+fn migrate(config: Config) -> ExitCode {
+    oneshot(&config, async {
+        match admin::migrate(&config).await {
             Ok(m) => {
                 println!(
                     "store ({}) schema at version {} (was {})",
@@ -231,6 +309,55 @@ fn migrate(config: Config) -> ExitCode {
             }
             Err(e) => {
                 eprintln!("migration failed: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn deliveries(config: Config, action: DeliveriesAction) -> ExitCode {
+    oneshot(&config, async {
+        let store = match admin::open_store(&config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot open the store: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = match action {
+            DeliveriesAction::List {
+                state, limit, json, ..
+            } => admin::list_deliveries(&store, state.map(Into::into), limit, json)
+                .await
+                .map(|out| print!("{out}")),
+            DeliveriesAction::Retry {
+                state,
+                message_id,
+                user,
+                name,
+                ..
+            } => {
+                let key = match (message_id, user, name) {
+                    (Some(message_id), Some(user_id), name) => Some(VoteKey {
+                        message_id,
+                        user_id,
+                        name: name.unwrap_or_else(|| config.feedback.default_name.clone()),
+                    }),
+                    (None, None, None) => None,
+                    _ => {
+                        eprintln!("--message-id and --user go together (with an optional --name)");
+                        return ExitCode::from(2);
+                    }
+                };
+                admin::retry_deliveries(&store, state.into(), key.as_ref())
+                    .await
+                    .map(|n| println!("requeued {n} deliveries"))
+            }
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
                 ExitCode::FAILURE
             }
         }

@@ -217,15 +217,13 @@ impl Proxy {
         if let Some(len) = body_len(&body) {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
         }
-        if let Some(auth) = self
-            .token
-            .authorization()
-            .await
-            .map_err(|source| Error::Auth {
+        if let Some(auth) = self.token.authorization().await.map_err(|source| {
+            self.count_error("auth");
+            Error::Auth {
                 hop: "the agent",
                 source,
-            })?
-        {
+            }
+        })? {
             headers.insert(AUTHORIZATION, auth);
         }
         match HeaderValue::from_str(&fwd.user) {

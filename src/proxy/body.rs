@@ -146,7 +146,10 @@ impl ResponseBody {
         if end.header_trace.is_some() {
             // The trace id is known from the start: record the final link now.
             body.trace_reported = true;
-            end.recorder.record(end.link.clone());
+            end.recorder.record(LinkRecord {
+                open: false,
+                ..end.link.clone()
+            });
         } else if !end.claimed {
             end.recorder.record(LinkRecord {
                 open: true,
@@ -360,6 +363,24 @@ impl ResponseBody {
         }
     }
 
+    /// The upstream body ended: final inspection, then the end report.
+    fn end_of_body(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(insp) = self.inspector.as_mut() {
+            if insp.finish() && !self.trace_reported {
+                self.report_trace();
+            }
+        }
+        // A meta event never emitted (empty body) is emitted now.
+        if let Some(meta) = self.meta.take() {
+            self.queue.push_back(meta);
+        }
+        self.finish(EndReason::Complete, None);
+        self.done = true;
+    }
+
     fn upstream_name(&self) -> String {
         self.end
             .as_ref()
@@ -389,6 +410,11 @@ impl http_body::Body for ResponseBody {
                     return match frame.into_data() {
                         Ok(data) => {
                             let out = this.on_data(data);
+                            // A body with a known length may be complete now, and the server
+                            // will not poll again for its end: finish here, not on drop.
+                            if this.inner.is_end_stream() {
+                                this.end_of_body();
+                            }
                             Poll::Ready(Some(Ok(Frame::data(out))))
                         }
                         Err(frame) => {
@@ -409,19 +435,7 @@ impl http_body::Body for ResponseBody {
                         return Poll::Ready(Some(Err(err)));
                     }
                 }
-                Poll::Ready(None) => {
-                    if let Some(insp) = this.inspector.as_mut() {
-                        if insp.finish() && !this.trace_reported {
-                            this.report_trace();
-                        }
-                    }
-                    // A meta event never emitted (empty body) is emitted now.
-                    if let Some(meta) = this.meta.take() {
-                        this.queue.push_back(meta);
-                    }
-                    this.finish(EndReason::Complete, None);
-                    this.done = true;
-                }
+                Poll::Ready(None) => this.end_of_body(),
                 Poll::Pending => {
                     // Lazy idle timer: frames only record their time; when the timer fires we
                     // check the real silence and re-arm if a frame came in since.

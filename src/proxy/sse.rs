@@ -1,34 +1,93 @@
-//! Incremental inspection of agent response bodies (SSE events or one JSON body).
+//! Incremental inspection of agent response bodies (SSE events or one JSON body) for the ids
+//! that link an answer to its MLflow trace (CONTRACT §3.1).
 //!
-//! INTERFACE STUB: the framing and extraction are being written in a separate change; the type
-//! and its methods here are the contract the proxy codes against. This stub finds nothing.
+//! The proxy shows every data frame of an agent's response to an [`Inspector`], by reference,
+//! and forwards the frame whatever the inspector does: inspection never holds back, copies out
+//! or alters a byte of the stream, and never fails it.
+//!
+//! - **SSE** ([`Inspector::sse`]): frames events incrementally ([`Framer`], WHATWG rules, any
+//!   split of bytes across frames) and looks at each event's data. A cheap pre-filter keeps
+//!   ordinary delta events from ever being JSON-parsed: the keys `"trace_id"` and
+//!   `"client_request_id"` are searched for (`memmem`) once per frame, lazily, and an event is
+//!   looked at only if one of them occurs among its bytes (an event that began in an earlier
+//!   frame is searched on its own). Only candidate events go to [`trace::from_event`]. The FIRST
+//!   valid trace id
+//!   wins and ends inspection; [`Inspector::feed`] then says where that event ended in the
+//!   frame, so the proxy can inject its own `feedback-proxy.trace` event right after it.
+//! - **JSON** ([`Inspector::json`]): a non-streaming body is copied as it passes (the frames
+//!   themselves are still forwarded at once) and parsed when it ends ([`Inspector::finish`]).
+//!
+//! Memory is bounded by the cap given at construction (`agent.max_inspect_bytes`, 1 MiB by
+//! default): an SSE event whose data, or a JSON body, grows past it stops inspection for the rest
+//! of the response ([`Inspector::overflowed`]) and frees what was held.
+//!
+//! On the common path (an ordinary event passing) nothing allocates: the event buffer is reused,
+//! the pre-filter searchers are built once per response. Once the trace id is found, or after an
+//! overflow, `feed` does nothing at all. Deliberately not done here: logging, metrics, locks
+//! (the caller counts outcomes from [`Inspector::rejected`] / [`Inspector::overflowed`]).
+//!
+//! Known limit of the pre-filter: a key spelt with JSON escapes (`"trace\u005fid"`) is not
+//! recognised; no MLflow or Databricks server writes keys that way.
 
-use super::trace::{Found, Source};
+// Spelt out so that the fuzz crate, which compiles this file on its own, finds it too.
+#[path = "sse/frame.rs"]
+mod frame;
+
+use std::ops::{ControlFlow, Range};
+
+use memchr::memmem::Finder;
+
+pub use self::frame::{Event, Framer};
+use super::trace::{self, Candidate, Found, Source};
+
+/// The keys whose presence makes an event worth parsing. `trace_id` also covers
+/// `databricks_output.trace.info.trace_id` and `metadata.trace_id`.
+const TRACE_ID_KEY: &[u8] = b"\"trace_id\"";
+const CLIENT_REQUEST_ID_KEY: &[u8] = b"\"client_request_id\"";
 
 /// Inspects an agent response body as it passes, by reference, with bounded memory.
 #[derive(Debug)]
 pub struct Inspector {
+    mode: Mode,
+    /// Pre-filter searchers, built once per response rather than per event.
+    trace_key: Finder<'static>,
+    client_request_id_key: Finder<'static>,
     trace_id: Option<Found>,
     client_request_id: Option<String>,
     rejected: Option<Source>,
     overflowed: bool,
 }
 
+#[derive(Debug)]
+enum Mode {
+    Sse(Framer),
+    /// The body so far; `None` once it went past `max` (or the body ended).
+    Json {
+        body: Option<Vec<u8>>,
+        max: usize,
+    },
+}
+
 impl Inspector {
-    /// For `text/event-stream` bodies; an event larger than `max_event` stops inspection.
+    /// For `text/event-stream` bodies; an event whose data exceeds `max_event` bytes stops
+    /// inspection.
     pub fn sse(max_event: usize) -> Self {
-        let _ = max_event;
-        Self::empty()
+        Self::new(Mode::Sse(Framer::new(max_event)))
     }
 
     /// For a JSON body; a body larger than `max_body` is not inspected.
     pub fn json(max_body: usize) -> Self {
-        let _ = max_body;
-        Self::empty()
+        Self::new(Mode::Json {
+            body: Some(Vec::new()),
+            max: max_body,
+        })
     }
 
-    fn empty() -> Self {
+    fn new(mode: Mode) -> Self {
         Self {
+            mode,
+            trace_key: Finder::new(TRACE_ID_KEY),
+            client_request_id_key: Finder::new(CLIENT_REQUEST_ID_KEY),
             trace_id: None,
             client_request_id: None,
             rejected: None,
@@ -38,15 +97,73 @@ impl Inspector {
 
     /// Inspects the next chunk. When this chunk completes the event that yields the FIRST trace
     /// id, returns the number of bytes of `chunk` up to and including that event's end (so that
-    /// the caller can insert something right after it).
+    /// the caller can insert something right after it). Always `None` for JSON bodies (their id
+    /// is known only at [`Inspector::finish`]).
     pub fn feed(&mut self, chunk: &[u8]) -> Option<usize> {
-        let _ = chunk;
-        None
+        if self.is_done() {
+            return None;
+        }
+        match &mut self.mode {
+            Mode::Sse(framer) => {
+                let mut hits = KeyHits::default();
+                let at = framer.feed(chunk, |ev| {
+                    let keys = [&self.trace_key, &self.client_request_id_key];
+                    // The frame-wide search first (cheap per event); then the event's own data,
+                    // which rules out a key seen only in a comment or another field.
+                    let candidate = ev
+                        .within
+                        .is_none_or(|range| hits.occur_in(chunk, range, keys))
+                        && keys.iter().any(|k| k.find(ev.data).is_some());
+                    if !candidate {
+                        return ControlFlow::Continue(());
+                    }
+                    on_event(
+                        ev.data,
+                        &mut self.trace_id,
+                        &mut self.client_request_id,
+                        &mut self.rejected,
+                    )
+                });
+                self.overflowed = framer.overflowed();
+                at
+            }
+            Mode::Json { body, max } => {
+                if let Some(buf) = body {
+                    if chunk.len() > max.saturating_sub(buf.len()) {
+                        *body = None;
+                        self.overflowed = true;
+                    } else {
+                        buf.extend_from_slice(chunk);
+                    }
+                }
+                None
+            }
+        }
     }
 
-    /// The body ended. Returns whether a trace id was found only now (JSON bodies).
+    /// The body ended. Returns whether a trace id was found only now (JSON bodies). An SSE event
+    /// left unterminated at the end is discarded, as the standard says.
     pub fn finish(&mut self) -> bool {
-        false
+        let Mode::Json { body, .. } = &mut self.mode else {
+            return false;
+        };
+        let Some(buf) = body.take() else {
+            return false;
+        };
+        if self.trace_id.is_some() || self.trace_key.find(&buf).is_none() {
+            return false;
+        }
+        match trace::from_json_body(&buf) {
+            Candidate::Valid(found) => {
+                self.trace_id = Some(found);
+                true
+            }
+            Candidate::Rejected(source) => {
+                self.rejected.get_or_insert(source);
+                false
+            }
+            Candidate::None => false,
+        }
     }
 
     /// Whether inspecting further chunks could still change anything.
@@ -54,10 +171,12 @@ impl Inspector {
         self.trace_id.is_some() || self.overflowed
     }
 
+    /// The first valid trace id found.
     pub fn trace_id(&self) -> Option<&Found> {
         self.trace_id.as_ref()
     }
 
+    /// The first valid client request id announced by the agent (seed 001).
     pub fn client_request_id(&self) -> Option<&str> {
         self.client_request_id.as_deref()
     }
@@ -70,5 +189,190 @@ impl Inspector {
     /// Whether inspection stopped at an event (or body) over the cap.
     pub fn overflowed(&self) -> bool {
         self.overflowed
+    }
+}
+
+/// Where the pre-filter keys next occur in the frame being fed, searched lazily: for a frame of
+/// ordinary events, one pass per key over the whole frame instead of one per event.
+#[derive(Debug, Default)]
+struct KeyHits {
+    next: [Next; 2],
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+enum Next {
+    #[default]
+    Unknown,
+    /// The first occurrence at or after the last position searched from.
+    At(usize),
+    /// None after the last position searched from.
+    Never,
+}
+
+impl KeyHits {
+    /// Whether any key occurs in `chunk[range]`. Ranges come in increasing order (events in
+    /// stream order), so each key is searched from a position at most once past each hit.
+    fn occur_in(&mut self, chunk: &[u8], range: Range<usize>, keys: [&Finder<'_>; 2]) -> bool {
+        let mut found = false;
+        for (next, key) in self.next.iter_mut().zip(keys) {
+            let stale = match *next {
+                Next::Unknown => true,
+                Next::At(at) => at < range.start,
+                Next::Never => false,
+            };
+            if stale {
+                *next = match chunk.get(range.start..).and_then(|h| key.find(h)) {
+                    Some(at) => Next::At(range.start + at),
+                    None => Next::Never,
+                };
+            }
+            // A key holds no line end, so one that starts inside the event ends inside it.
+            found |= matches!(*next, Next::At(at) if at < range.end);
+        }
+        found
+    }
+}
+
+/// Looks at one candidate event's data; `Break` when it yields the first trace id. A free
+/// function over the inspector's fields so that it can run while the framer is borrowed.
+fn on_event(
+    data: &[u8],
+    trace_id: &mut Option<Found>,
+    client_request_id: &mut Option<String>,
+    rejected: &mut Option<Source>,
+) -> ControlFlow<()> {
+    let found = trace::from_event(data);
+    match found.client_request_id {
+        Candidate::Valid(f) => {
+            client_request_id.get_or_insert(f.id);
+        }
+        Candidate::Rejected(source) => {
+            rejected.get_or_insert(source);
+        }
+        Candidate::None => {}
+    }
+    match found.trace_id {
+        Candidate::Valid(f) => {
+            *trace_id = Some(f);
+            ControlFlow::Break(())
+        }
+        Candidate::Rejected(source) => {
+            rejected.get_or_insert(source);
+            ControlFlow::Continue(())
+        }
+        Candidate::None => ControlFlow::Continue(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRACE: &str = "tr-eaf19740d012e3a3e64accc2bf6d17bc";
+
+    fn delta(text: &str) -> String {
+        format!(
+            "data: {{\"type\": \"response.output_text.delta\", \"item_id\": \"msg_1\", \"delta\": \"{text}\"}}\n\n"
+        )
+    }
+
+    /// Feeds `input` in chunks of `size`; returns the stream offset `feed` reported, if any.
+    fn run(insp: &mut Inspector, input: &[u8], size: usize) -> Option<usize> {
+        let mut off = 0;
+        let mut hit = None;
+        for c in input.chunks(size) {
+            if !insp.is_done() {
+                if let Some(n) = insp.feed(c) {
+                    assert!(n <= c.len());
+                    assert!(hit.is_none());
+                    hit = Some(off + n);
+                }
+            }
+            off += c.len();
+        }
+        hit
+    }
+
+    #[test]
+    fn agent_event_with_crlf_yields_offset_after_blank_line() {
+        let s = format!(
+            "{}data: {{\"trace_id\": \"{TRACE}\"}}\r\n\r\ndata: [DONE]\r\n\r\n",
+            delta("hi").replace('\n', "\r\n")
+        );
+        let want = s.find("[DONE]").unwrap() - "data: ".len();
+        for size in 1..=s.len() {
+            let mut insp = Inspector::sse(1 << 20);
+            let at = run(&mut insp, s.as_bytes(), size).expect("found");
+            // A CRLF split between chunks: the offset may stop after the CR.
+            assert!(
+                at == want || (at == want - 1 && at % size == 0),
+                "{size}: {at}"
+            );
+            assert_eq!(insp.trace_id().unwrap().id, TRACE);
+            assert_eq!(insp.trace_id().unwrap().source, Source::AgentEvent);
+            assert!(insp.is_done());
+            assert_eq!(insp.feed(b"data: {\"trace_id\": \"tr-2\"}\n\n"), None);
+        }
+    }
+
+    #[test]
+    fn first_valid_trace_id_wins_and_rejections_are_remembered() {
+        let s = "data: {\"trace_id\": \"MLFLOW_NO_OP_SPAN_TRACE_ID\"}\n\ndata: {\"trace_id\": \"tr-1\"}\n\ndata: {\"trace_id\": \"tr-2\"}\n\n";
+        let mut insp = Inspector::sse(1 << 20);
+        assert!(insp.feed(s.as_bytes()).is_some());
+        assert_eq!(insp.trace_id().unwrap().id, "tr-1");
+        assert_eq!(insp.rejected(), Some(Source::AgentEvent));
+    }
+
+    #[test]
+    fn client_request_id_then_trace() {
+        let s = "event: trace\ndata: {\"type\": \"trace.client_request_id\", \"client_request_id\": \"req-1\"}\n\n\
+                 data: {\"type\": \"trace.client_request_id\", \"client_request_id\": \"req-2\"}\n\n";
+        let mut insp = Inspector::sse(1 << 20);
+        assert_eq!(insp.feed(s.as_bytes()), None);
+        assert_eq!(insp.client_request_id(), Some("req-1"));
+        assert!(!insp.is_done());
+        assert_eq!(insp.trace_id(), None);
+    }
+
+    #[test]
+    fn json_body_found_at_finish() {
+        let body =
+            br#"{"output":[],"metadata":{"trace_id":"tr-200fee060856a08ecceb11f29f7d0c74"}}"#;
+        let mut insp = Inspector::json(1 << 20);
+        for c in body.chunks(5) {
+            assert_eq!(insp.feed(c), None);
+        }
+        assert!(insp.finish());
+        assert_eq!(insp.trace_id().unwrap().source, Source::ResponseMetadata);
+        assert!(!insp.finish());
+
+        let mut insp = Inspector::json(10);
+        insp.feed(&body[..8]);
+        assert!(!insp.overflowed());
+        insp.feed(&body[8..]);
+        assert!(insp.overflowed());
+        assert!(insp.is_done());
+        assert!(!insp.finish());
+        assert_eq!(insp.trace_id(), None);
+    }
+
+    #[test]
+    fn sse_finish_discards_an_unterminated_event() {
+        let mut insp = Inspector::sse(1 << 20);
+        insp.feed(format!("data: {{\"trace_id\": \"{TRACE}\"}}\n").as_bytes());
+        assert!(!insp.finish());
+        assert_eq!(insp.trace_id(), None);
+    }
+
+    #[test]
+    fn overflow_stops_inspection() {
+        let mut insp = Inspector::sse(64);
+        let big = format!("data: {}\n\n", "x".repeat(100));
+        let s = format!("{big}data: {{\"trace_id\": \"{TRACE}\"}}\n\n");
+        assert_eq!(run(&mut insp, s.as_bytes(), 7), None);
+        assert!(insp.overflowed());
+        assert!(insp.is_done());
+        assert_eq!(insp.trace_id(), None);
     }
 }
