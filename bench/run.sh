@@ -480,13 +480,22 @@ if wants inspector; then
     out=$(timeout -k 5 600 cargo bench -q --bench inspector -- --warm-up-time 1 --measurement-time 3 --noplot 2>/dev/null) \
       || die "cargo bench --bench inspector failed"
     printf '%s\n' "$out" > "$OUT/inspector.txt"
+    # Criterion prints `NAME` (or `NAME time: …`) and then `thrpt: [low mid high UNIT]`; the
+    # middle value is recorded, converted to MB/s (10^6 bytes per second).
     name=""
     while IFS= read -r line; do
-      if [[ $line =~ ^([^[:space:]]+) ]] && [[ ! $line =~ ^(Found|Benchmarking|Gnuplot|WARNING) ]]; then
-        name=${BASH_REMATCH[1]}
-      fi
-      if [[ $line =~ thrpt:[[:space:]]+\[[^[:space:]]+\ [^[:space:]]+\ ([0-9.]+)\ ([^[:space:]]+) ]]; then
-        record inspector proxy 1 "$name" "{\"value\":${BASH_REMATCH[1]},\"unit\":\"${BASH_REMATCH[2]}\"}"
+      case $line in
+        Found*|Benchmarking*|Gnuplot*|WARNING*|" "*|"") ;;
+        *) name=${line%% *} ;;
+      esac
+      if [[ $line =~ thrpt:[[:space:]]+\[[^[:space:]]+\ [^[:space:]]+\ ([0-9.]+)\ ([A-Za-z]+/s) ]]; then
+        value=${BASH_REMATCH[1]} unit=${BASH_REMATCH[2]}
+        mbs=$(awk -v v="$value" -v u="$unit" 'BEGIN {
+          f = (u == "GiB/s") ? 1073741824 : (u == "MiB/s") ? 1048576 : (u == "KiB/s") ? 1024 : \
+              (u == "GB/s") ? 1e9 : (u == "MB/s") ? 1e6 : (u == "KB/s") ? 1e3 : 1
+          printf "%.0f", v * f / 1e6 }')
+        record inspector proxy 1 "$name" "{\"value\":$mbs,\"unit\":\"MB/s\",\"criterion\":\"$value $unit\"}"
+        printf '    %s: %s MB/s (%s %s)\n' "$name" "$mbs" "$value" "$unit" >&2
       fi
     done <<<"$out"
   fi

@@ -283,7 +283,7 @@ fn render(d: &Data, note: &str) -> String {
         );
         let _ = writeln!(
             s,
-            "| CPU µs per request (upstream / proxy / nginx workers) | {} | {} | {} | {} | |",
+            "| CPU µs per request (upstream / proxy / nginx workers) | {} | {} | {} | {}× | |",
             f(d.median("throughput", "", "direct", "cpu_us_per_op"), 1),
             f(d.median("throughput", "", "proxy", "cpu_us_per_op"), 1),
             f(d.median("throughput", "", "nginx", "cpu_us_per_op"), 1),
@@ -331,7 +331,6 @@ fn render(d: &Data, note: &str) -> String {
                 ("gap p99", "gap_p99_us", 0),
                 ("lag p50", "lag_p50_us", 0),
                 ("lag p99", "lag_p99_us", 0),
-                ("CPU per event", "cpu_us_per_op", 1),
             ] {
                 let _ = writeln!(
                     s,
@@ -344,6 +343,17 @@ fn render(d: &Data, note: &str) -> String {
                     signed(d.added("sse", &p, "nginx", "direct", m), dp),
                 );
             }
+            // CPU is charged to different processes per column (upstream, proxy, nginx
+            // workers), so a difference to direct means nothing; proxy / nginx does.
+            let _ = writeln!(
+                s,
+                "| {} | CPU µs per event (upstream / proxy / nginx workers) | {} | {} | {} | {}× nginx | |",
+                p.trim_start_matches("streams="),
+                f(d.median("sse", &p, "direct", "cpu_us_per_op"), 1),
+                f(d.median("sse", &p, "proxy", "cpu_us_per_op"), 1),
+                f(d.median("sse", &p, "nginx", "cpu_us_per_op"), 1),
+                f(d.ratio("sse", &p, "proxy", "nginx", "cpu_us_per_op"), 2),
+            );
             let counts = |sys: &str| {
                 format!(
                     "{} / {} / {}",
@@ -499,7 +509,7 @@ fn render(d: &Data, note: &str) -> String {
         ] {
             let _ = writeln!(
                 s,
-                "| {label} | {} | {} | {} | {} | {} |",
+                "| {label} | {} | {} | {} | {} | {} | {} |",
                 f(d.median("feedback", "", sys, "rps"), 0),
                 f(
                     d.median("feedback", "", sys, "p50_us").map(|v| v / 1000.0),
@@ -510,6 +520,7 @@ fn render(d: &Data, note: &str) -> String {
                     2
                 ),
                 f(d.sum("feedback", "", sys, "errors"), 0),
+                f(d.median("feedback", "", sys, "cpu_us_per_op"), 0),
                 if sys == "pgbench" {
                     "1.00".into()
                 } else {
@@ -552,14 +563,20 @@ fn render(d: &Data, note: &str) -> String {
     if insp.is_empty() {
         skipped(&mut s, d, "inspector");
     } else {
-        let _ = writeln!(s, "| benchmark | throughput |\n|---|---:|");
+        let _ = writeln!(
+            s,
+            "| benchmark | MB/s | as criterion printed it |\n|---|---:|---:|"
+        );
         for r in insp {
             let _ = writeln!(
                 s,
-                "| {} | {} {} |",
+                "| {} | {} | {} |",
                 r.param,
-                f(r.metrics.get("value").and_then(Value::as_f64), 1),
-                r.metrics.get("unit").and_then(Value::as_str).unwrap_or("")
+                f(r.metrics.get("value").and_then(Value::as_f64), 0),
+                r.metrics
+                    .get("criterion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
             );
         }
     }

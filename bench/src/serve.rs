@@ -17,7 +17,12 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
+
+/// The listen backlog: a burst of a thousand new upstream connections (1,000 SSE streams
+/// starting within one event interval) must not overflow the accept queue, or SYN retries
+/// (1 s) would show up as time to first byte. Capped by `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
 
 use crate::upstream::SseBody;
 
@@ -27,6 +32,17 @@ pub type BenchBody = Either<Full<Bytes>, SseBody>;
 /// A whole-buffer body.
 pub fn full(b: impl Into<Bytes>) -> BenchBody {
     Either::Left(Full::new(b.into()))
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Serves `handler` on `listen` with `threads` runtime workers until `exit_after` elapses.
@@ -49,9 +65,7 @@ where
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     rt.block_on(async move {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot bind {listen}: {e}"))?;
+        let listener = bind(listen).map_err(|e| format!("cannot bind {listen}: {e}"))?;
         let local = listener
             .local_addr()
             .map_err(|e| format!("no local address: {e}"))?;
