@@ -617,17 +617,17 @@ mod tests {
 "#;
         let d = Data::load(raw).expect("parses");
         assert_eq!(
-            d.added("latency", "", "proxy", "direct", "p50_us"),
+            d.added("latency-mixed", "", "proxy", "direct", "p50_us"),
             Some(60.0)
         );
         assert_eq!(
-            d.added("latency", "", "proxy", "direct", "p99_us"),
+            d.added("latency-mixed", "", "proxy", "direct", "p99_us"),
             Some(90.0)
         );
         let md = render(&d, "");
         assert!(md.contains("Skipped: no store"));
         assert!(md.contains(
-            "| added p99 latency at c=1 (interleaved client) | ≤ 0.3 ms | – ms | no figure |"
+            "| added p99 latency at c=1 (interleaved client) | ≤ 0.3 ms | 0.090 ms | met |"
         ));
     }
 
