@@ -94,6 +94,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+# Loads run under `timeout --foreground`: plain `timeout` moves its command into a process group
+# of its own, where a Ctrl-C at the terminal never arrives (and bash, seeing its child exit
+# normally, would carry on).
 
 # ---------------------------------------------------------------- tools
 ensure_tools() {
@@ -236,7 +239,7 @@ run_wrk() {
   [ $# -gt 0 ] && args+=(-- "$@")
   local pids=(${SYSPIDS[$system]:-}) t0 t1 n
   t0=$(cpu_ns "${pids[@]}")
-  out=$(timeout -k 5 $((secs + 30)) wrk "${args[@]}" 2>&1) || die "wrk failed on $system: $out"
+  out=$(timeout --foreground -k 5 $((secs + 30)) wrk "${args[@]}" 2>&1) || die "wrk failed on $system: $out"
   t1=$(cpu_ns "${pids[@]}")
   json=$(sed -n 's/^WRKJSON //p' <<<"$out")
   [ -n "$json" ] || die "wrk printed no result for $system: $out"
@@ -303,7 +306,7 @@ log "upstream $UPSTREAM, proxy :$P_PROXY, nginx :$P_NGINX (results: $OUT)"
 
 # A short warm-up of every path (connections, pools, page faults).
 for sys in "${SYSTEMS[@]}"; do
-  timeout -k 5 30 wrk -t1 -c4 -d1s -s bench/wrk/post.lua "${URL[$sys]}" >/dev/null 2>&1 || true
+  timeout --foreground -k 5 30 wrk -t1 -c4 -d1s -s bench/wrk/post.lua "${URL[$sys]}" >/dev/null 2>&1 || true
 done
 
 # ---------------------------------------------------------------- 1. latency
@@ -316,7 +319,7 @@ if wants latency; then
   done
   log "1b. latency, the systems interleaved request by request (fpbench latency), ${LAT_SECS}s × $ROUNDS"
   for r in $(seq 1 "$ROUNDS"); do
-    out=$(timeout -k 5 $((LAT_SECS + 30)) "$FPB" latency --seconds "$LAT_SECS" --round "$r" \
+    out=$(timeout --foreground -k 5 $((LAT_SECS + 30)) "$FPB" latency --seconds "$LAT_SECS" --round "$r" \
       --target direct="${URL[direct]}" --target proxy="${URL[proxy]}" --target nginx="${URL[nginx]}") \
       || die "the latency client failed"
     printf '%s\n' "$out" >> "$RAW"
@@ -345,7 +348,7 @@ if wants sse; then
       for sys in $(rotate "$r" "${SYSTEMS[@]}"); do
         pids=(${SYSPIDS[$sys]})
         t0=$(cpu_ns "${pids[@]}")
-        json=$(timeout -k 5 $(( budget * repeat + 30 )) "$FPB" sse --url "${URL[$sys]}" \
+        json=$(timeout --foreground -k 5 $(( budget * repeat + 30 )) "$FPB" sse --url "${URL[$sys]}" \
           --streams "$c" --events "$SSE_EVENTS" --interval-ms "$SSE_INTERVAL_MS" \
           --repeat "$repeat" --timeout "$budget") || die "the SSE client failed on $sys"
         t1=$(cpu_ns "${pids[@]}")
@@ -369,7 +372,7 @@ if wants idle; then
     local sys=$1; shift
     local pidargs=() p json
     for p in "$@"; do pidargs+=(--pid "$p"); done
-    json=$(timeout -k 5 $(( IDLE_HOLD_S + 200 )) "$FPB" idle --url "${URL[$sys]}" \
+    json=$(timeout --foreground -k 5 $(( IDLE_HOLD_S + 200 )) "$FPB" idle --url "${URL[$sys]}" \
       --streams "$IDLE_STREAMS" --interval-s "$IDLE_INTERVAL_S" --hold "$IDLE_HOLD_S" \
       --timeout 150 "${pidargs[@]}") || die "the idle client failed on $sys"
     record idle "$sys" 1 "" "$json"
@@ -453,7 +456,7 @@ run_pgbench() {
   local pg_url=$1 r=$2 out tps failed lat
   rm -f "$RUN"/pgb.*
   # The same transaction as the proxy's upsert_vote, on the "a" proxy's tables and keys.
-  out=$(PGOPTIONS="-c search_path=bench_a" timeout -k 5 $((FB_SECS + 60)) "$PGBENCH" "$pg_url" \
+  out=$(PGOPTIONS="-c search_path=bench_a" timeout --foreground -k 5 $((FB_SECS + 60)) "$PGBENCH" "$pg_url" \
     -n -M prepared -c "$FB_CONNS" -j "$WORKERS" -T "$FB_SECS" -f bench/pgbench/upsert_vote.sql \
     -D users="$FB_USERS" -D messages="$FB_MESSAGES" -D tag=a -l --log-prefix="$RUN/pgb" 2>&1) \
     || die "pgbench failed: $out"
@@ -477,7 +480,7 @@ if wants inspector; then
     skip inspector "not part of the smoke run"
   else
     log "6. inspector: cargo bench --bench inspector"
-    out=$(timeout -k 5 600 cargo bench -q --bench inspector -- --warm-up-time 1 --measurement-time 3 --noplot 2>/dev/null) \
+    out=$(timeout --foreground -k 5 600 cargo bench -q --bench inspector -- --warm-up-time 1 --measurement-time 3 --noplot 2>/dev/null) \
       || die "cargo bench --bench inspector failed"
     printf '%s\n' "$out" > "$OUT/inspector.txt"
     # Criterion prints `NAME` (or `NAME time: …`) and then `thrpt: [low mid high UNIT]`; the
