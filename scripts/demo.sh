@@ -12,6 +12,9 @@ FP_REPO_ROOT=$(pwd)
 cleanup_hooks=()
 on_exit() {
   local status=$?
+  # Nothing may cut the clean-up short: not a second Ctrl-C, and not SIGPIPE when the output
+  # was piped (e.g. through tee) and the reader died with the first Ctrl-C.
+  trap '' INT TERM PIPE
   for ((i = ${#cleanup_hooks[@]} - 1; i >= 0; i--)); do eval "${cleanup_hooks[i]}" || true; done
   exit $status
 }

@@ -18,6 +18,9 @@ chmod 755 "$FP_TEST_TMP"
 cleanup_hooks=()
 on_exit() {
   local status=$?
+  # Nothing may cut the clean-up short: not a second Ctrl-C, and not SIGPIPE when the output
+  # was piped (e.g. through tee) and the reader died with the first Ctrl-C.
+  trap '' INT TERM PIPE
   for ((i=${#cleanup_hooks[@]}-1; i>=0; i--)); do eval "${cleanup_hooks[i]}" || true; done
   if [ $status = 0 ] && [ -z "${FP_KEEP_TMP:-}" ]; then
     rm -rf "$FP_TEST_TMP"

@@ -285,7 +285,7 @@ async fn fetch_oauth(
         return Err(AuthError::Rejected {
             endpoint: endpoint.to_owned(),
             status: parts.status.as_u16(),
-            reason: truncate(&reason, 200),
+            reason: crate::error::one_line(&reason, 200),
         });
     }
     let body: OauthResponse = serde_json::from_slice(&bytes).map_err(|e| AuthError::Invalid {
@@ -336,7 +336,7 @@ async fn fetch_cli(program: &str, args: &[String], timeout: Duration) -> Result<
             reason: format!(
                 "exit status {}: {}",
                 output.status,
-                truncate(stderr.trim(), 300)
+                crate::error::one_line(stderr.trim(), 300)
             ),
         });
     }
@@ -357,17 +357,6 @@ async fn fetch_cli(program: &str, args: &[String], timeout: Duration) -> Result<
         lifetime.or(Some(Duration::from_secs(600))),
     )
     .map_err(|reason| AuthError::Cli { command, reason })
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 /// The token sources of one process, built once: hops configured with the same spec share one

@@ -398,6 +398,20 @@ pub enum SslMode {
     VerifyFull,
 }
 
+impl SslMode {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Allow => "allow",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+}
+
 impl FromStr for SslMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -757,7 +771,7 @@ impl Config {
             {
                 out.push(format!(
                     "store sslmode={} for a remote Postgres host: the connection may be unencrypted",
-                    serde_plain(&pg.sslmode)
+                    pg.sslmode.as_str()
                 ));
             }
         }
@@ -830,17 +844,6 @@ fn is_local_host(url: &Url) -> bool {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
-    }
-}
-
-fn serde_plain(mode: &SslMode) -> &'static str {
-    match mode {
-        SslMode::Disable => "disable",
-        SslMode::Allow => "allow",
-        SslMode::Prefer => "prefer",
-        SslMode::Require => "require",
-        SslMode::VerifyCa => "verify-ca",
-        SslMode::VerifyFull => "verify-full",
     }
 }
 

@@ -173,6 +173,40 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// One line: control characters become spaces, runs of whitespace collapse, at most `max`
+/// characters (an ellipsis marks a cut).
+pub fn one_line(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max * 4));
+    let mut count = 0;
+    let mut pending_space = false;
+    for c in s.chars() {
+        if c.is_whitespace() || c.is_control() {
+            pending_space = count > 0;
+            continue;
+        }
+        let needed = if pending_space { 2 } else { 1 };
+        if count + needed > max {
+            // Make room for the ellipsis.
+            while count + 1 > max || out.ends_with(' ') {
+                if out.pop().is_none() {
+                    break;
+                }
+                count -= 1;
+            }
+            out.push('…');
+            return out;
+        }
+        if pending_space {
+            out.push(' ');
+            count += 1;
+            pending_space = false;
+        }
+        out.push(c);
+        count += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,8 +214,29 @@ impl Deliverer {
     }
 
     /// One attempt on a claimed delivery; records the result in the store.
+    ///
+    /// The attempt must end well inside its lease: leases carry no holder, so an attempt that
+    /// outlived its lease could finish on top of another worker's newer claim. It is cut at
+    /// 80 % of the lease and retried (the lookup by user and name makes that safe).
     pub async fn attempt(&self, d: Delivery) -> Status {
-        let attempt = self.run(&d).await;
+        let deadline = self.config.lease.mul_f64(0.8);
+        let attempt = match tokio::time::timeout(deadline, self.run(&d)).await {
+            Ok(a) => a,
+            Err(_) => Attempt::new(
+                AssessmentFact::Unchanged,
+                Outcome::Retry {
+                    at: SystemTime::now() + self.backoff(d.attempts, None),
+                    error: format!(
+                        "the attempt took longer than {} and was cut",
+                        humantime::format_duration(deadline)
+                    ),
+                },
+                Status::Queued {
+                    trace_id: d.trace_id.clone(),
+                    reason: None,
+                },
+            ),
+        };
         let label = match &attempt.outcome {
             Outcome::Done => "done",
             Outcome::Retry { .. } => "retry",

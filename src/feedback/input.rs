@@ -75,7 +75,7 @@ pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, E
             "UNKNOWN_NAME",
             format!(
                 "name: \"{}\" is not an accepted assessment name (accepted: {})",
-                truncate(&name, 64),
+                crate::error::one_line(&name, 64),
                 accepted.join(", ")
             ),
         ));
@@ -170,17 +170,6 @@ fn value_of(v: &Value, name: &str, kinds: &ValueKinds) -> Result<FeedbackValue, 
     } else {
         Err(kind_error(name, kinds))
     }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! reason. Nothing here ever holds a request body, a header or a token: the message is what the
 //! server or the transport said, cleaned of control characters and bounded in length.
 
+use crate::error::one_line;
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
@@ -98,7 +99,7 @@ impl MlflowError {
             kind,
             status: None,
             error_code: None,
-            message: clean(message.as_ref(), MESSAGE_MAX_CHARS),
+            message: one_line(message.as_ref(), MESSAGE_MAX_CHARS),
         }
     }
 
@@ -149,7 +150,7 @@ impl MlflowError {
         } else {
             format!("{head}: {}", self.message)
         };
-        clean(&line, SHORT_MAX_CHARS)
+        one_line(&line, SHORT_MAX_CHARS)
     }
 
     /// A transport failure of [`crate::client::HttpClient::exchange`].
@@ -220,7 +221,7 @@ impl MlflowError {
             kind,
             status: Some(code),
             error_code,
-            message: clean(&message, MESSAGE_MAX_CHARS),
+            message: one_line(&message, MESSAGE_MAX_CHARS),
         }
     }
 }
@@ -277,7 +278,7 @@ fn parse_error_body(headers: &HeaderMap, body: &[u8]) -> ParsedError {
     let summary = if is_html {
         html_summary(&text)
     } else {
-        clean(&text, 160)
+        one_line(&text, 160)
     };
     ParsedError {
         error_code: None,
@@ -289,7 +290,7 @@ fn parse_error_body(headers: &HeaderMap, body: &[u8]) -> ParsedError {
 /// `Method Not Allowed: The method is not allowed…`.
 fn html_summary(html: &str) -> String {
     let title = between(html, "<title>", "</title>").map(|t| {
-        let t = clean(&strip_tags(t), 100);
+        let t = one_line(&strip_tags(t), 100);
         // Flask's titles repeat the status code the caller already has.
         match t.split_once(' ') {
             Some((n, rest)) if n.len() == 3 && n.bytes().all(|b| b.is_ascii_digit()) => {
@@ -298,14 +299,14 @@ fn html_summary(html: &str) -> String {
             _ => t,
         }
     });
-    let para = between(html, "<p>", "</p>").map(|p| clean(&strip_tags(p), 120));
+    let para = between(html, "<p>", "</p>").map(|p| one_line(&strip_tags(p), 120));
     let out = match (title, para) {
         (Some(t), Some(p)) if !t.is_empty() && !p.is_empty() => format!("{t}: {p}"),
         (Some(t), _) if !t.is_empty() => t,
         (_, Some(p)) if !p.is_empty() => p,
-        _ => clean(&strip_tags(html), 160),
+        _ => one_line(&strip_tags(html), 160),
     };
-    clean(&out, 160)
+    one_line(&out, 160)
 }
 
 fn between<'a>(s: &'a str, open: &str, close: &str) -> Option<&'a str> {
@@ -328,40 +329,6 @@ fn strip_tags(s: &str) -> String {
             _ if !in_tag => out.push(c),
             _ => {}
         }
-    }
-    out
-}
-
-/// One line: control characters become spaces, runs of whitespace collapse, at most `max`
-/// characters (an ellipsis marks a cut).
-pub(crate) fn clean(s: &str, max: usize) -> String {
-    let mut out = String::with_capacity(s.len().min(max * 4));
-    let mut count = 0;
-    let mut pending_space = false;
-    for c in s.chars() {
-        if c.is_whitespace() || c.is_control() {
-            pending_space = count > 0;
-            continue;
-        }
-        let needed = if pending_space { 2 } else { 1 };
-        if count + needed > max {
-            // Make room for the ellipsis.
-            while count + 1 > max || out.ends_with(' ') {
-                if out.pop().is_none() {
-                    break;
-                }
-                count -= 1;
-            }
-            out.push('…');
-            return out;
-        }
-        if pending_space {
-            out.push(' ');
-            count += 1;
-            pending_space = false;
-        }
-        out.push(c);
-        count += 1;
     }
     out
 }
@@ -579,11 +546,11 @@ mod tests {
 
     #[test]
     fn clean_handles_edges() {
-        assert_eq!(clean("  a \r\n b  ", 10), "a b");
-        assert_eq!(clean("abcdef", 3), "ab…");
-        assert_eq!(clean("ab cdef", 4), "ab…");
-        assert_eq!(clean("", 3), "");
-        assert_eq!(clean("ééé", 3), "ééé");
+        assert_eq!(one_line("  a \r\n b  ", 10), "a b");
+        assert_eq!(one_line("abcdef", 3), "ab…");
+        assert_eq!(one_line("ab cdef", 4), "ab…");
+        assert_eq!(one_line("", 3), "");
+        assert_eq!(one_line("ééé", 3), "ééé");
     }
 
     #[test]

@@ -294,54 +294,40 @@ impl ResponseBody {
         let ttfb_ms = self
             .first_byte
             .map(|fb| fb.duration_since(end.start).as_secs_f64() * 1e3);
-        match reason {
-            EndReason::Complete | EndReason::ClientGone => {
-                let outcome = if reason == EndReason::Complete {
-                    "complete"
-                } else {
-                    "client_gone"
-                };
-                tracing::info!(
-                    target: "feedback_proxy::access",
-                    request_id = %end.request_id,
-                    method = %end.method,
-                    path = %end.path,
-                    route = "agent",
-                    status = end.status,
-                    duration_ms,
-                    ttfb_ms,
-                    bytes = self.bytes,
-                    message_id = %end.link.message_id,
-                    trace_id,
-                    outcome,
-                    "request"
-                );
-            }
-            EndReason::UpstreamError | EndReason::IdleTimeout => {
-                let kind = if reason == EndReason::IdleTimeout {
-                    "idle_timeout"
-                } else {
-                    "stream_error"
-                };
-                m.upstream_errors.get_or_create(&KindLabel { kind }).inc();
-                tracing::warn!(
-                    target: "feedback_proxy::access",
-                    request_id = %end.request_id,
-                    method = %end.method,
-                    path = %end.path,
-                    route = "agent",
-                    status = end.status,
-                    duration_ms,
-                    ttfb_ms,
-                    bytes = self.bytes,
-                    message_id = %end.link.message_id,
-                    trace_id,
-                    outcome = kind,
-                    error = error.unwrap_or(""),
-                    upstream = %end.upstream,
-                    "request ended early: the agent stream broke"
-                );
-            }
+        let outcome = match reason {
+            EndReason::Complete => "complete",
+            EndReason::ClientGone => "client_gone",
+            EndReason::UpstreamError => "stream_error",
+            EndReason::IdleTimeout => "idle_timeout",
+        };
+        // The access line: one per request, whatever happened.
+        tracing::info!(
+            target: "feedback_proxy::access",
+            request_id = %end.request_id,
+            method = %end.method,
+            path = %end.path,
+            route = "agent",
+            status = end.status,
+            duration_ms,
+            ttfb_ms,
+            bytes = self.bytes,
+            message_id = %end.link.message_id,
+            trace_id,
+            outcome,
+            "request"
+        );
+        // A broken stream is also an error, logged once, here.
+        if let Some(error) = error {
+            m.upstream_errors
+                .get_or_create(&KindLabel { kind: outcome })
+                .inc();
+            tracing::warn!(
+                request_id = %end.request_id,
+                message_id = %end.link.message_id,
+                upstream = %end.upstream,
+                error,
+                "the agent stream ended early"
+            );
         }
     }
 

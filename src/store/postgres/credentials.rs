@@ -324,18 +324,7 @@ fn error_reason(bytes: &[u8], status: http::StatusCode) -> String {
         }) => m,
         _ => status.canonical_reason().unwrap_or("error").to_owned(),
     };
-    truncate(&reason, 300)
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    crate::error::one_line(&reason, 300)
 }
 
 /// RFC 3339 with any UTC offset (humantime alone only takes `Z` / `+00:00`).

@@ -91,7 +91,7 @@ fn roots(sslrootcert: Option<&Path>, mode: SslMode) -> Result<RootCertStore, Sto
         StoreError::Unavailable(format!(
             "TLS: cannot use sslrootcert {} (sslmode={}): {reason}",
             path.display(),
-            mode_name(mode)
+            mode.as_str()
         ))
     };
     let mut roots = RootCertStore::empty();
@@ -197,17 +197,6 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
-pub(super) fn mode_name(mode: SslMode) -> &'static str {
-    match mode {
-        SslMode::Disable => "disable",
-        SslMode::Allow => "allow",
-        SslMode::Prefer => "prefer",
-        SslMode::Require => "require",
-        SslMode::VerifyCa => "verify-ca",
-        SslMode::VerifyFull => "verify-full",
-    }
-}
-
 /// A sentence for a TLS failure found anywhere in `err`'s source chain (`None` if the failure
 /// was not about TLS), e.g. "TLS: server certificate not trusted (sslmode=verify-full)".
 pub(super) fn describe_failure(
@@ -215,7 +204,7 @@ pub(super) fn describe_failure(
     mode: SslMode,
     host: &str,
 ) -> Option<String> {
-    let mode = mode_name(mode);
+    let mode = mode.as_str();
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = next {
         if let Some(r) = rustls_error(e) {
