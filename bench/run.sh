@@ -79,6 +79,9 @@ stop_pid() {
 cleanup() {
   local status=$? i
   set +e
+  # Nothing may cut the clean-up short: not a second Ctrl-C, and not SIGPIPE when the output was
+  # piped (through tee, say) and the reader died with the first Ctrl-C.
+  trap '' INT TERM PIPE
   for ((i=${#PIDS[@]}-1; i>=0; i--)); do stop_pid "${PIDS[i]}"; done
   if ((${#PG_STOP[@]})); then "${PG_STOP[@]}" >/dev/null 2>&1; fi
   [ -n "$POLICY_RC_CREATED" ] && rm -f /usr/sbin/policy-rc.d
