@@ -92,18 +92,19 @@ async fn dispatch(
     match route {
         Route::Agent(agent_route) => {
             let user = identity::user(req.headers(), &state.config.identity)?;
-            state
-                .proxy
-                .forward(
-                    req,
-                    Forward {
-                        route: agent_route,
-                        user,
-                        request_id: request_id.clone(),
-                        start,
-                    },
-                )
-                .await
+            // Boxed: the forwarding future is large, and hyper sizes every connection's task
+            // for the largest future its handler can return; boxing keeps an idle stream's
+            // connection small.
+            Box::pin(state.proxy.forward(
+                req,
+                Forward {
+                    route: agent_route,
+                    user,
+                    request_id: request_id.clone(),
+                    start,
+                },
+            ))
+            .await
         }
         Route::Health => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         Route::Ready => Ok(ready(state).await),

@@ -199,9 +199,18 @@ impl DeliveryState {
 pub enum Enqueue {
     /// Due now.
     Pending,
-    /// Parked with this reason (e.g. `no_trace_id`, `no_experiment_id`).
+    /// Parked with this reason (e.g. `no_trace_id`, `no_experiment_id`). Only reasons starting
+    /// with [`AWAITING_TRACE`] are woken by links.
     Waiting { reason: String },
 }
+
+/// Deliveries parked (`waiting`) with a reason starting with this wait for their message's
+/// trace: recording a link that carries a trace id or client request id wakes them, and
+/// [`Store::upsert_vote`] enqueues them as `pending` at once if the link already has one. A
+/// delivery held for any other reason (e.g. `no_experiment_id`: MLflow is not configured)
+/// stays `waiting` until an operator requeues it (`feedback-proxy deliveries retry --state
+/// waiting`). The SQL of both backends matches it as `last_error LIKE 'no_trace_id%'`.
+pub const AWAITING_TRACE: &str = "no_trace_id";
 
 /// One outbox row: the desired MLflow state for a (message, user, name) and how far delivery
 /// got.

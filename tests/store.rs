@@ -85,6 +85,7 @@ on_both_backends!(
     waiting_delivery_is_woken_by_a_client_request_id,
     link_without_ids_does_not_wake,
     waiting_vote_after_the_wake_is_pending,
+    held_deliveries_are_not_woken_by_links,
     retract_vote_enqueues_a_deletion,
     list_votes_filters_and_orders,
     claim_due_leases_due_work_oldest_first,
@@ -455,6 +456,38 @@ mod suite {
         let d = delivery_of(&store, &key("m1")).await;
         assert_eq!(d.state, DeliveryState::Waiting);
         assert_eq!(d.last_error.as_deref(), Some("no_trace_id"));
+    }
+
+    /// Only deliveries waiting for a trace are woken: one held because MLflow is not configured
+    /// stays held, whatever links arrive, until an operator requeues it.
+    pub async fn held_deliveries_are_not_woken_by_links(store: SharedStore) {
+        let held = Enqueue::Waiting {
+            reason: "no_experiment_id".into(),
+        };
+        let mut traced = link("m1", "alice");
+        traced.trace_id = Some("tr-1".into());
+        store
+            .record_links(std::slice::from_ref(&traced))
+            .await
+            .unwrap();
+        let d = store
+            .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &held)
+            .await
+            .unwrap();
+        assert_eq!(d.state, DeliveryState::Waiting);
+        assert_eq!(d.last_error.as_deref(), Some("no_experiment_id"));
+        store.record_links(&[traced]).await.unwrap();
+        let d = delivery_of(&store, &key("m1")).await;
+        assert_eq!(d.state, DeliveryState::Waiting);
+        assert!(store.claim_due(10, LEASE).await.unwrap().is_empty());
+        assert_eq!(
+            store.requeue(DeliveryState::Waiting, None).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            delivery_of(&store, &key("m1")).await.state,
+            DeliveryState::Pending
+        );
     }
 
     /// The wake-up race, deterministic half: the caller decided "waiting" from a link read

@@ -1,20 +1,16 @@
--- Scenario 5's SQL baseline: the Postgres store's upsert_vote transaction (src/store/postgres/
--- votes.rs), statement for statement, for a vote whose delivery is enqueued "waiting" (MLflow
--- not configured), with the same key distribution as bench/wrk/feedback.lua.
+-- Scenario 5's SQL baseline: the statements one `POST /api/feedback` runs against the Postgres
+-- store when MLflow is not configured, statement for statement: the handler's link read
+-- (src/store/postgres/links.rs get_link), then upsert_vote's transaction
+-- (src/store/postgres/votes.rs) for a vote held `waiting` (reason no_experiment_id: no
+-- advisory lock, no link check), with the same key distribution as bench/wrk/feedback.lua.
 -- Variables (pgbench -D): tag, users, messages. Run with -M prepared (the store uses prepared
 -- statements) and search_path set to the proxy's schema (PGOPTIONS).
 \set u random(0, :users - 1)
 \set m random(0, :messages - 1)
 \set up random(0, 1)
+SELECT message_id, chat_id, user_id, trace_id, client_request_id, open, created_at, updated_at
+  FROM message_links WHERE message_id = :tag::text || '-m' || :u::text || '-' || :m::text;
 BEGIN;
--- lock_messages(): the per-message transaction advisory lock (namespace MESSAGE_LOCK).
-SELECT pg_advisory_xact_lock(263478801::int4, h)
-  FROM (SELECT DISTINCT hashtext(m) AS h
-          FROM unnest(ARRAY[:tag::text || '-m' || :u::text || '-' || :m::text]) AS m ORDER BY h) AS keys;
--- The link check of a waiting enqueue.
-SELECT EXISTS (SELECT 1 FROM message_links
-                WHERE message_id = :tag::text || '-m' || :u::text || '-' || :m::text
-                  AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL)) AS linked \gset
 INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at)
   VALUES (:tag::text || '-m' || :u::text || '-' || :m::text,
           :tag::text || '-u' || :u::text || '@bench.example',
@@ -30,8 +26,8 @@ INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_val
           :tag::text || '-u' || :u::text || '@bench.example',
           'user_feedback', :tag::text || '-c' || :u::text, 'upsert',
           (CASE WHEN :up::int = 1 THEN 'true' ELSE 'false' END)::jsonb, NULL, 1, 0,
-          CASE WHEN :linked::boolean THEN 'pending' ELSE 'waiting' END, 0, now(), now(),
-          CASE WHEN :linked::boolean THEN NULL ELSE 'no_experiment_id' END, now())
+          'waiting', 0, now(), now(),
+          'no_experiment_id', now())
   ON CONFLICT (message_id, user_id, name) DO UPDATE SET
     chat_id = excluded.chat_id, desired = excluded.desired,
     desired_value = excluded.desired_value, desired_comment = excluded.desired_comment,

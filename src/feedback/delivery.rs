@@ -103,7 +103,7 @@ impl Status {
 }
 
 /// Park reasons, also the `mlflowStatus` they map to.
-pub const NO_TRACE_ID: &str = "no_trace_id";
+pub const NO_TRACE_ID: &str = crate::store::AWAITING_TRACE;
 pub const NO_EXPERIMENT_ID: &str = "no_experiment_id";
 
 /// The deterministic assessment id for a key and generation (≤ 50 characters, as the server

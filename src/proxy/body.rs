@@ -150,7 +150,10 @@ impl ResponseBody {
                 open: false,
                 ..end.link.clone()
             });
-        } else if !end.claimed {
+        } else if !end.claimed && body.sse {
+            // A stream may run for a while: say now that it exists, so that a vote cast while
+            // it runs is queued rather than answered `no_trace_id`. A non-streaming answer
+            // arrives whole, and its final link follows within moments.
             end.recorder.record(LinkRecord {
                 open: true,
                 ..end.link.clone()
@@ -277,18 +280,6 @@ impl ResponseBody {
             m.inspector_overflows.inc();
         }
 
-        if !self.trace_reported {
-            let mut link = end.link.clone();
-            if let Some(insp) = &self.inspector {
-                link.trace_id = insp.trace_id().map(|f| f.id.clone());
-                if let Some(c) = insp.client_request_id() {
-                    link.client_request_id = Some(c.to_owned());
-                }
-            }
-            link.open = false;
-            end.recorder.record(link);
-        }
-
         let trace_id = found.map(|f| f.id.as_str()).unwrap_or("");
         let duration_ms = now.duration_since(end.start).as_secs_f64() * 1e3;
         let ttfb_ms = self
@@ -328,6 +319,20 @@ impl ResponseBody {
                 error,
                 "the agent stream ended early"
             );
+        }
+
+        if !self.trace_reported {
+            let StreamEnd {
+                mut link, recorder, ..
+            } = end;
+            if let Some(insp) = &self.inspector {
+                link.trace_id = insp.trace_id().map(|f| f.id.clone());
+                if let Some(c) = insp.client_request_id() {
+                    link.client_request_id = Some(c.to_owned());
+                }
+            }
+            link.open = false;
+            recorder.record(link);
         }
     }
 

@@ -35,6 +35,8 @@ mod frame;
 
 use std::ops::{ControlFlow, Range};
 
+use std::sync::LazyLock;
+
 use memchr::memmem::Finder;
 
 pub use self::frame::{Event, Framer};
@@ -44,14 +46,18 @@ use super::trace::{self, Candidate, Found, Source};
 /// `databricks_output.trace.info.trace_id` and `metadata.trace_id`.
 const TRACE_ID_KEY: &[u8] = b"\"trace_id\"";
 const CLIENT_REQUEST_ID_KEY: &[u8] = b"\"client_request_id\"";
+static TRACE_ID_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(TRACE_ID_KEY));
+static CLIENT_REQUEST_ID_FINDER: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(CLIENT_REQUEST_ID_KEY));
 
 /// Inspects an agent response body as it passes, by reference, with bounded memory.
 #[derive(Debug)]
 pub struct Inspector {
     mode: Mode,
-    /// Pre-filter searchers, built once per response rather than per event.
-    trace_key: Finder<'static>,
-    client_request_id_key: Finder<'static>,
+    /// Pre-filter searchers, built once per process (building one costs more than searching
+    /// a small frame).
+    trace_key: &'static Finder<'static>,
+    client_request_id_key: &'static Finder<'static>,
     trace_id: Option<Found>,
     client_request_id: Option<String>,
     rejected: Option<Source>,
@@ -86,8 +92,8 @@ impl Inspector {
     fn new(mode: Mode) -> Self {
         Self {
             mode,
-            trace_key: Finder::new(TRACE_ID_KEY),
-            client_request_id_key: Finder::new(CLIENT_REQUEST_ID_KEY),
+            trace_key: &TRACE_ID_FINDER,
+            client_request_id_key: &CLIENT_REQUEST_ID_FINDER,
             trace_id: None,
             client_request_id: None,
             rejected: None,
@@ -107,7 +113,7 @@ impl Inspector {
             Mode::Sse(framer) => {
                 let mut hits = KeyHits::default();
                 let at = framer.feed(chunk, |ev| {
-                    let keys = [&self.trace_key, &self.client_request_id_key];
+                    let keys = [self.trace_key, self.client_request_id_key];
                     // The frame-wide search first (cheap per event); then the event's own data,
                     // which rules out a key seen only in a comment or another field.
                     let candidate = ev

@@ -6,7 +6,9 @@ use super::outbox::delivery;
 use super::pool::query_error;
 use super::{PgStore, lock_messages};
 use crate::store::codec::{self, DESIRED_DELETE};
-use crate::store::{Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey};
+use crate::store::{
+    AWAITING_TRACE, Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
+};
 
 pub(super) async fn upsert_vote(
     store: &PgStore,
@@ -45,7 +47,8 @@ pub(super) async fn upsert_vote(
     let mut conn = store.conn().await?;
     let c = &mut *conn;
     let tx = c.client.transaction().await.map_err(query_error)?;
-    if state == DeliveryState::Waiting {
+    let awaits_trace = reason.is_some_and(|r| r.starts_with(AWAITING_TRACE));
+    if state == DeliveryState::Waiting && awaits_trace {
         // Serialized with `record_links` for this message: either its wake-up runs after we
         // commit (and finds our waiting delivery), or it committed before this check.
         lock_messages(&tx, &mut c.statements, &[k.message_id.as_str()]).await?;
@@ -59,37 +62,34 @@ pub(super) async fn upsert_vote(
             reason = None;
         }
     }
-    let stmt = c.statements.get(&tx, VOTE).await?;
-    tx.execute(
-        &stmt,
-        &[
-            &k.message_id,
-            &k.user_id,
-            &k.name,
-            &vote.chat_id,
-            &value,
-            &vote.comment,
-        ],
+    // The two upserts are independent: sent together, they cost one round trip (tokio-postgres
+    // pipelines queries polled concurrently on one connection, in order).
+    let vote_stmt = c.statements.get(&tx, VOTE).await?;
+    let delivery_stmt = c.statements.get(&tx, DELIVERY).await?;
+    let state_name = state.as_str();
+    let vote_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+        &k.message_id,
+        &k.user_id,
+        &k.name,
+        &vote.chat_id,
+        &value,
+        &vote.comment,
+    ];
+    let delivery_params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &k.message_id,
+        &k.user_id,
+        &k.name,
+        &vote.chat_id,
+        &value,
+        &vote.comment,
+        &state_name,
+        &reason,
+    ];
+    let (_, row) = tokio::try_join!(
+        tx.execute(&vote_stmt, &vote_params),
+        tx.query_one(&delivery_stmt, &delivery_params),
     )
-    .await
     .map_err(query_error)?;
-    let stmt = c.statements.get(&tx, DELIVERY).await?;
-    let row = tx
-        .query_one(
-            &stmt,
-            &[
-                &k.message_id,
-                &k.user_id,
-                &k.name,
-                &vote.chat_id,
-                &value,
-                &vote.comment,
-                &state.as_str(),
-                &reason,
-            ],
-        )
-        .await
-        .map_err(query_error)?;
     let d = delivery(&row)?;
     tx.commit().await.map_err(query_error)?;
     Ok(d)

@@ -90,12 +90,18 @@ pub(super) fn record_links(conn: &mut Connection, links: &[LinkRecord]) -> Resul
                     state = 'pending', next_attempt_at = ?2, enqueued_at = ?2, attempts = 0,
                     last_error = NULL, updated_at = ?2
                 WHERE state = 'waiting' AND message_id = ?1
+                    AND last_error LIKE 'no_trace_id%' -- store::AWAITING_TRACE
                     AND EXISTS (SELECT 1 FROM message_links AS l WHERE l.message_id = ?1
                         AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL))",
             )
             .map_err(sql_error)?;
         let mut seen = std::collections::HashSet::new();
-        for l in links {
+        // Only a link that carries an id can wake anything: skip the (comparatively costly)
+        // UPDATE for the rest, e.g. the "stream opened" records.
+        for l in links
+            .iter()
+            .filter(|l| l.trace_id.is_some() || l.client_request_id.is_some())
+        {
             if seen.insert(l.message_id.as_str()) {
                 wake.execute((&l.message_id, now)).map_err(sql_error)?;
             }

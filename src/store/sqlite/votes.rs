@@ -4,7 +4,9 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::conn::{delivery, from_ms, immediate, now_ms, raw_delivery, sql_error};
 use crate::store::codec::{self, DESIRED_DELETE};
-use crate::store::{Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey};
+use crate::store::{
+    AWAITING_TRACE, Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
+};
 
 pub(super) fn upsert_vote(
     conn: &mut Connection,
@@ -18,7 +20,7 @@ pub(super) fn upsert_vote(
     // IMMEDIATE: this transaction holds the write lock from its first statement, so the link
     // check below cannot interleave with a `record_links` wake-up.
     let tx = immediate(conn)?;
-    if state == DeliveryState::Waiting {
+    if state == DeliveryState::Waiting && reason.is_some_and(|r| r.starts_with(AWAITING_TRACE)) {
         let linked: bool = tx
             .prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM message_links WHERE message_id = ?1
