@@ -18,6 +18,10 @@ use crate::store::{LinkRecord, SharedStore};
 const BATCH: usize = 512;
 /// Attempts for one batch before it is dropped.
 const ATTEMPTS: u32 = 4;
+/// After the first link of a batch arrives, wait this long for more: a store transaction per
+/// handful of links costs far more than a few milliseconds' delay in recording them (a vote
+/// arriving in that window is still delivered: linking wakes it).
+const LINGER: Duration = Duration::from_millis(0);
 
 /// The sending side, cloned into every stream.
 #[derive(Clone, Debug)]
@@ -94,6 +98,15 @@ async fn writer(
         };
         if n == 0 {
             break;
+        }
+        if n < BATCH && !stopping {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(l) => batch.push(l),
+                    Err(_) => break,
+                }
+            }
         }
         let attempts = if stopping { 1 } else { ATTEMPTS };
         let mut delay = Duration::from_millis(100);

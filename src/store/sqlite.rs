@@ -1,7 +1,8 @@
 //! SQLite backend: the embedded default, for a SINGLE instance of the proxy.
 //!
 //! One database file in WAL mode (readers never block the writer), `synchronous = FULL` (a
-//! vote acknowledged with 200 survives a power cut, not just a crash), and a busy timeout for
+//! vote acknowledged with 200 survives a power cut, not just a crash; message-link batches,
+//! best-effort by design, commit with NORMAL — see `links.rs`), and a busy timeout for
 //! the rare other process touching the file (`feedback-proxy migrate`, an operator's `sqlite3`).
 //! Several proxy replicas must NOT share one file: there is no cross-process lease protocol
 //! beyond SQLite's own locking, and a file on a network share is not safe for WAL. Use
