@@ -528,6 +528,18 @@ async fn retracting_deletes_the_assessment_and_an_unknown_vote_is_404() {
 /// then drops the connection instead of answering: the crash window between "MLflow created it"
 /// and "we recorded it".
 async fn dropping_first_create(real: String) -> (String, Arc<AtomicUsize>) {
+    faulty_mlflow(real, false, &[0]).await
+}
+
+/// A stand-in in front of the real MLflow: drops the answers of the creates whose index is in
+/// `drop` (they are applied first), and with `strip_ids` ignores client-chosen assessment ids
+/// like a server that assigns its own.
+async fn faulty_mlflow(
+    real: String,
+    strip_ids: bool,
+    drop: &[usize],
+) -> (String, Arc<AtomicUsize>) {
+    let drop: Arc<Vec<usize>> = Arc::new(drop.to_vec());
     use http_body_util::{BodyExt, Full};
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -542,21 +554,31 @@ async fn dropping_first_create(real: String) -> (String, Arc<AtomicUsize>) {
             let client = client.clone();
             let real = real.clone();
             let counter = counter.clone();
+            let drop = drop.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let client = client.clone();
                     let real = real.clone();
                     let counter = counter.clone();
+                    let drop = drop.clone();
                     async move {
                         let (parts, body) = req.into_parts();
-                        let body = body.collect().await.unwrap().to_bytes();
+                        let mut body = body.collect().await.unwrap().to_bytes();
                         let is_create = parts.method == http::Method::POST
                             && parts.uri.path().ends_with("/assessments");
+                        if is_create && strip_ids {
+                            let mut v: Value = serde_json::from_slice(&body).unwrap();
+                            v["assessment"]
+                                .as_object_mut()
+                                .unwrap()
+                                .remove("assessment_id");
+                            body = bytes::Bytes::from(v.to_string());
+                        }
                         let mut fwd = Request::builder()
                             .method(parts.method.clone())
                             .uri(format!("{real}{}", parts.uri));
                         for (k, v) in &parts.headers {
-                            if k != http::header::HOST {
+                            if k != http::header::HOST && k != http::header::CONTENT_LENGTH {
                                 fwd = fwd.header(k, v);
                             }
                         }
@@ -566,7 +588,7 @@ async fn dropping_first_create(real: String) -> (String, Arc<AtomicUsize>) {
                             .unwrap();
                         let (rp, rb) = res.into_parts();
                         let rb = rb.collect().await.unwrap().to_bytes();
-                        if is_create && counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                        if is_create && drop.contains(&counter.fetch_add(1, Ordering::SeqCst)) {
                             // Applied on the server; the answer never arrives.
                             return Err::<hyper::Response<Full<bytes::Bytes>>, _>(
                                 std::io::Error::other("dropped"),
@@ -1065,4 +1087,119 @@ async fn operators_can_list_and_requeue_dead_letters() {
     assert!(run(&["deliveries", "retry"]).contains("requeued 1"));
     let table = run(&["deliveries", "list"]);
     assert!(table.contains("1 pending"), "{table}");
+}
+
+/// A server that assigns its own assessment ids cannot catch a repeated create by id: the
+/// proxy must notice (from the first create) and look on the trace before creating, so lost
+/// answers still never produce a second assessment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_ignoring_client_ids_still_gets_one_assessment_per_vote() {
+    // Creates 0 and 2 are applied but their answers lost; all client ids are ignored.
+    let (faulty, creates) = faulty_mlflow(mlflow_url(), true, &[0, 2]).await;
+    let proxy = TestProxy::start(&config(
+        Some((&faulty, &experiment_id())),
+        None,
+        FAST_DELIVERY,
+    ))
+    .await;
+    let client = client_for(&mlflow_url());
+    for (i, chat) in ["c-i0", "c-i1", "c-i2"].into_iter().enumerate() {
+        let (message_id, trace_id) = answered(&proxy, &agent_url(), BOB, chat).await;
+        support::mlflow::wait_for_trace(&client, &trace_id, Duration::from_secs(20)).await;
+        let (status, v) = vote(
+            &proxy,
+            BOB,
+            json!({"chatId": chat, "messageId": message_id, "isUpvoted": i % 2 == 0}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        wait_assessments(
+            &client,
+            &trace_id,
+            "one assessment",
+            Duration::from_secs(20),
+            |a| a.len() == 1 && a[0].value == Some(json!(i % 2 == 0)),
+        )
+        .await;
+        let settled = async {
+            loop {
+                let s = proxy.state.store.delivery_stats().await.unwrap();
+                if s.pending == 0 {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let s = tokio::time::timeout(Duration::from_secs(20), settled)
+            .await
+            .unwrap();
+        assert_eq!(s.done as usize, i + 1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let a = assessments(&client, &trace_id, "user_feedback").await;
+        assert_eq!(a.len(), 1, "vote {i}: {a:#?}");
+        // The server's own id, not our deterministic one: it really ignored the client id.
+        let ours = feedback_proxy::feedback::delivery::assessment_id_for(
+            &feedback_proxy::store::VoteKey {
+                message_id: message_id.clone(),
+                user_id: BOB.into(),
+                name: "user_feedback".into(),
+            },
+            0,
+        );
+        assert_ne!(a[0].assessment_id, ours);
+    }
+    assert!(creates.load(Ordering::SeqCst) >= 3);
+}
+
+/// Once a create has shown that the server keeps client-chosen ids, the trace lookup is
+/// skipped; a later create whose answer is lost is then caught by the repeated create
+/// ("already exists") and patched, still one assessment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_honoured_client_ids_a_lost_create_is_caught_by_its_id() {
+    let (faulty, creates) = faulty_mlflow(mlflow_url(), false, &[1]).await;
+    let proxy = TestProxy::start(&config(
+        Some((&faulty, &experiment_id())),
+        None,
+        FAST_DELIVERY,
+    ))
+    .await;
+    let client = client_for(&mlflow_url());
+    for (i, chat) in ["c-h0", "c-h1"].into_iter().enumerate() {
+        let (message_id, trace_id) = answered(&proxy, &agent_url(), BOB, chat).await;
+        support::mlflow::wait_for_trace(&client, &trace_id, Duration::from_secs(20)).await;
+        let (status, v) = vote(
+            &proxy,
+            BOB,
+            json!({"chatId": chat, "messageId": message_id, "isUpvoted": true}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let want = if i == 0 { "logged" } else { "queued" };
+        assert_eq!(v["mlflowStatus"], want, "vote {i}: {v}");
+        let done = async {
+            loop {
+                let s = proxy.state.store.delivery_stats().await.unwrap();
+                if s.done as usize == i + 1 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), done)
+            .await
+            .unwrap();
+        let a = assessments(&client, &trace_id, "user_feedback").await;
+        assert_eq!(a.len(), 1, "vote {i}: {a:#?}");
+        let ours = feedback_proxy::feedback::delivery::assessment_id_for(
+            &feedback_proxy::store::VoteKey {
+                message_id: message_id.clone(),
+                user_id: BOB.into(),
+                name: "user_feedback".into(),
+            },
+            0,
+        );
+        assert_eq!(a[0].assessment_id, ours);
+    }
+    // Vote 0: one create. Vote 1: the lost create and its repeat (answered "already exists").
+    assert_eq!(creates.load(Ordering::SeqCst), 3);
 }

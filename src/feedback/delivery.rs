@@ -2,12 +2,13 @@
 //! that retries until every vote lands ([`Deliverer::run_worker`]).
 //!
 //! Exactly one assessment per (message, user, name):
-//! - the first delivery looks for an assessment by this user and name on the trace (the trace
-//!   info lists them) and adopts it — this closes the crash window between "MLflow created it"
-//!   and "we recorded its id" even on servers that ignore client-chosen ids; only if there is
-//!   none does it create one, with a deterministic `assessment_id` derived from the key and the
-//!   generation (open-source MLflow honours it, so a lost answer to a create cannot produce a
-//!   second assessment either);
+//! - the first delivery creates the assessment with a deterministic `assessment_id` derived
+//!   from the key and the generation; if an earlier create's answer was lost, the server
+//!   answers "already exists" and we PATCH that one instead. Servers that ignore client-chosen
+//!   ids (Databricks may) cannot close the crash window that way, so until a create has shown
+//!   that the server keeps our id — and forever if it does not — the first delivery first looks
+//!   on the trace (its info lists the assessments) for one by this user and name, and adopts
+//!   it;
 //! - later deliveries PATCH it (`update_mask` in camelCase) or DELETE it;
 //! - what was learnt about the assessment is recorded even when a newer vote superseded the
 //!   attempt, so the next attempt never duplicates.
@@ -19,6 +20,7 @@
 //! sure one delivery is worked on by one process at a time.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Semaphore;
@@ -125,9 +127,16 @@ pub struct Deliverer {
     mlflow: Option<MlflowClient>,
     experiment_id: Option<String>,
     client_assessment_ids: bool,
+    /// Whether the server keeps client-chosen assessment ids, learnt from the first create:
+    /// [`IDS_UNKNOWN`], [`IDS_HONOURED`] or [`IDS_IGNORED`].
+    ids: AtomicU8,
     config: DeliveryConfig,
     metrics: Arc<Metrics>,
 }
+
+const IDS_UNKNOWN: u8 = 0;
+const IDS_HONOURED: u8 = 1;
+const IDS_IGNORED: u8 = 2;
 
 /// The result of one attempt before it is recorded.
 struct Attempt {
@@ -163,6 +172,7 @@ impl Deliverer {
                 None
             },
             client_assessment_ids: mlflow_config.client_assessment_ids,
+            ids: AtomicU8::new(IDS_UNKNOWN),
             config,
             metrics,
         }
@@ -403,7 +413,11 @@ impl Deliverer {
     ) -> Attempt {
         let first = d.assessment_id.is_none();
         let mut known = d.assessment_id.clone();
-        if known.is_none() {
+        // Where the server keeps our deterministic ids, a create whose answer was lost is
+        // caught by the next create ("already exists"); otherwise look on the trace first.
+        let ids_safe =
+            self.client_assessment_ids && self.ids.load(Ordering::Relaxed) == IDS_HONOURED;
+        if known.is_none() && !ids_safe {
             // Adopt an assessment this user already has under this name (a previous attempt
             // whose answer was lost). This also tells us whether the trace exists yet.
             match mlflow.get_trace_info(trace_id).await {
@@ -452,7 +466,12 @@ impl Deliverer {
             .collect(),
         };
         match mlflow.create_assessment(trace_id, &new).await {
-            Ok(a) => self.landed(trace_id, a.assessment_id, true),
+            Ok(a) => {
+                if let Some(ours) = &client_id {
+                    self.learn_ids(*ours == a.assessment_id);
+                }
+                self.landed(trace_id, a.assessment_id, true)
+            }
             Err(e) if e.kind == MlflowErrorKind::AlreadyExists => {
                 // Our deterministic id exists: a create whose answer we lost. Make it hold the
                 // current value.
@@ -465,6 +484,16 @@ impl Deliverer {
                 }
             }
             Err(e) => self.failure(d, Some(trace_id), &e),
+        }
+    }
+
+    /// Records whether the server kept a client-chosen id (logged once when it did not).
+    fn learn_ids(&self, honoured: bool) {
+        let now = if honoured { IDS_HONOURED } else { IDS_IGNORED };
+        if self.ids.swap(now, Ordering::Relaxed) != now && !honoured {
+            tracing::warn!(
+                "the MLflow server ignores client-chosen assessment ids; every first delivery now looks for an existing assessment before creating one"
+            );
         }
     }
 
