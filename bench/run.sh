@@ -517,5 +517,7 @@ Machine: $(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo
 Load average (1, 5, 15 min) before the run: $LOAD_BEFORE; after: $LOAD_AFTER; 1-min samples during it ranged ${LOAD_RANGE:-?}(the harness itself keeps 2–4 busy). \
 Versions: $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $("$PGBENCH" --version 2>/dev/null | head -1 || echo 'pgbench ?'), $(rustc --version | cut -d' ' -f1-2). \
 Open-file limit $NOFILE per process; idle streams $IDLE_STREAMS."
-"$FPB" report --raw "$RAW" --out "$OUT/results.md" --note "$NOTE"
+REPORT_ARGS=()
+[ "$MODE" = smoke ] && REPORT_ARGS+=(--no-verdict)
+"$FPB" report --raw "$RAW" --out "$OUT/results.md" --note "$NOTE" "${REPORT_ARGS[@]}"
 log "results: $OUT/results.md (raw: $RAW); $((T_END - T_START)) s"

@@ -146,6 +146,10 @@ enum Command {
         /// Free text (machine, load) placed under the title.
         #[arg(long, default_value = "")]
         note: String,
+        /// Print the targets without a verdict: the figures of a smoke run (debug build,
+        /// seconds-long, tiny counts) say nothing about them.
+        #[arg(long)]
+        no_verdict: bool,
     },
 }
 
@@ -236,7 +240,12 @@ fn main() -> ExitCode {
         } => client_runtime()
             .and_then(|rt| rt.block_on(feedback::seed(&url, users, messages, &tag, &check_status))),
         Command::Pglog { files } => stats::pglog(&files),
-        Command::Report { raw, out, note } => report::run(&raw, out.as_deref(), &note),
+        Command::Report {
+            raw,
+            out,
+            note,
+            no_verdict,
+        } => report::run(&raw, out.as_deref(), &note, !no_verdict),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -186,13 +186,16 @@ struct Target {
     limit: &'static str,
     figure: String,
     met: Option<bool>,
+    /// A correctness target (judged in every run), not a performance one.
+    correctness: bool,
 }
 
-pub fn run(raw: &Path, out: Option<&Path>, note: &str) -> Result<(), String> {
+/// `judge`: whether the targets table says met / missed (not for smoke runs).
+pub fn run(raw: &Path, out: Option<&Path>, note: &str, judge: bool) -> Result<(), String> {
     let text =
         std::fs::read_to_string(raw).map_err(|e| format!("cannot read {}: {e}", raw.display()))?;
     let data = Data::load(&text)?;
-    let md = render(&data, note);
+    let md = render(&data, note, judge);
     print!("{md}");
     if let Some(out) = out {
         std::fs::write(out, &md).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
@@ -200,7 +203,7 @@ pub fn run(raw: &Path, out: Option<&Path>, note: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn render(d: &Data, note: &str) -> String {
+fn render(d: &Data, note: &str, judge: bool) -> String {
     let mut s = String::new();
     let mut targets: Vec<Target> = Vec::new();
     let _ = writeln!(s, "## Results\n");
@@ -242,6 +245,7 @@ fn render(d: &Data, note: &str) -> String {
             limit: "≤ 0.3 ms",
             figure: format!("{} ms", f(added.map(|v| v / 1000.0), 3)),
             met: added.map(|v| v <= 300.0),
+            correctness: false,
         });
     } else {
         skipped(&mut s, d, "latency");
@@ -302,6 +306,7 @@ fn render(d: &Data, note: &str) -> String {
             limit: "≥ 1.0×",
             figure: format!("{}×", f(r, 2)),
             met: r.map(|v| v >= 1.0),
+            correctness: false,
         });
     } else {
         skipped(&mut s, d, "throughput");
@@ -375,6 +380,7 @@ fn render(d: &Data, note: &str) -> String {
                 limit: "≤ 1 ms",
                 figure: format!("{} ms", f(a.map(|v| v / 1000.0), 3)),
                 met: a.map(|v| v <= 1000.0),
+                correctness: false,
             });
         }
         let lost: f64 = d
@@ -389,6 +395,7 @@ fn render(d: &Data, note: &str) -> String {
             limit: "0",
             figure: format!("{lost:.0}"),
             met: Some(lost == 0.0),
+            correctness: true,
         });
     } else {
         skipped(&mut s, d, "sse");
@@ -479,6 +486,7 @@ fn render(d: &Data, note: &str) -> String {
             limit: "≤ 150 MB",
             figure: format!("{} MB", f(p, 1)),
             met: p.map(|v| v <= 150.0),
+            correctness: false,
         });
     } else {
         skipped(&mut s, d, "idle");
@@ -541,6 +549,7 @@ fn render(d: &Data, note: &str) -> String {
                 limit: "≥ 80 %",
                 figure: format!("{} %", f(r.map(|v| v * 100.0), 0)),
                 met: r.map(|v| v >= 0.8),
+                correctness: false,
             });
         }
     } else {
@@ -582,6 +591,7 @@ fn render(d: &Data, note: &str) -> String {
     let _ = writeln!(s, "| target | limit | figure | |\n|---|---|---:|---|");
     for t in &targets {
         let verdict = match t.met {
+            _ if !judge && !t.correctness => "not judged (smoke run)",
             Some(true) => "met",
             Some(false) => "**missed**",
             None => "no figure",
@@ -624,7 +634,7 @@ mod tests {
             d.added("latency-mixed", "", "proxy", "direct", "p99_us"),
             Some(90.0)
         );
-        let md = render(&d, "");
+        let md = render(&d, "", true);
         assert!(md.contains("Skipped: no store"));
         assert!(md.contains(
             "| added p99 latency at c=1 (interleaved client) | ≤ 0.3 ms | 0.090 ms | met |"
