@@ -224,7 +224,7 @@ impl Metrics {
         );
         r.register(
             "delivery_attempts",
-            "Delivery attempts by outcome",
+            "Delivery attempts by outcome: done, retry, park, dead; superseded (a newer vote came), lease_lost, missing (not applied)",
             m.delivery_attempts.clone(),
         );
         r.register(

@@ -10,7 +10,10 @@
 //! Every vote change (upsert or retraction) bumps the delivery row's `version` in the SAME
 //! transaction as the vote itself, so a committed vote always has a delivery that will carry it
 //! to MLflow. Deliveries are claimed with a lease; only one holder at a time can work on a
-//! (message, user, name). Finishing an attempt names the version it worked on: the outcome
+//! (message, user, name). Every claim bumps the delivery's `claims` count, and finishing names
+//! the count its claim returned (a fencing token, [`Ticket`]): an attempt that outlived its
+//! lease cannot release or overrule the claim that took over. Finishing also names the
+//! version it worked on: the outcome
 //! marks the delivery `done` only if no newer vote arrived meanwhile, but what was learnt about
 //! the MLflow assessment (its id, or that it is gone) is recorded regardless, so the next attempt
 //! PATCHes or re-creates instead of duplicating.
@@ -236,6 +239,46 @@ pub struct Delivery {
     pub enqueued_at: SystemTime,
     pub last_error: Option<String>,
     pub updated_at: SystemTime,
+    /// How many times this delivery has been claimed (never reset): the fencing token of the
+    /// current lease. An attempt finishes with the value its claim returned (see
+    /// [`Delivery::ticket`]).
+    pub claims: i64,
+}
+
+impl Delivery {
+    /// What [`Store::finish`] needs to end an attempt on this claimed delivery.
+    pub fn ticket(&self) -> Ticket {
+        Ticket {
+            key: self.key.clone(),
+            version: self.version,
+            claim: self.claims,
+        }
+    }
+}
+
+/// Names one attempt: the delivery, the version it worked on and the claim it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub key: VoteKey,
+    pub version: i64,
+    /// [`Delivery::claims`] as the claim returned it.
+    pub claim: i64,
+}
+
+/// How [`Store::finish`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// The outcome was applied and the lease released.
+    Applied,
+    /// A newer vote arrived meanwhile: the fact was recorded and the lease released, the
+    /// outcome dropped (the newer version is pending, due now).
+    Superseded,
+    /// The lease had expired and the delivery was claimed again since: the other claim's
+    /// lease and outcome are left alone; of the fact, only an assessment id the delivery does
+    /// not know yet is recorded (so the assessment is not created twice).
+    LeaseLost,
+    /// The delivery no longer exists.
+    Missing,
 }
 
 /// What an attempt learnt about the assessment, recorded whatever the version.
@@ -341,7 +384,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Claims up to `limit` deliveries that are `pending`, due (`next_attempt_at <= now`) and not
     /// leased (or whose lease expired), oldest due first; each gets a lease until `now + lease`
-    /// and `attempts + 1`. Two concurrent callers never receive the same delivery (Postgres:
+    /// and `attempts + 1`, `claims + 1`. Two concurrent callers never receive the same delivery (Postgres:
     /// `FOR UPDATE SKIP LOCKED`).
     async fn claim_due(&self, limit: u32, lease: Duration) -> Result<Vec<Delivery>, StoreError>;
 
@@ -355,16 +398,16 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<Option<Delivery>, StoreError>;
 
-    /// Ends an attempt on `version`: releases the lease, records `fact` (always), and applies
-    /// `outcome` only if `version` is still current (a newer vote stays pending, due now).
-    /// Returns whether the outcome was applied.
+    /// Ends the attempt `ticket` names. If its claim still holds the delivery: releases the
+    /// lease, records `fact`, and applies `outcome` only if the version is still current (a
+    /// newer vote stays pending, due now). If the delivery has been claimed again since (the
+    /// lease expired): see [`Finished::LeaseLost`].
     async fn finish(
         &self,
-        key: &VoteKey,
-        version: i64,
+        ticket: &Ticket,
         fact: &AssessmentFact,
         outcome: &Outcome,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Finished, StoreError>;
 
     /// Deliveries for operators, newest first, optionally only in `state`.
     async fn list_deliveries(

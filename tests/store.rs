@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use feedback_proxy::store::{
-    AssessmentFact, Claim, DeliveryState, Desired, Enqueue, FeedbackValue, LinkRecord, NewVote,
-    Outcome, SharedStore, StoreError, VoteKey,
+    AssessmentFact, Claim, DeliveryState, Desired, Enqueue, FeedbackValue, Finished, LinkRecord,
+    NewVote, Outcome, SharedStore, StoreError, Ticket, VoteKey,
 };
 use support::pg;
 
@@ -90,6 +90,7 @@ on_both_backends!(
     list_votes_filters_and_orders,
     claim_due_leases_due_work_oldest_first,
     expired_lease_can_be_claimed_again,
+    an_attempt_that_outlived_its_lease_cannot_finish_over_the_next_claim,
     claim_one_checks_version_state_and_lease,
     finish_applies_each_outcome,
     finish_with_stale_version_records_fact_only,
@@ -331,7 +332,13 @@ mod suite {
             assessment_id: "a-1".into(),
             trace_id: "tr-1".into(),
         };
-        assert!(store.finish(&k, 1, &fact, &Outcome::Done).await.unwrap());
+        assert_eq!(
+            store
+                .finish(&claimed.ticket(), &fact, &Outcome::Done)
+                .await
+                .unwrap(),
+            Finished::Applied
+        );
         assert_eq!(delivery_of(&store, &k).await.state, DeliveryState::Done);
 
         let d = store
@@ -515,12 +522,15 @@ mod suite {
             .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &Enqueue::Pending)
             .await
             .unwrap();
-        store.claim(&k, 1, LEASE).await.unwrap().unwrap();
+        let claimed = store.claim(&k, 1, LEASE).await.unwrap().unwrap();
         let fact = AssessmentFact::Exists {
             assessment_id: "a-1".into(),
             trace_id: "tr-1".into(),
         };
-        store.finish(&k, 1, &fact, &Outcome::Done).await.unwrap();
+        store
+            .finish(&claimed.ticket(), &fact, &Outcome::Done)
+            .await
+            .unwrap();
 
         let d = store.retract_vote(&k).await.unwrap().unwrap();
         assert_eq!(d.desired, Desired::Delete);
@@ -590,29 +600,22 @@ mod suite {
         }
         // m1 retries far in the future; m2 was due long ago; m3 finished; m4 due now.
         let now = SystemTime::now();
-        store.claim(&key("m1"), 1, LEASE).await.unwrap().unwrap();
         let later = Outcome::Retry {
             at: now + Duration::from_secs(3600),
             error: "HTTP 404".into(),
         };
-        store
-            .finish(&key("m1"), 1, &AssessmentFact::Unchanged, &later)
-            .await
-            .unwrap();
-        store.claim(&key("m2"), 1, LEASE).await.unwrap().unwrap();
         let earlier = Outcome::Retry {
             at: now - Duration::from_secs(3600),
             error: "HTTP 503".into(),
         };
-        store
-            .finish(&key("m2"), 1, &AssessmentFact::Unchanged, &earlier)
-            .await
-            .unwrap();
-        store.claim(&key("m3"), 1, LEASE).await.unwrap().unwrap();
-        store
-            .finish(&key("m3"), 1, &AssessmentFact::Unchanged, &Outcome::Done)
-            .await
-            .unwrap();
+        for (m, outcome) in [("m1", &later), ("m2", &earlier), ("m3", &Outcome::Done)] {
+            let d = store.claim(&key(m), 1, LEASE).await.unwrap().unwrap();
+            let finished = store
+                .finish(&d.ticket(), &AssessmentFact::Unchanged, outcome)
+                .await
+                .unwrap();
+            assert_eq!(finished, Finished::Applied, "{m}");
+        }
 
         assert!(store.claim_due(0, LEASE).await.unwrap().is_empty());
         let first = store.claim_due(1, LEASE).await.unwrap();
@@ -652,6 +655,96 @@ mod suite {
         assert_eq!(again[0].attempts, 2);
     }
 
+    pub async fn an_attempt_that_outlived_its_lease_cannot_finish_over_the_next_claim(
+        store: SharedStore,
+    ) {
+        let k = key("m1");
+        store
+            .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &Enqueue::Pending)
+            .await
+            .unwrap();
+        let slow = store
+            .claim(&k, 1, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(d) = store.claim_due(10, LEASE).await.unwrap().pop() {
+                    return d;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+        .await
+        .expect("the expired lease was never released");
+        assert_eq!(next.claims, slow.claims + 1);
+
+        // The slow attempt created an assessment the delivery did not know of yet: that is
+        // recorded (else it would be created twice), nothing else is.
+        let created = AssessmentFact::Exists {
+            assessment_id: "a-slow".into(),
+            trace_id: "tr-1".into(),
+        };
+        assert_eq!(
+            store
+                .finish(&slow.ticket(), &created, &Outcome::Done)
+                .await
+                .unwrap(),
+            Finished::LeaseLost
+        );
+        let d = delivery_of(&store, &k).await;
+        assert_eq!(
+            d.state,
+            DeliveryState::Pending,
+            "the outcome is not applied"
+        );
+        assert_eq!(d.assessment_id.as_deref(), Some("a-slow"));
+        assert_eq!(d.trace_id.as_deref(), Some("tr-1"));
+        assert!(
+            store.claim_due(10, LEASE).await.unwrap().is_empty(),
+            "the next claim keeps its lease"
+        );
+        // A stale Gone or a different id does not overwrite what the delivery knows.
+        let other = AssessmentFact::Exists {
+            assessment_id: "a-other".into(),
+            trace_id: "tr-2".into(),
+        };
+        for fact in [AssessmentFact::Gone, other] {
+            let dead = Outcome::Dead { error: "x".into() };
+            assert_eq!(
+                store.finish(&slow.ticket(), &fact, &dead).await.unwrap(),
+                Finished::LeaseLost
+            );
+        }
+        let d = delivery_of(&store, &k).await;
+        assert_eq!(
+            (d.assessment_id.as_deref(), d.generation, d.state),
+            (Some("a-slow"), 0, DeliveryState::Pending)
+        );
+
+        // The current claim finishes normally.
+        let patched = AssessmentFact::Exists {
+            assessment_id: "a-slow".into(),
+            trace_id: "tr-1".into(),
+        };
+        assert_eq!(
+            store
+                .finish(&next.ticket(), &patched, &Outcome::Done)
+                .await
+                .unwrap(),
+            Finished::Applied
+        );
+        assert_eq!(delivery_of(&store, &k).await.state, DeliveryState::Done);
+        // Claims are counted across versions: a newer vote's claim is a new ticket again.
+        store
+            .upsert_vote(&vote("m1", FeedbackValue::Bool(false)), &Enqueue::Pending)
+            .await
+            .unwrap();
+        let third = store.claim(&k, 2, LEASE).await.unwrap().unwrap();
+        assert_eq!((third.claims, third.attempts), (next.claims + 1, 1));
+    }
+
     pub async fn claim_one_checks_version_state_and_lease(store: SharedStore) {
         let k = key("m1");
         assert_eq!(
@@ -677,13 +770,13 @@ mod suite {
             error: "e".into(),
         };
         store
-            .finish(&k, 1, &AssessmentFact::Unchanged, &later)
+            .finish(&d.ticket(), &AssessmentFact::Unchanged, &later)
             .await
             .unwrap();
         let d = store.claim(&k, 1, LEASE).await.unwrap().unwrap();
         assert_eq!(d.attempts, 2);
         store
-            .finish(&k, 1, &AssessmentFact::Unchanged, &Outcome::Done)
+            .finish(&d.ticket(), &AssessmentFact::Unchanged, &Outcome::Done)
             .await
             .unwrap();
         assert_eq!(store.claim(&k, 1, LEASE).await.unwrap(), None, "done");
@@ -695,29 +788,31 @@ mod suite {
             .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &Enqueue::Pending)
             .await
             .unwrap();
-        assert!(
-            !store
-                .finish(
-                    &key("unknown"),
-                    1,
-                    &AssessmentFact::Unchanged,
-                    &Outcome::Done
-                )
+        let unknown = Ticket {
+            key: key("unknown"),
+            version: 1,
+            claim: 1,
+        };
+        assert_eq!(
+            store
+                .finish(&unknown, &AssessmentFact::Unchanged, &Outcome::Done)
                 .await
-                .unwrap()
+                .unwrap(),
+            Finished::Missing
         );
 
-        store.claim(&k, 1, LEASE).await.unwrap().unwrap();
+        let d = store.claim(&k, 1, LEASE).await.unwrap().unwrap();
         let at = SystemTime::now() - Duration::from_secs(1);
         let retry = Outcome::Retry {
             at,
             error: "HTTP 404: trace not found".into(),
         };
-        assert!(
+        assert_eq!(
             store
-                .finish(&k, 1, &AssessmentFact::Unchanged, &retry)
+                .finish(&d.ticket(), &AssessmentFact::Unchanged, &retry)
                 .await
-                .unwrap()
+                .unwrap(),
+            Finished::Applied
         );
         let d = delivery_of(&store, &k).await;
         assert_eq!(d.state, DeliveryState::Pending);
@@ -732,16 +827,18 @@ mod suite {
             "due at the retry time"
         );
         // The lease was released: due again at once.
-        assert_eq!(store.claim_due(10, LEASE).await.unwrap().len(), 1);
+        let due = store.claim_due(10, LEASE).await.unwrap();
+        assert_eq!(due.len(), 1);
 
         let park = Outcome::Park {
             reason: "no_experiment_id".into(),
         };
-        assert!(
+        assert_eq!(
             store
-                .finish(&k, 1, &AssessmentFact::Unchanged, &park)
+                .finish(&due[0].ticket(), &AssessmentFact::Unchanged, &park)
                 .await
-                .unwrap()
+                .unwrap(),
+            Finished::Applied
         );
         let d = delivery_of(&store, &k).await;
         assert_eq!(d.state, DeliveryState::Waiting);
@@ -754,27 +851,29 @@ mod suite {
                 .unwrap(),
             1
         );
-        store.claim(&k, 1, LEASE).await.unwrap().unwrap();
+        let d = store.claim(&k, 1, LEASE).await.unwrap().unwrap();
         let dead = Outcome::Dead {
             error: "HTTP 403: forbidden".into(),
         };
-        assert!(
+        assert_eq!(
             store
-                .finish(&k, 1, &AssessmentFact::Unchanged, &dead)
+                .finish(&d.ticket(), &AssessmentFact::Unchanged, &dead)
                 .await
-                .unwrap()
+                .unwrap(),
+            Finished::Applied
         );
         let d = delivery_of(&store, &k).await;
         assert_eq!(d.state, DeliveryState::Dead);
         assert_eq!(d.last_error.as_deref(), Some("HTTP 403: forbidden"));
 
         assert_eq!(store.requeue(DeliveryState::Dead, None).await.unwrap(), 1);
-        store.claim(&k, 1, LEASE).await.unwrap().unwrap();
-        assert!(
+        let d = store.claim(&k, 1, LEASE).await.unwrap().unwrap();
+        assert_eq!(
             store
-                .finish(&k, 1, &AssessmentFact::Unchanged, &Outcome::Done)
+                .finish(&d.ticket(), &AssessmentFact::Unchanged, &Outcome::Done)
                 .await
-                .unwrap()
+                .unwrap(),
+            Finished::Applied
         );
         let d = delivery_of(&store, &k).await;
         assert_eq!(d.state, DeliveryState::Done);
@@ -787,7 +886,7 @@ mod suite {
             .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &Enqueue::Pending)
             .await
             .unwrap();
-        store.claim(&k, 1, LEASE).await.unwrap().unwrap();
+        let v1 = store.claim(&k, 1, LEASE).await.unwrap().unwrap();
         // The user changes the vote while the attempt on version 1 is in flight.
         let v2 = store
             .upsert_vote(&vote("m1", FeedbackValue::Bool(false)), &Enqueue::Pending)
@@ -798,7 +897,13 @@ mod suite {
             assessment_id: "a-1".into(),
             trace_id: "tr-1".into(),
         };
-        assert!(!store.finish(&k, 1, &fact, &Outcome::Done).await.unwrap());
+        assert_eq!(
+            store
+                .finish(&v1.ticket(), &fact, &Outcome::Done)
+                .await
+                .unwrap(),
+            Finished::Superseded
+        );
         let d = delivery_of(&store, &k).await;
         assert_eq!(
             d.state,
@@ -823,13 +928,14 @@ mod suite {
                 comment: None
             }
         );
-        // A stale Dead is not applied either.
+        // A stale Dead (its claim long superseded too) is not applied either.
         let dead = Outcome::Dead { error: "x".into() };
-        assert!(
-            !store
-                .finish(&k, 1, &AssessmentFact::Unchanged, &dead)
+        assert_eq!(
+            store
+                .finish(&v1.ticket(), &AssessmentFact::Unchanged, &dead)
                 .await
-                .unwrap()
+                .unwrap(),
+            Finished::LeaseLost
         );
         assert_eq!(delivery_of(&store, &k).await.state, DeliveryState::Pending);
     }
@@ -844,20 +950,24 @@ mod suite {
             assessment_id: "a-1".into(),
             trace_id: "tr-1".into(),
         };
-        store.claim(&k, 1, LEASE).await.unwrap().unwrap();
-        store.finish(&k, 1, &fact, &Outcome::Done).await.unwrap();
+        let d = store.claim(&k, 1, LEASE).await.unwrap().unwrap();
+        store
+            .finish(&d.ticket(), &fact, &Outcome::Done)
+            .await
+            .unwrap();
         store.retract_vote(&k).await.unwrap().unwrap();
-        store.claim(&k, 2, LEASE).await.unwrap().unwrap();
+        let d = store.claim(&k, 2, LEASE).await.unwrap().unwrap();
         // A newer vote arrives before the deletion finishes: the fact still lands.
         store
             .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &Enqueue::Pending)
             .await
             .unwrap();
-        assert!(
-            !store
-                .finish(&k, 2, &AssessmentFact::Gone, &Outcome::Done)
+        assert_eq!(
+            store
+                .finish(&d.ticket(), &AssessmentFact::Gone, &Outcome::Done)
                 .await
-                .unwrap()
+                .unwrap(),
+            Finished::Superseded
         );
         let d = delivery_of(&store, &k).await;
         assert_eq!(d.assessment_id, None);
@@ -870,9 +980,9 @@ mod suite {
         assert_eq!(d.version, 3);
         assert_eq!(d.state, DeliveryState::Pending);
         // Unchanged leaves the fact columns alone.
-        store.claim(&k, 3, LEASE).await.unwrap().unwrap();
+        let d = store.claim(&k, 3, LEASE).await.unwrap().unwrap();
         store
-            .finish(&k, 3, &AssessmentFact::Unchanged, &Outcome::Done)
+            .finish(&d.ticket(), &AssessmentFact::Unchanged, &Outcome::Done)
             .await
             .unwrap();
         let d = delivery_of(&store, &k).await;
@@ -885,7 +995,7 @@ mod suite {
             .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &Enqueue::Pending)
             .await
             .unwrap();
-        store.claim(&k, 1, LEASE).await.unwrap().unwrap();
+        let c = store.claim(&k, 1, LEASE).await.unwrap().unwrap();
         store
             .upsert_vote(&vote("m1", FeedbackValue::Bool(false)), &Enqueue::Pending)
             .await
@@ -899,10 +1009,13 @@ mod suite {
             None,
             "still leased"
         );
-        store
-            .finish(&k, 1, &AssessmentFact::Unchanged, &Outcome::Done)
-            .await
-            .unwrap();
+        assert_eq!(
+            store
+                .finish(&c.ticket(), &AssessmentFact::Unchanged, &Outcome::Done)
+                .await
+                .unwrap(),
+            Finished::Superseded
+        );
         assert_eq!(store.claim(&k, 2, LEASE).await.unwrap().unwrap().version, 2);
     }
 
@@ -915,10 +1028,10 @@ mod suite {
             // Distinct update times (SQLite keeps milliseconds).
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        store.claim(&key("m1"), 1, LEASE).await.unwrap().unwrap();
+        let c = store.claim(&key("m1"), 1, LEASE).await.unwrap().unwrap();
         let dead = Outcome::Dead { error: "x".into() };
         store
-            .finish(&key("m1"), 1, &AssessmentFact::Unchanged, &dead)
+            .finish(&c.ticket(), &AssessmentFact::Unchanged, &dead)
             .await
             .unwrap();
         let all: Vec<_> = store
@@ -955,9 +1068,9 @@ mod suite {
                 .upsert_vote(&vote(m, FeedbackValue::Bool(true)), &Enqueue::Pending)
                 .await
                 .unwrap();
-            store.claim(&key(m), 1, LEASE).await.unwrap().unwrap();
+            let c = store.claim(&key(m), 1, LEASE).await.unwrap().unwrap();
             store
-                .finish(&key(m), 1, &AssessmentFact::Unchanged, &dead)
+                .finish(&c.ticket(), &AssessmentFact::Unchanged, &dead)
                 .await
                 .unwrap();
         }
@@ -1010,15 +1123,15 @@ mod suite {
             .upsert_vote(&vote("m5", FeedbackValue::Bool(true)), &waiting())
             .await
             .unwrap();
-        store.claim(&key("m1"), 1, LEASE).await.unwrap().unwrap();
+        let c = store.claim(&key("m1"), 1, LEASE).await.unwrap().unwrap();
         store
-            .finish(&key("m1"), 1, &AssessmentFact::Unchanged, &Outcome::Done)
+            .finish(&c.ticket(), &AssessmentFact::Unchanged, &Outcome::Done)
             .await
             .unwrap();
-        store.claim(&key("m2"), 1, LEASE).await.unwrap().unwrap();
+        let c = store.claim(&key("m2"), 1, LEASE).await.unwrap().unwrap();
         let dead = Outcome::Dead { error: "x".into() };
         store
-            .finish(&key("m2"), 1, &AssessmentFact::Unchanged, &dead)
+            .finish(&c.ticket(), &AssessmentFact::Unchanged, &dead)
             .await
             .unwrap();
         let s = store.delivery_stats().await.unwrap();
@@ -1144,7 +1257,7 @@ mod suite {
             })
         };
         let worker = {
-            let (store, k) = (store.clone(), k.clone());
+            let store = store.clone();
             tokio::spawn(async move {
                 let mut done_versions = Vec::new();
                 for _ in 0..200 {
@@ -1153,11 +1266,11 @@ mod suite {
                             assessment_id: "a-1".into(),
                             trace_id: "tr-1".into(),
                         };
-                        if store
-                            .finish(&k, d.version, &fact, &Outcome::Done)
+                        let finished = store
+                            .finish(&d.ticket(), &fact, &Outcome::Done)
                             .await
-                            .unwrap()
-                        {
+                            .unwrap();
+                        if finished == Finished::Applied {
                             done_versions.push(d.version);
                         }
                     }

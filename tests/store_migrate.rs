@@ -1,12 +1,19 @@
 //! Store migrations on both backends: concurrent `feedback-proxy migrate` processes (the real
-//! binary), idempotence, `migrate = false`, and refusing a schema newer than the binary.
+//! binary), idempotence, `migrate = false`, refusing a schema newer than the binary, and
+//! upgrading a store written at an older version with its data intact.
 
 mod support;
 
 use std::path::Path;
 use std::process::{Command, Output};
 
-use feedback_proxy::store::StoreError;
+use std::time::Duration;
+
+use feedback_proxy::config::StoreConfig;
+use feedback_proxy::store::{
+    AssessmentFact, DeliveryState, Desired, Enqueue, FeedbackValue, Finished, NewVote, Outcome,
+    SharedStore, StoreError, VoteKey,
+};
 use support::pg::{self, TestDb};
 
 fn write_config(dir: &Path, store_url: &str) -> std::path::PathBuf {
@@ -18,6 +25,9 @@ fn write_config(dir: &Path, store_url: &str) -> std::path::PathBuf {
     .unwrap();
     path
 }
+
+/// The newest schema version (the number of migrations shipped).
+const LATEST: i32 = 2;
 
 /// Starts two `feedback-proxy migrate` processes at once and waits for both.
 fn migrate_twice_at_once(config: &Path) -> [Output; 2] {
@@ -54,7 +64,10 @@ fn assert_both_migrated(outputs: &[Output; 2]) {
             .lines()
             .find(|l| l.contains("schema at version"))
             .unwrap_or_else(|| panic!("no summary line in {stdout}"));
-        assert!(line.contains("schema at version 1"), "{line}");
+        assert!(
+            line.contains(&format!("schema at version {LATEST}")),
+            "{line}"
+        );
         from.push(line.ends_with("(was 0)"));
     }
     from.sort();
@@ -78,7 +91,7 @@ async fn postgres_concurrent_migrations_leave_one_schema_version() {
         .await
         .unwrap();
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [1, 2]);
     let tables: i64 = admin
         .query_one(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'feedback_proxy'",
@@ -100,7 +113,7 @@ async fn postgres_concurrent_migrations_leave_one_schema_version() {
     let again = feedback_proxy::store::migrate(&pg::store_config(&db.url, ""), pg::deps())
         .await
         .unwrap();
-    assert_eq!((again.from, again.to), (1, 1));
+    assert_eq!((again.from, again.to), (LATEST, LATEST));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -135,7 +148,7 @@ async fn postgres_schema_checks() {
             .err()
             .expect("opened a newer schema");
         assert!(
-            matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 1)")),
+            matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 2)")),
             "{err:?}"
         );
     }
@@ -166,7 +179,7 @@ async fn sqlite_concurrent_migrations_leave_one_schema_version() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [1, 2]);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -198,7 +211,7 @@ async fn sqlite_schema_checks() {
     let m = feedback_proxy::store::migrate(&pg::store_config(&url, ""), pg::deps())
         .await
         .unwrap();
-    assert_eq!((m.from, m.to), (0, 1));
+    assert_eq!((m.from, m.to), (0, LATEST));
     let conn = rusqlite::Connection::open(&file).unwrap();
     conn.execute(
         "INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)",
@@ -211,7 +224,7 @@ async fn sqlite_schema_checks() {
         .err()
         .expect("opened a newer schema");
     assert!(
-        matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 1)")),
+        matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 2)")),
         "{err:?}"
     );
 
@@ -235,4 +248,138 @@ async fn sqlite_schema_checks() {
         matches!(&err, StoreError::Unavailable(m) if m.contains("cannot open SQLite database /nonexistent/dir/store.db")),
         "{err:?}"
     );
+}
+
+/// A delivery as version 1 stored it: a thumbs-up on m1, already delivered as assessment a-1.
+const V1_DELIVERY: &str = "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired,
+        desired_value, version, assessment_id, trace_id, state, attempts, next_attempt_at,
+        enqueued_at, updated_at)
+    VALUES ('m1', 'alice@example.com', 'user_feedback', 'c1', 'upsert', 'true', 1, 'a-1',
+        'tr-1', 'done', 1, NOW, NOW, NOW)";
+
+fn key() -> VoteKey {
+    VoteKey {
+        message_id: "m1".into(),
+        user_id: "alice@example.com".into(),
+        name: "user_feedback".into(),
+    }
+}
+
+/// A store at version 1 with data: `migrate = false` refuses it and names the command, the
+/// upgrade keeps the data, and a delivery written at version 1 goes through a claim and a
+/// fenced finish.
+async fn upgrade_from_version_1(config: &StoreConfig, no_migrate: &StoreConfig) {
+    let err = feedback_proxy::store::open(no_migrate, pg::deps())
+        .await
+        .err()
+        .expect("opened a version-1 store without migrating");
+    assert!(
+        matches!(&err, StoreError::Schema(m) if m.contains("version 1 but this binary needs version 2") && m.contains("feedback-proxy migrate")),
+        "{err:?}"
+    );
+    let m = feedback_proxy::store::migrate(config, pg::deps())
+        .await
+        .unwrap();
+    assert_eq!((m.from, m.to), (1, LATEST));
+    let store: SharedStore = feedback_proxy::store::open(no_migrate, pg::deps())
+        .await
+        .unwrap();
+    let old = store.list_deliveries(None, 10).await.unwrap();
+    assert_eq!(old.len(), 1);
+    let d = &old[0];
+    assert_eq!(d.key, key());
+    assert_eq!(
+        d.desired,
+        Desired::Upsert {
+            value: FeedbackValue::Bool(true),
+            comment: None
+        }
+    );
+    assert_eq!(
+        (d.assessment_id.as_deref(), d.state, d.claims),
+        (Some("a-1"), DeliveryState::Done, 0)
+    );
+
+    // A new vote on the old delivery is claimed and finished like any other.
+    let version_2 = NewVote {
+        key: key(),
+        chat_id: "c1".into(),
+        value: FeedbackValue::Bool(false),
+        comment: None,
+    };
+    let v = store
+        .upsert_vote(&version_2, &Enqueue::Pending)
+        .await
+        .unwrap();
+    assert_eq!((v.version, v.assessment_id.as_deref()), (2, Some("a-1")));
+    let claimed = store
+        .claim(&key(), 2, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("claim the upgraded delivery");
+    assert_eq!(claimed.claims, 1);
+    let fact = AssessmentFact::Exists {
+        assessment_id: "a-1".into(),
+        trace_id: "tr-1".into(),
+    };
+    assert_eq!(
+        store
+            .finish(&claimed.ticket(), &fact, &Outcome::Done)
+            .await
+            .unwrap(),
+        Finished::Applied
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_upgrades_a_version_1_schema_with_its_data() {
+    let db = TestDb::create(&pg::shared_url()).await;
+    let admin = db.admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA feedback_proxy;
+            SET search_path TO feedback_proxy;
+            {}
+            CREATE TABLE schema_migrations (
+                version    integer     PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            );
+            INSERT INTO schema_migrations (version) VALUES (1);
+            {};",
+            include_str!("../src/store/migrations/postgres/0001_initial.sql"),
+            V1_DELIVERY.replace("NOW", "now()")
+        ))
+        .await
+        .unwrap();
+    upgrade_from_version_1(
+        &pg::store_config(&db.url, ""),
+        &pg::store_config(&db.url, "migrate = false"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_upgrades_a_version_1_file_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("store.db");
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    conn.execute_batch(&format!(
+        "{}
+        CREATE TABLE schema_migrations (
+            version    INTEGER PRIMARY KEY,
+            applied_at INTEGER NOT NULL
+        );
+        INSERT INTO schema_migrations (version, applied_at) VALUES (1, 0);
+        {};",
+        include_str!("../src/store/migrations/sqlite/0001_initial.sql"),
+        V1_DELIVERY.replace("NOW", "1700000000000")
+    ))
+    .unwrap();
+    drop(conn);
+    let url = format!("sqlite://{}", file.display());
+    upgrade_from_version_1(
+        &pg::store_config(&url, ""),
+        &pg::store_config(&url, "migrate = false"),
+    )
+    .await;
 }

@@ -32,7 +32,8 @@ use crate::mlflow::{
     Assessment, AssessmentUpdate, MlflowClient, MlflowError, MlflowErrorKind, NewAssessment,
 };
 use crate::store::{
-    AssessmentFact, Delivery, DeliveryState, Desired, Outcome, SharedStore, StoreError, VoteKey,
+    AssessmentFact, Delivery, DeliveryState, Desired, Finished, Outcome, SharedStore, StoreError,
+    VoteKey,
 };
 
 /// Namespace of the deterministic assessment ids (a fixed, random UUID).
@@ -225,9 +226,9 @@ impl Deliverer {
 
     /// One attempt on a claimed delivery; records the result in the store.
     ///
-    /// The attempt must end well inside its lease: leases carry no holder, so an attempt that
-    /// outlived its lease could finish on top of another worker's newer claim. It is cut at
-    /// 80 % of the lease and retried (the lookup by user and name makes that safe).
+    /// The attempt is cut at 80 % of its lease and retried, so that two workers never talk to
+    /// MLflow about one vote at once. Should finishing still come too late (a stalled store),
+    /// the claim's ticket keeps it from overriding the newer claim (`Finished::LeaseLost`).
     pub async fn attempt(&self, d: Delivery) -> Status {
         let deadline = self.config.lease.mul_f64(0.8);
         let attempt = match tokio::time::timeout(deadline, self.run(&d)).await {
@@ -255,22 +256,29 @@ impl Deliverer {
         };
         match self
             .store
-            .finish(&d.key, d.version, &attempt.fact, &attempt.outcome)
+            .finish(&d.ticket(), &attempt.fact, &attempt.outcome)
             .await
         {
-            Ok(true) => {
+            Ok(Finished::Applied) => {
                 self.metrics
                     .delivery_attempts
                     .get_or_create(&OutcomeLabel { outcome: label })
                     .inc();
             }
-            Ok(false) => {
-                // A newer vote arrived meanwhile; it is pending and will be delivered next.
+            Ok(not_applied) => {
+                let outcome = match not_applied {
+                    // A newer vote arrived meanwhile; it is pending and will be delivered next.
+                    Finished::Superseded => "superseded",
+                    Finished::LeaseLost => {
+                        tracing::warn!(key = %d.key, version = d.version, "the lease expired before the attempt was recorded; another claim holds the delivery now");
+                        "lease_lost"
+                    }
+                    // Removed meanwhile (an operator, or its message).
+                    Finished::Missing | Finished::Applied => "missing",
+                };
                 self.metrics
                     .delivery_attempts
-                    .get_or_create(&OutcomeLabel {
-                        outcome: "superseded",
-                    })
+                    .get_or_create(&OutcomeLabel { outcome })
                     .inc();
                 return Status::Queued {
                     trace_id: attempt.status.trace_id().map(str::to_owned),

@@ -7,7 +7,9 @@
 
 use std::time::SystemTime;
 
-use super::{AssessmentFact, DeliveryState, Desired, Enqueue, FeedbackValue, Outcome, StoreError};
+use super::{
+    AssessmentFact, DeliveryState, Desired, Enqueue, FeedbackValue, Finished, Outcome, StoreError,
+};
 
 pub(super) const DESIRED_UPSERT: &str = "upsert";
 pub(super) const DESIRED_DELETE: &str = "delete";
@@ -110,6 +112,19 @@ pub(super) fn finish<'a>(fact: &'a AssessmentFact, outcome: &'a Outcome) -> Fini
         state,
         next_attempt_at,
         last_error,
+    }
+}
+
+/// Decodes what the backends' `finish` statements return (see their SQL).
+pub(super) fn finished(s: Option<&str>) -> Result<Finished, StoreError> {
+    match s {
+        None => Ok(Finished::Missing),
+        Some("applied") => Ok(Finished::Applied),
+        Some("superseded") => Ok(Finished::Superseded),
+        Some("lease_lost") => Ok(Finished::LeaseLost),
+        Some(other) => Err(StoreError::Corrupt(format!(
+            "unexpected finish result {other:?}"
+        ))),
     }
 }
 

@@ -23,7 +23,7 @@ macro_rules! delivery_columns {
     () => {
         "message_id, user_id, name, chat_id, desired, desired_value, desired_comment, version, \
          assessment_id, generation, trace_id, state, attempts, next_attempt_at, enqueued_at, \
-         last_error, updated_at"
+         last_error, updated_at, claims"
     };
 }
 
@@ -285,12 +285,11 @@ impl Store for PgStore {
 
     async fn finish(
         &self,
-        key: &VoteKey,
-        version: i64,
+        ticket: &Ticket,
         fact: &AssessmentFact,
         outcome: &Outcome,
-    ) -> Result<bool, StoreError> {
-        self.run("finish", outbox::finish(self, key, version, fact, outcome))
+    ) -> Result<Finished, StoreError> {
+        self.run("finish", outbox::finish(self, ticket, fact, outcome))
             .await
     }
 

@@ -26,7 +26,7 @@ macro_rules! delivery_columns {
     () => {
         "message_id, user_id, name, chat_id, desired, desired_value, desired_comment, version, \
          assessment_id, generation, trace_id, state, attempts, next_attempt_at, enqueued_at, \
-         last_error, updated_at"
+         last_error, updated_at, claims"
     };
 }
 
@@ -233,14 +233,13 @@ impl Store for SqliteStore {
 
     async fn finish(
         &self,
-        key: &VoteKey,
-        version: i64,
+        ticket: &Ticket,
         fact: &AssessmentFact,
         outcome: &Outcome,
-    ) -> Result<bool, StoreError> {
-        let (key, fact, outcome) = (key.clone(), fact.clone(), outcome.clone());
+    ) -> Result<Finished, StoreError> {
+        let (ticket, fact, outcome) = (ticket.clone(), fact.clone(), outcome.clone());
         self.call("finish", move |c| {
-            outbox::finish(c, &key, version, &fact, &outcome)
+            outbox::finish(c, &ticket, &fact, &outcome)
         })
         .await
     }

@@ -9,7 +9,8 @@ use super::PgStore;
 use super::pool::query_error;
 use crate::store::codec;
 use crate::store::{
-    AssessmentFact, Delivery, DeliveryState, DeliveryStats, Outcome, StoreError, VoteKey,
+    AssessmentFact, Delivery, DeliveryState, DeliveryStats, Finished, Outcome, StoreError, Ticket,
+    VoteKey,
 };
 
 /// Decodes a row selected with `delivery_columns!()`.
@@ -39,6 +40,7 @@ pub(super) fn delivery(row: &Row) -> Result<Delivery, StoreError> {
         enqueued_at: row.try_get(14).map_err(corrupt)?,
         last_error: row.try_get(15).map_err(corrupt)?,
         updated_at: row.try_get(16).map_err(corrupt)?,
+        claims: row.try_get(17).map_err(corrupt)?,
     })
 }
 
@@ -56,7 +58,7 @@ pub(super) async fn claim_due(
     const SQL: &str = concat!(
         "UPDATE deliveries SET
             lease_until = now() + $2::bigint * interval '1 millisecond',
-            attempts = attempts + 1, updated_at = now()
+            attempts = attempts + 1, claims = claims + 1, updated_at = now()
         WHERE (message_id, user_id, name) IN (
             SELECT message_id, user_id, name FROM deliveries
             WHERE state = 'pending' AND next_attempt_at <= now()
@@ -95,7 +97,7 @@ pub(super) async fn claim(
     const SQL: &str = concat!(
         "UPDATE deliveries SET
             lease_until = now() + $5::bigint * interval '1 millisecond',
-            attempts = attempts + 1, updated_at = now()
+            attempts = attempts + 1, claims = claims + 1, updated_at = now()
         WHERE message_id = $1 AND user_id = $2 AND name = $3 AND version = $4
             AND state = 'pending' AND (lease_until IS NULL OR lease_until <= now())
         RETURNING ",
@@ -123,27 +125,35 @@ pub(super) async fn claim(
 
 pub(super) async fn finish(
     store: &PgStore,
-    key: &VoteKey,
-    version: i64,
+    ticket: &Ticket,
     fact: &AssessmentFact,
     outcome: &Outcome,
-) -> Result<bool, StoreError> {
-    // The fact columns are written whatever the version; the outcome columns only when the
-    // attempt worked on the current version. The lease is always released.
+) -> Result<Finished, StoreError> {
+    // `owned`: the ticket's claim still holds the delivery. Then the lease is released, the
+    // fact recorded, and the outcome applied if the version is still current. Otherwise only an
+    // assessment id the row does not know yet is recorded (see `Finished::LeaseLost`).
+    // SET expressions read the row as it was before the update, RETURNING as it is after.
     const SQL: &str = "UPDATE deliveries SET
-            lease_until = NULL,
-            assessment_id = CASE $5::text WHEN 'exists' THEN $6 WHEN 'gone' THEN NULL
+            lease_until = CASE WHEN claims = $11 THEN NULL ELSE lease_until END,
+            assessment_id = CASE
+                WHEN $5::text = 'exists' AND (claims = $11 OR assessment_id IS NULL) THEN $6
+                WHEN $5::text = 'gone' AND claims = $11 THEN NULL
                 ELSE assessment_id END,
-            trace_id = CASE WHEN $5::text = 'exists' THEN $7 ELSE trace_id END,
-            generation = generation + CASE WHEN $5::text = 'gone' THEN 1 ELSE 0 END,
-            state = CASE WHEN version = $4 THEN $8 ELSE state END,
-            next_attempt_at = CASE WHEN version = $4 THEN COALESCE($9, next_attempt_at)
-                ELSE next_attempt_at END,
-            last_error = CASE WHEN version = $4 THEN $10 ELSE last_error END,
+            trace_id = CASE
+                WHEN $5::text = 'exists' AND (claims = $11 OR assessment_id IS NULL) THEN $7
+                ELSE trace_id END,
+            generation = generation
+                + CASE WHEN $5::text = 'gone' AND claims = $11 THEN 1 ELSE 0 END,
+            state = CASE WHEN claims = $11 AND version = $4 THEN $8 ELSE state END,
+            next_attempt_at = CASE WHEN claims = $11 AND version = $4
+                THEN COALESCE($9, next_attempt_at) ELSE next_attempt_at END,
+            last_error = CASE WHEN claims = $11 AND version = $4 THEN $10 ELSE last_error END,
             updated_at = now()
         WHERE message_id = $1 AND user_id = $2 AND name = $3
-        RETURNING version = $4";
+        RETURNING CASE WHEN claims <> $11 THEN 'lease_lost'
+            WHEN version = $4 THEN 'applied' ELSE 'superseded' END";
     let plan = codec::finish(fact, outcome);
+    let key = &ticket.key;
     let mut conn = store.conn().await?;
     let c = &mut *conn;
     let stmt = c.statements.get(&c.client, SQL).await?;
@@ -155,21 +165,20 @@ pub(super) async fn finish(
                 &key.message_id,
                 &key.user_id,
                 &key.name,
-                &version,
+                &ticket.version,
                 &plan.fact,
                 &plan.assessment_id,
                 &plan.trace_id,
                 &plan.state.as_str(),
                 &plan.next_attempt_at,
                 &plan.last_error,
+                &ticket.claim,
             ],
         )
         .await
         .map_err(query_error)?;
-    match row {
-        Some(r) => r.try_get(0).map_err(query_error),
-        None => Ok(false),
-    }
+    let result: Option<String> = row.map(|r| r.try_get(0)).transpose().map_err(query_error)?;
+    codec::finished(result.as_deref())
 }
 
 pub(super) async fn list_deliveries(

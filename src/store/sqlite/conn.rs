@@ -92,6 +92,7 @@ pub(super) struct RawDelivery {
     enqueued_at: i64,
     last_error: Option<String>,
     updated_at: i64,
+    claims: i64,
 }
 
 pub(super) fn raw_delivery(r: &Row<'_>) -> rusqlite::Result<RawDelivery> {
@@ -115,6 +116,7 @@ pub(super) fn raw_delivery(r: &Row<'_>) -> rusqlite::Result<RawDelivery> {
         enqueued_at: r.get(14)?,
         last_error: r.get(15)?,
         updated_at: r.get(16)?,
+        claims: r.get(17)?,
     })
 }
 
@@ -139,6 +141,7 @@ pub(super) fn delivery(raw: RawDelivery) -> Result<Delivery, StoreError> {
         enqueued_at: from_ms(raw.enqueued_at),
         last_error: raw.last_error,
         updated_at: from_ms(raw.updated_at),
+        claims: raw.claims,
     })
 }
 

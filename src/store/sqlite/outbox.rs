@@ -9,7 +9,8 @@ use rusqlite::{Connection, OptionalExtension};
 use super::conn::{deliveries, delivery, millis, now_ms, raw_delivery, sql_error, to_ms};
 use crate::store::codec;
 use crate::store::{
-    AssessmentFact, Delivery, DeliveryState, DeliveryStats, Outcome, StoreError, VoteKey,
+    AssessmentFact, Delivery, DeliveryState, DeliveryStats, Finished, Outcome, StoreError, Ticket,
+    VoteKey,
 };
 
 pub(super) fn claim_due(
@@ -25,7 +26,8 @@ pub(super) fn claim_due(
     // One connection serves every caller in turn, so two claims can never overlap.
     let raws = conn
         .prepare_cached(concat!(
-            "UPDATE deliveries SET lease_until = ?3, attempts = attempts + 1, updated_at = ?2
+            "UPDATE deliveries SET lease_until = ?3, attempts = attempts + 1, claims = claims + 1,
+                updated_at = ?2
             WHERE rowid IN (
                 SELECT rowid FROM deliveries
                 WHERE state = 'pending' AND next_attempt_at <= ?2
@@ -55,7 +57,8 @@ pub(super) fn claim(
     let now = now_ms();
     let raw = conn
         .prepare_cached(concat!(
-            "UPDATE deliveries SET lease_until = ?6, attempts = attempts + 1, updated_at = ?5
+            "UPDATE deliveries SET lease_until = ?6, attempts = attempts + 1, claims = claims + 1,
+                updated_at = ?5
             WHERE message_id = ?1 AND user_id = ?2 AND name = ?3 AND version = ?4
                 AND state = 'pending' AND (lease_until IS NULL OR lease_until <= ?5)
             RETURNING ",
@@ -81,28 +84,36 @@ pub(super) fn claim(
 
 pub(super) fn finish(
     conn: &mut Connection,
-    key: &VoteKey,
-    version: i64,
+    ticket: &Ticket,
     fact: &AssessmentFact,
     outcome: &Outcome,
-) -> Result<bool, StoreError> {
+) -> Result<Finished, StoreError> {
     let plan = codec::finish(fact, outcome);
-    // Fact columns always; outcome columns only for the current version; lease released.
-    let applied: Option<bool> = conn
+    let key = &ticket.key;
+    // As in Postgres: `claims = ?12` means the ticket's claim still holds the delivery. SET
+    // expressions read the row as it was before the update, RETURNING as it is after.
+    let result: Option<String> = conn
         .prepare_cached(
             "UPDATE deliveries SET
-                lease_until = NULL,
-                assessment_id = CASE ?5 WHEN 'exists' THEN ?6 WHEN 'gone' THEN NULL
+                lease_until = CASE WHEN claims = ?12 THEN NULL ELSE lease_until END,
+                assessment_id = CASE
+                    WHEN ?5 = 'exists' AND (claims = ?12 OR assessment_id IS NULL) THEN ?6
+                    WHEN ?5 = 'gone' AND claims = ?12 THEN NULL
                     ELSE assessment_id END,
-                trace_id = CASE WHEN ?5 = 'exists' THEN ?7 ELSE trace_id END,
-                generation = generation + CASE WHEN ?5 = 'gone' THEN 1 ELSE 0 END,
-                state = CASE WHEN version = ?4 THEN ?8 ELSE state END,
-                next_attempt_at = CASE WHEN version = ?4 THEN COALESCE(?9, next_attempt_at)
-                    ELSE next_attempt_at END,
-                last_error = CASE WHEN version = ?4 THEN ?10 ELSE last_error END,
+                trace_id = CASE
+                    WHEN ?5 = 'exists' AND (claims = ?12 OR assessment_id IS NULL) THEN ?7
+                    ELSE trace_id END,
+                generation = generation
+                    + CASE WHEN ?5 = 'gone' AND claims = ?12 THEN 1 ELSE 0 END,
+                state = CASE WHEN claims = ?12 AND version = ?4 THEN ?8 ELSE state END,
+                next_attempt_at = CASE WHEN claims = ?12 AND version = ?4
+                    THEN COALESCE(?9, next_attempt_at) ELSE next_attempt_at END,
+                last_error = CASE WHEN claims = ?12 AND version = ?4 THEN ?10
+                    ELSE last_error END,
                 updated_at = ?11
             WHERE message_id = ?1 AND user_id = ?2 AND name = ?3
-            RETURNING version = ?4",
+            RETURNING CASE WHEN claims <> ?12 THEN 'lease_lost'
+                WHEN version = ?4 THEN 'applied' ELSE 'superseded' END",
         )
         .and_then(|mut s| {
             s.query_row(
@@ -110,7 +121,7 @@ pub(super) fn finish(
                     &key.message_id,
                     &key.user_id,
                     &key.name,
-                    version,
+                    ticket.version,
                     plan.fact,
                     plan.assessment_id,
                     plan.trace_id,
@@ -118,13 +129,14 @@ pub(super) fn finish(
                     plan.next_attempt_at.map(to_ms),
                     plan.last_error,
                     now_ms(),
+                    ticket.claim,
                 ],
                 |r| r.get(0),
             )
             .optional()
         })
         .map_err(sql_error)?;
-    Ok(applied.unwrap_or(false))
+    codec::finished(result.as_deref())
 }
 
 pub(super) fn list_deliveries(
