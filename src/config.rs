@@ -539,6 +539,10 @@ pub struct StoreConfig {
     pub pool_size: usize,
     #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
+    /// Postgres cancels a statement running (or waiting for a lock) longer than this, so a
+    /// stuck database fails requests with a clear error instead of hanging them.
+    #[serde(serialize_with = "ser_duration")]
+    pub statement_timeout: Duration,
     /// Connections older than this are replaced, so rotated credentials take over.
     #[serde(serialize_with = "ser_duration")]
     pub max_lifetime: Duration,
@@ -1394,11 +1398,21 @@ impl Validator {
         if pool_size == 0 {
             self.problem("store.pool_size", "must be greater than zero");
         }
+        let statement_timeout = self.duration(
+            "store.statement_timeout",
+            raw.statement_timeout.as_deref(),
+            "10s",
+        );
+        if statement_timeout < Duration::from_millis(1) {
+            // Postgres reads 0 as "no limit"; a stuck database would hang requests again.
+            self.problem("store.statement_timeout", "must be at least 1ms");
+        }
         StoreConfig {
             kind,
             schema,
             pool_size,
             connect_timeout,
+            statement_timeout,
             max_lifetime: self.duration("store.max_lifetime", raw.max_lifetime.as_deref(), "45m"),
             password,
             migrate: raw.migrate.unwrap_or(true),

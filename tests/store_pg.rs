@@ -613,3 +613,68 @@ async fn a_restarted_database_heals_without_reopening_the_store() {
     let stats = store.delivery_stats().await.unwrap();
     assert_eq!(stats.pending, 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_statement_is_cancelled_nothing_is_stored_and_the_connection_stays_usable() {
+    let db = TestDb::create(&pg::shared_url()).await;
+    let admin = db.admin().await;
+    let app = pg::unique("fp_stuck");
+    let url = pg::with_params(&db.url, &[("application_name", &app)]);
+    let store = open(
+        &url,
+        "pool_size = 1\nstatement_timeout = \"500ms\"",
+        pg::deps(),
+    )
+    .await
+    .unwrap();
+    store.health().await.unwrap();
+    let pids = pg::backend_pids(&admin, &app).await;
+    let key = VoteKey {
+        message_id: "m1".into(),
+        user_id: "alice@example.com".into(),
+        name: "user_feedback".into(),
+    };
+    let vote = |up: bool| NewVote {
+        key: key.clone(),
+        chat_id: "c1".into(),
+        value: FeedbackValue::Bool(up),
+        comment: None,
+    };
+
+    // Another session holds the votes table: the vote waits for the lock, and Postgres
+    // cancels it after the statement timeout instead of letting the request hang.
+    admin
+        .batch_execute("BEGIN; LOCK TABLE feedback_proxy.votes IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let msg = unavailable(
+        store
+            .upsert_vote(&vote(true), &Enqueue::Pending)
+            .await
+            .unwrap_err(),
+    );
+    let took = started.elapsed();
+    assert!(msg.contains("statement timeout"), "{msg}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    admin.batch_execute("COMMIT").await.unwrap();
+
+    // Nothing of the cancelled transaction was kept, and the same connection serves on.
+    assert!(
+        store
+            .list_votes("c1", &key.user_id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.list_deliveries(None, 10).await.unwrap().is_empty());
+    let d = store
+        .upsert_vote(&vote(false), &Enqueue::Pending)
+        .await
+        .unwrap();
+    assert_eq!(d.version, 1);
+    assert_eq!(pg::backend_pids(&admin, &app).await, pids);
+}

@@ -141,6 +141,7 @@ pub struct RawStore {
     pub schema: Option<String>,
     pub pool_size: Option<usize>,
     pub connect_timeout: Option<String>,
+    pub statement_timeout: Option<String>,
     pub max_lifetime: Option<String>,
     pub password: Option<String>,
     pub migrate: Option<bool>,

@@ -127,6 +127,7 @@ impl PgStore {
                     .clone()
                     .unwrap_or_else(|| "feedback-proxy".to_owned()),
                 connect_timeout: timeout,
+                statement_timeout: config.statement_timeout,
                 schema: config.schema.clone(),
             },
             tls: tls::Tls::new(pg.sslmode, pg.sslrootcert.as_deref())?,

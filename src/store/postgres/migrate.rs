@@ -42,6 +42,12 @@ const LOCK_WAIT: Duration = Duration::from_secs(120);
 
 /// Brings `schema` up to date. `client` must be a dedicated connection (see the module doc).
 pub(super) async fn run(client: &mut Client, schema: &str) -> Result<Migrated, StoreError> {
+    // Waiting for another process's migration, and migrating, may take longer than the
+    // statement timeout meant for requests; `LOCK_WAIT` bounds the wait instead.
+    client
+        .batch_execute("SET statement_timeout = 0")
+        .await
+        .map_err(|e| schema_error("cannot lift the statement timeout for migrating", e))?;
     // One lock per schema, in the single-bigint advisory key space (message locks use the
     // two-int4 space, which never overlaps).
     let key = format!("feedback-proxy migrations {schema}");

@@ -29,6 +29,8 @@ use crate::store::StoreError;
 const IDLE_PING_AFTER: Duration = Duration::from_secs(30);
 /// TCP keepalive idle time, so that dead peers of long-lived connections are noticed.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Lower bound of the connections' `TCP_USER_TIMEOUT` (see [`Manager::config`]).
+const TCP_USER_TIMEOUT_MIN: Duration = Duration::from_secs(30);
 /// Connections retire at `max_lifetime` minus up to this fraction of it, so that connections
 /// opened together do not all reconnect at the same moment.
 const LIFETIME_JITTER: f64 = 0.1;
@@ -41,6 +43,9 @@ pub(super) struct Target {
     pub dbname: String,
     pub application_name: String,
     pub connect_timeout: Duration,
+    /// The connection's `statement_timeout` (server side: the statement is cancelled and the
+    /// connection stays usable).
+    pub statement_timeout: Duration,
     /// The proxy's schema, made the connection's `search_path`.
     pub schema: String,
 }
@@ -228,7 +233,10 @@ impl Manager {
             .application_name(&t.application_name)
             .connect_timeout(t.connect_timeout)
             .keepalives(true)
-            .keepalives_idle(KEEPALIVE_IDLE);
+            .keepalives_idle(KEEPALIVE_IDLE)
+            // A peer that stopped acknowledging (a dead network path) closes the connection
+            // instead of leaving a query to wait for TCP's retransmissions (≈ 15 minutes).
+            .tcp_user_timeout(t.statement_timeout.max(TCP_USER_TIMEOUT_MIN));
         if let Some(p) = password {
             c.password(p.expose());
         }
@@ -237,9 +245,15 @@ impl Manager {
 
     async fn finish(&self, client: Client) -> Result<PgConn, StoreError> {
         // Unqualified table names in every query resolve to the proxy's schema. The schema
-        // name is a validated plain identifier (config), quoted anyway.
+        // name is a validated plain identifier (config), quoted anyway. Both settings go in one
+        // round trip; set per session (not as startup options) so that any Postgres-speaking
+        // server takes them.
         client
-            .batch_execute(&format!("SET search_path TO \"{}\"", self.target.schema))
+            .batch_execute(&format!(
+                "SET search_path TO \"{}\"; SET statement_timeout = {}",
+                self.target.schema,
+                self.target.statement_timeout.as_millis().max(1)
+            ))
             .await
             .map_err(query_error)?;
         let jitter = self.max_lifetime.mul_f64(LIFETIME_JITTER * fastrand::f64());
