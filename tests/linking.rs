@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use serde_json::{Value, json};
-use support::proxy::{TestProxy, body_bytes, body_json, h1, send};
+use support::proxy::{TestProxy, body_bytes, body_json, h1, log_text, logs, send};
 use support::upstream::{Upstream, full, streamed};
 
 const TRACE: &str = "tr-eaf19740d012e3a3e64accc2bf6d17bc";
@@ -280,6 +280,46 @@ async fn non_streaming_json_answers_are_linked_from_metadata() {
         link(&proxy, &message_id).await.trace_id.as_deref(),
         Some("tr-200fee060856a08ecceb11f29f7d0c74")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_the_inspection_cap_is_forwarded_whole_and_the_log_names_the_knob() {
+    logs();
+    // A Model Serving style answer with its trace inline: ~8 KiB of spans after the id.
+    let answer = json!({
+        "object": "response",
+        "output": [{"type": "message", "content": [{"type": "output_text", "text": "hello"}]}],
+        "databricks_output": {"trace": {
+            "info": {"trace_id": TRACE},
+            "data": {"spans": [{"name": "x".repeat(8192)}]}
+        }}
+    })
+    .to_string();
+    let agent = Upstream::start(move |_r| {
+        let b = answer.clone();
+        async move { full(200, "application/json", b) }
+    })
+    .await;
+    for (cap, linked) in [("4KiB", false), ("64KiB", true)] {
+        let proxy = TestProxy::start(&base(
+            &agent.url(),
+            &format!("max_inspect_bytes = \"{cap}\"\n"),
+        ))
+        .await;
+        let res = send(&h1(), post(&proxy.url("/invocations")), "{}").await;
+        let message_id = res.headers()["x-message-id"].to_str().unwrap().to_owned();
+        let body: Value = serde_json::from_slice(&body_bytes(res).await).unwrap();
+        assert_eq!(
+            body["databricks_output"]["trace"]["info"]["trace_id"],
+            TRACE
+        );
+        let l = link(&proxy, &message_id).await;
+        assert_eq!(l.trace_id.as_deref(), linked.then_some(TRACE), "cap {cap}");
+        let warned = log_text().lines().any(|line| {
+            line.contains(&message_id) && line.contains("larger than agent.max_inspect_bytes")
+        });
+        assert_eq!(warned, !linked, "cap {cap}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

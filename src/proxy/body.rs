@@ -278,6 +278,15 @@ impl ResponseBody {
             .inc();
         if self.inspector.as_ref().is_some_and(Inspector::overflowed) {
             m.inspector_overflows.inc();
+            if found.is_none() {
+                // Said once per exchange, with the knob: large traces returned inline (Model
+                // Serving's `return_trace`) are the usual cause.
+                tracing::warn!(
+                    request_id = %end.request_id,
+                    message_id = %end.link.message_id,
+                    "an agent event or response body was larger than agent.max_inspect_bytes, so it was not searched for a trace id (forwarding was not affected); raise agent.max_inspect_bytes if the agent returns large traces inline"
+                );
+            }
         }
 
         let trace_id = found.map(|f| f.id.as_str()).unwrap_or("");
