@@ -163,7 +163,9 @@ impl Feedback {
         } else {
             match &link {
                 Some(l) if l.trace_id.is_some() || l.client_request_id.is_some() || l.open => {
-                    Enqueue::Pending
+                    Enqueue::Inline {
+                        hold: self.deliverer.inline_hold(),
+                    }
                 }
                 _ => Enqueue::Waiting {
                     reason: NO_TRACE_ID.into(),
@@ -188,7 +190,9 @@ impl Feedback {
             )
             .await?;
         let status = match enqueue {
-            Enqueue::Pending => self.deliverer.attempt_inline(&key, delivery.version).await,
+            Enqueue::Inline { .. } | Enqueue::Pending => {
+                self.deliverer.attempt_inline(&key, delivery.version).await
+            }
             Enqueue::Waiting { reason } if reason == NO_EXPERIMENT_ID => Status::NoExperimentId,
             Enqueue::Waiting { .. } => Status::NoTraceId,
         };
@@ -295,7 +299,8 @@ impl Feedback {
                 key.name
             )));
         }
-        let Some(delivery) = self.store.retract_vote(&key).await? else {
+        let hold = self.deliverer.inline_hold();
+        let Some(delivery) = self.store.retract_vote(&key, hold).await? else {
             return Err(Error::NotFound(format!(
                 "you have no {} vote on message {message_id} in chat {chat_id}",
                 key.name

@@ -202,6 +202,11 @@ impl DeliveryState {
 pub enum Enqueue {
     /// Due now.
     Pending,
+    /// Pending, but due to the background worker only after `hold`: the caller attempts it
+    /// inline at once ([`Store::claim`] ignores the due time), so a worker polling meanwhile
+    /// does not take the fresh vote from under it. Should the inline attempt never happen (a
+    /// crash), the worker delivers it after `hold`.
+    Inline { hold: Duration },
     /// Parked with this reason (e.g. `no_trace_id`, `no_experiment_id`). Only reasons starting
     /// with [`AWAITING_TRACE`] are woken by links.
     Waiting { reason: String },
@@ -211,8 +216,9 @@ pub enum Enqueue {
 /// trace: recording a link that carries a trace id or client request id wakes them, and
 /// [`Store::upsert_vote`] enqueues them as `pending` at once if the link already has one. A
 /// delivery held for any other reason (e.g. `no_experiment_id`: MLflow is not configured)
-/// stays `waiting` until an operator requeues it (`feedback-proxy deliveries retry --state
-/// waiting`). The SQL of both backends matches it as `last_error LIKE 'no_trace_id%'`.
+/// stays `waiting` until it is released with [`Store::requeue_held`] (the delivery worker does
+/// so for `no_experiment_id` when it starts with MLflow configured) or an operator requeues it
+/// (`feedback-proxy deliveries retry --state waiting`). The SQL of both backends matches it as `last_error LIKE 'no_trace_id%'`.
 pub const AWAITING_TRACE: &str = "no_trace_id";
 
 /// One outbox row: the desired MLflow state for a (message, user, name) and how far delivery
@@ -375,9 +381,14 @@ pub trait Store: Send + Sync + 'static {
     async fn upsert_vote(&self, vote: &NewVote, enqueue: &Enqueue) -> Result<Delivery, StoreError>;
 
     /// In ONE transaction: deletes the vote and sets its delivery to `desired = Delete`,
-    /// `version + 1`, pending now (keeping lease, assessment id, generation, trace id).
-    /// `None` (and nothing written) if the user has no such vote.
-    async fn retract_vote(&self, key: &VoteKey) -> Result<Option<Delivery>, StoreError>;
+    /// `version + 1`, pending and due after `hold` (see [`Enqueue::Inline`]; zero: now),
+    /// keeping lease, assessment id, generation, trace id. `None` (and nothing written) if the
+    /// user has no such vote.
+    async fn retract_vote(
+        &self,
+        key: &VoteKey,
+        hold: Duration,
+    ) -> Result<Option<Delivery>, StoreError>;
 
     /// The user's votes in a chat, ordered by message id then name.
     async fn list_votes(&self, chat_id: &str, user_id: &str) -> Result<Vec<Vote>, StoreError>;
@@ -421,6 +432,10 @@ pub trait Store: Send + Sync + 'static {
     /// Returns how many changed.
     async fn requeue(&self, state: DeliveryState, key: Option<&VoteKey>)
     -> Result<u64, StoreError>;
+
+    /// Makes `waiting` deliveries parked with exactly `reason` pending and due now, resetting
+    /// `attempts`, `enqueued_at` and `last_error`. Returns how many changed.
+    async fn requeue_held(&self, reason: &str) -> Result<u64, StoreError>;
 
     async fn delivery_stats(&self) -> Result<DeliveryStats, StoreError>;
 

@@ -246,12 +246,15 @@ print(json.dumps({"ours": fields(sys.argv[4]), "theirs": fields(sys.argv[2])}))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_mlflow_the_vote_is_kept_and_answers_no_experiment_id() {
-    let proxy = TestProxy::start(&config(None, None, "")).await;
+async fn without_mlflow_the_vote_is_kept_and_delivered_once_mlflow_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("store.db").display());
+    let proxy = TestProxy::start(&config(None, Some(&store), "")).await;
+    let (message_id, trace_id) = answered(&proxy, &agent_url(), ALICE, "c").await;
     let (status, v) = vote(
         &proxy,
         ALICE,
-        json!({"chatId": "c", "messageId": "m-1", "isUpvoted": true}),
+        json!({"chatId": "c", "messageId": message_id, "isUpvoted": true}),
     )
     .await;
     assert_eq!(status, 200);
@@ -259,7 +262,7 @@ async fn without_mlflow_the_vote_is_kept_and_answers_no_experiment_id() {
     assert_eq!(v["mlflowStatus"], "no_experiment_id");
     assert_eq!(
         votes_of(&proxy, ALICE, "c").await["votes"],
-        json!({"m-1": true})
+        json!({ &message_id: true })
     );
     let parked = proxy
         .state
@@ -268,6 +271,31 @@ async fn without_mlflow_the_vote_is_kept_and_answers_no_experiment_id() {
         .await
         .unwrap();
     assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].last_error.as_deref(), Some("no_experiment_id"));
+    proxy.shutdown().await;
+
+    // The operator configures MLflow and restarts: the held vote is delivered, once.
+    let proxy = TestProxy::start(&config(
+        as_ref(&shared_mlflow()),
+        Some(&store),
+        FAST_DELIVERY,
+    ))
+    .await;
+    let a = wait_assessments(
+        &client_for(&mlflow_url()),
+        &trace_id,
+        "the vote held while MLflow was not configured",
+        Duration::from_secs(20),
+        |a| !a.is_empty(),
+    )
+    .await;
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].value, Some(json!(true)));
+    let d = &proxy.state.store.list_deliveries(None, 10).await.unwrap()[0];
+    assert_eq!(
+        (d.state, d.last_error.as_deref()),
+        (DeliveryState::Done, None)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,6 +87,7 @@ on_both_backends!(
     waiting_vote_after_the_wake_is_pending,
     held_deliveries_are_not_woken_by_links,
     retract_vote_enqueues_a_deletion,
+    inline_enqueues_are_held_from_the_worker,
     list_votes_filters_and_orders,
     claim_due_leases_due_work_oldest_first,
     expired_lease_can_be_claimed_again,
@@ -98,6 +99,7 @@ on_both_backends!(
     upsert_keeps_the_lease,
     list_deliveries_newest_first,
     requeue_resets_dead_and_waiting,
+    requeue_held_releases_only_that_reason,
     delivery_stats_count_states,
     fifty_concurrent_upserts_leave_one_vote_and_one_delivery,
     concurrent_claimers_never_share_a_delivery,
@@ -514,7 +516,13 @@ mod suite {
     }
 
     pub async fn retract_vote_enqueues_a_deletion(store: SharedStore) {
-        assert_eq!(store.retract_vote(&key("m1")).await.unwrap(), None);
+        assert_eq!(
+            store
+                .retract_vote(&key("m1"), Duration::ZERO)
+                .await
+                .unwrap(),
+            None
+        );
         assert!(store.list_deliveries(None, 10).await.unwrap().is_empty());
 
         let k = key("m1");
@@ -532,7 +540,11 @@ mod suite {
             .await
             .unwrap();
 
-        let d = store.retract_vote(&k).await.unwrap().unwrap();
+        let d = store
+            .retract_vote(&k, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(d.desired, Desired::Delete);
         assert_eq!(d.version, 2);
         assert_eq!(d.state, DeliveryState::Pending);
@@ -547,8 +559,61 @@ mod suite {
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(store.retract_vote(&k).await.unwrap(), None);
+        assert_eq!(store.retract_vote(&k, Duration::ZERO).await.unwrap(), None);
         assert_eq!(delivery_of(&store, &k).await.version, 2);
+    }
+
+    pub async fn inline_enqueues_are_held_from_the_worker(store: SharedStore) {
+        let k = key("m1");
+        let inline = Enqueue::Inline {
+            hold: Duration::from_secs(60),
+        };
+        let d = store
+            .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &inline)
+            .await
+            .unwrap();
+        assert_eq!(d.state, DeliveryState::Pending);
+        assert!(
+            store.claim_due(10, LEASE).await.unwrap().is_empty(),
+            "the worker leaves it to the inline attempt"
+        );
+        let c = store
+            .claim(&k, 1, LEASE)
+            .await
+            .unwrap()
+            .expect("inline claim");
+        store
+            .finish(&c.ticket(), &AssessmentFact::Unchanged, &Outcome::Done)
+            .await
+            .unwrap();
+        let d = store
+            .retract_vote(&k, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.claim_due(10, LEASE).await.unwrap().is_empty());
+        assert!(store.claim(&k, d.version, LEASE).await.unwrap().is_some());
+
+        // Without an inline attempt (a crash), the worker takes over after the hold.
+        let short = Enqueue::Inline {
+            hold: Duration::from_millis(300),
+        };
+        store
+            .upsert_vote(&vote("m2", FeedbackValue::Bool(true)), &short)
+            .await
+            .unwrap();
+        assert!(store.claim_due(10, LEASE).await.unwrap().is_empty());
+        let due = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(d) = store.claim_due(10, LEASE).await.unwrap().pop() {
+                    return d;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+        .await
+        .expect("the worker never got the held delivery");
+        assert_eq!(due.key, key("m2"));
     }
 
     pub async fn list_votes_filters_and_orders(store: SharedStore) {
@@ -955,7 +1020,11 @@ mod suite {
             .finish(&d.ticket(), &fact, &Outcome::Done)
             .await
             .unwrap();
-        store.retract_vote(&k).await.unwrap().unwrap();
+        store
+            .retract_vote(&k, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
         let d = store.claim(&k, 2, LEASE).await.unwrap().unwrap();
         // A newer vote arrives before the deletion finishes: the fact still lands.
         store
@@ -1108,6 +1177,39 @@ mod suite {
             1
         );
         assert_eq!(store.claim_due(10, LEASE).await.unwrap().len(), 3);
+    }
+
+    pub async fn requeue_held_releases_only_that_reason(store: SharedStore) {
+        let held = Enqueue::Waiting {
+            reason: "no_experiment_id".into(),
+        };
+        store
+            .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &held)
+            .await
+            .unwrap();
+        store
+            .upsert_vote(&vote("m2", FeedbackValue::Bool(true)), &waiting())
+            .await
+            .unwrap();
+        let before = delivery_of(&store, &key("m1")).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+
+        assert_eq!(store.requeue_held("no_experiment_id").await.unwrap(), 1);
+        let d = delivery_of(&store, &key("m1")).await;
+        assert_eq!(
+            (d.state, d.attempts, d.last_error.as_deref()),
+            (DeliveryState::Pending, 0, None)
+        );
+        assert!(d.enqueued_at > before.enqueued_at);
+        assert_eq!(
+            delivery_of(&store, &key("m2")).await.state,
+            DeliveryState::Waiting,
+            "another reason stays held"
+        );
+        assert_eq!(store.requeue_held("no_experiment_id").await.unwrap(), 0);
+        let due = store.claim_due(10, LEASE).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].key, key("m1"));
     }
 
     pub async fn delivery_stats_count_states(store: SharedStore) {

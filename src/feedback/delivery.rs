@@ -184,6 +184,16 @@ impl Deliverer {
         self.mlflow.is_some()
     }
 
+    /// How long a fresh vote's delivery is kept from the background worker, so that the inline
+    /// attempt right after it claims it first (`store::Enqueue::Inline`).
+    pub fn inline_hold(&self) -> Duration {
+        if self.enabled() {
+            self.config.inline_deadline
+        } else {
+            Duration::ZERO
+        }
+    }
+
     /// Claims `key` at `version` and makes one attempt, waiting at most the inline deadline for
     /// its outcome. The attempt itself runs to completion in the background either way (an
     /// abandoned MLflow call would only widen the crash window).
@@ -660,10 +670,30 @@ impl Deliverer {
 
     /// The background worker: claims due deliveries and attempts them, `concurrency` at a time,
     /// until `stop` is cancelled; in-flight attempts finish (bounded by the MLflow timeout).
+    ///
+    /// Votes stored while MLflow was not configured (held as `no_experiment_id`) are released
+    /// first, so that configuring MLflow delivers the backlog without an operator's help.
     pub async fn run_worker(self: Arc<Self>, stop: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let mut polls: u64 = 0;
+        let mut backlog_released = !self.enabled();
         loop {
+            if !backlog_released {
+                match self.store.requeue_held(NO_EXPERIMENT_ID).await {
+                    Ok(n) => {
+                        backlog_released = true;
+                        if n > 0 {
+                            tracing::info!(
+                                deliveries = n,
+                                "votes stored while MLflow was not configured are queued for delivery"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot release the votes held while MLflow was not configured; trying again")
+                    }
+                }
+            }
             if polls % 5 == 0 {
                 self.refresh_gauges().await;
             }

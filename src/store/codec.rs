@@ -66,11 +66,18 @@ pub(super) fn state(s: &str) -> Result<DeliveryState, StoreError> {
 }
 
 /// The state and `last_error` an enqueue asks for (before the backend's wake-up check).
-pub(super) fn enqueue(e: &Enqueue) -> (DeliveryState, Option<&str>) {
+/// The state, waiting reason and due delay (milliseconds) of a delivery enqueued as `e`.
+pub(super) fn enqueue(e: &Enqueue) -> (DeliveryState, Option<&str>, i64) {
     match e {
-        Enqueue::Pending => (DeliveryState::Pending, None),
-        Enqueue::Waiting { reason } => (DeliveryState::Waiting, Some(reason.as_str())),
+        Enqueue::Pending => (DeliveryState::Pending, None, 0),
+        Enqueue::Inline { hold } => (DeliveryState::Pending, None, millis(*hold)),
+        Enqueue::Waiting { reason } => (DeliveryState::Waiting, Some(reason.as_str()), 0),
     }
+}
+
+/// A duration in whole milliseconds, saturating.
+pub(super) fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The columns `finish` writes, decided in Rust so that both backends run the same logic.

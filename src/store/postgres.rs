@@ -259,8 +259,12 @@ impl Store for PgStore {
             .await
     }
 
-    async fn retract_vote(&self, key: &VoteKey) -> Result<Option<Delivery>, StoreError> {
-        self.run("retract_vote", votes::retract_vote(self, key))
+    async fn retract_vote(
+        &self,
+        key: &VoteKey,
+        hold: std::time::Duration,
+    ) -> Result<Option<Delivery>, StoreError> {
+        self.run("retract_vote", votes::retract_vote(self, key, hold))
             .await
     }
 
@@ -312,6 +316,11 @@ impl Store for PgStore {
         key: Option<&VoteKey>,
     ) -> Result<u64, StoreError> {
         self.run("requeue", outbox::requeue(self, state, key)).await
+    }
+
+    async fn requeue_held(&self, reason: &str) -> Result<u64, StoreError> {
+        self.run("requeue_held", outbox::requeue_held(self, reason))
+            .await
     }
 
     async fn delivery_stats(&self) -> Result<DeliveryStats, StoreError> {

@@ -203,9 +203,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn retract_vote(&self, key: &VoteKey) -> Result<Option<Delivery>, StoreError> {
+    async fn retract_vote(
+        &self,
+        key: &VoteKey,
+        hold: std::time::Duration,
+    ) -> Result<Option<Delivery>, StoreError> {
         let key = key.clone();
-        self.call("retract_vote", move |c| votes::retract_vote(c, &key))
+        self.call("retract_vote", move |c| votes::retract_vote(c, &key, hold))
             .await
     }
 
@@ -262,6 +266,12 @@ impl Store for SqliteStore {
     ) -> Result<u64, StoreError> {
         let key = key.cloned();
         self.call("requeue", move |c| outbox::requeue(c, state, key.as_ref()))
+            .await
+    }
+
+    async fn requeue_held(&self, reason: &str) -> Result<u64, StoreError> {
+        let reason = reason.to_owned();
+        self.call("requeue_held", move |c| outbox::requeue_held(c, &reason))
             .await
     }
 

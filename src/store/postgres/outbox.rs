@@ -7,7 +7,7 @@ use tokio_postgres::Row;
 
 use super::PgStore;
 use super::pool::query_error;
-use crate::store::codec;
+use crate::store::codec::{self, millis};
 use crate::store::{
     AssessmentFact, Delivery, DeliveryState, DeliveryStats, Finished, Outcome, StoreError, Ticket,
     VoteKey,
@@ -42,10 +42,6 @@ pub(super) fn delivery(row: &Row) -> Result<Delivery, StoreError> {
         updated_at: row.try_get(16).map_err(corrupt)?,
         claims: row.try_get(17).map_err(corrupt)?,
     })
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 pub(super) async fn claim_due(
@@ -229,6 +225,20 @@ pub(super) async fn requeue(
                 &key.map(|k| k.name.as_str()),
             ],
         )
+        .await
+        .map_err(query_error)
+}
+
+pub(super) async fn requeue_held(store: &PgStore, reason: &str) -> Result<u64, StoreError> {
+    const SQL: &str = "UPDATE deliveries SET
+            state = 'pending', attempts = 0, next_attempt_at = now(), enqueued_at = now(),
+            last_error = NULL, updated_at = now()
+        WHERE state = 'waiting' AND last_error = $1";
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    c.client
+        .execute(&stmt, &[&reason])
         .await
         .map_err(query_error)
 }

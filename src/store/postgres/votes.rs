@@ -30,7 +30,8 @@ pub(super) async fn upsert_vote(
         "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
             desired_comment, version, generation, state, attempts, next_attempt_at, enqueued_at,
             last_error, updated_at)
-        VALUES ($1, $2, $3, $4, 'upsert', $5, $6, 1, 0, $7, 0, now(), now(), $8, now())
+        VALUES ($1, $2, $3, $4, 'upsert', $5, $6, 1, 0, $7, 0,
+            now() + $9::bigint * interval '1 millisecond', now(), $8, now())
         ON CONFLICT (message_id, user_id, name) DO UPDATE SET
             chat_id = excluded.chat_id, desired = excluded.desired,
             desired_value = excluded.desired_value, desired_comment = excluded.desired_comment,
@@ -42,7 +43,7 @@ pub(super) async fn upsert_vote(
     );
     let value = codec::value_json(&vote.value)?;
     let k = &vote.key;
-    let (mut state, mut reason) = codec::enqueue(enqueue);
+    let (mut state, mut reason, delay_ms) = codec::enqueue(enqueue);
 
     let mut conn = store.conn().await?;
     let c = &mut *conn;
@@ -75,7 +76,7 @@ pub(super) async fn upsert_vote(
         &value,
         &vote.comment,
     ];
-    let delivery_params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+    let delivery_params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
         &k.message_id,
         &k.user_id,
         &k.name,
@@ -84,6 +85,7 @@ pub(super) async fn upsert_vote(
         &vote.comment,
         &state_name,
         &reason,
+        &delay_ms,
     ];
     let (_, row) = tokio::try_join!(
         tx.execute(&vote_stmt, &vote_params),
@@ -98,6 +100,7 @@ pub(super) async fn upsert_vote(
 pub(super) async fn retract_vote(
     store: &PgStore,
     key: &VoteKey,
+    hold: std::time::Duration,
 ) -> Result<Option<Delivery>, StoreError> {
     const VOTE: &str = "DELETE FROM votes WHERE message_id = $1 AND user_id = $2 AND name = $3
         RETURNING chat_id";
@@ -106,11 +109,13 @@ pub(super) async fn retract_vote(
     const DELIVERY: &str = concat!(
         "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, version, generation,
             state, attempts, next_attempt_at, enqueued_at, updated_at)
-        VALUES ($1, $2, $3, $4, $5, 1, 0, 'pending', 0, now(), now(), now())
+        VALUES ($1, $2, $3, $4, $5, 1, 0, 'pending', 0,
+            now() + $6::bigint * interval '1 millisecond', now(), now())
         ON CONFLICT (message_id, user_id, name) DO UPDATE SET
             desired = excluded.desired, desired_value = NULL, desired_comment = NULL,
             version = deliveries.version + 1, state = 'pending', attempts = 0,
-            next_attempt_at = now(), enqueued_at = now(), last_error = NULL, updated_at = now()
+            next_attempt_at = excluded.next_attempt_at, enqueued_at = now(), last_error = NULL,
+            updated_at = now()
         RETURNING ",
         delivery_columns!()
     );
@@ -137,6 +142,7 @@ pub(super) async fn retract_vote(
                 &key.name,
                 &chat_id,
                 &DESIRED_DELETE,
+                &codec::millis(hold),
             ],
         )
         .await

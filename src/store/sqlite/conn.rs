@@ -34,9 +34,7 @@ pub(super) fn from_ms(ms: i64) -> SystemTime {
     }
 }
 
-pub(super) fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
+pub(super) use crate::store::codec::millis;
 
 /// Maps a rusqlite error: lock contention and I/O are `Unavailable`, decoding is `Corrupt`.
 pub(super) fn sql_error(e: rusqlite::Error) -> StoreError {

@@ -188,6 +188,20 @@ pub(super) fn requeue(
     Ok(changed as u64)
 }
 
+pub(super) fn requeue_held(conn: &mut Connection, reason: &str) -> Result<u64, StoreError> {
+    let now = now_ms();
+    let changed = conn
+        .prepare_cached(
+            "UPDATE deliveries SET
+                state = 'pending', attempts = 0, next_attempt_at = ?2, enqueued_at = ?2,
+                last_error = NULL, updated_at = ?2
+            WHERE state = 'waiting' AND last_error = ?1",
+        )
+        .and_then(|mut s| s.execute((reason, now)))
+        .map_err(sql_error)?;
+    Ok(changed as u64)
+}
+
 pub(super) fn delivery_stats(conn: &mut Connection) -> Result<DeliveryStats, StoreError> {
     let now = now_ms();
     let rows = conn

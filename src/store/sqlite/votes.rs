@@ -15,7 +15,7 @@ pub(super) fn upsert_vote(
 ) -> Result<Delivery, StoreError> {
     let value = codec::value_json(&vote.value)?.to_string();
     let k = &vote.key;
-    let (mut state, mut reason) = codec::enqueue(enqueue);
+    let (mut state, mut reason, delay_ms) = codec::enqueue(enqueue);
     let now = now_ms();
     // IMMEDIATE: this transaction holds the write lock from its first statement, so the link
     // check below cannot interleave with a `record_links` wake-up.
@@ -57,7 +57,7 @@ pub(super) fn upsert_vote(
             "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
                 desired_comment, version, generation, state, attempts, next_attempt_at,
                 enqueued_at, last_error, updated_at)
-            VALUES (?1, ?2, ?3, ?4, 'upsert', ?5, ?6, 1, 0, ?7, 0, ?8, ?8, ?9, ?8)
+            VALUES (?1, ?2, ?3, ?4, 'upsert', ?5, ?6, 1, 0, ?7, 0, ?10, ?8, ?9, ?8)
             ON CONFLICT (message_id, user_id, name) DO UPDATE SET
                 chat_id = excluded.chat_id, desired = excluded.desired,
                 desired_value = excluded.desired_value, desired_comment = excluded.desired_comment,
@@ -79,6 +79,7 @@ pub(super) fn upsert_vote(
                     state.as_str(),
                     now,
                     reason,
+                    now.saturating_add(delay_ms),
                 ),
                 raw_delivery,
             )
@@ -91,6 +92,7 @@ pub(super) fn upsert_vote(
 pub(super) fn retract_vote(
     conn: &mut Connection,
     key: &VoteKey,
+    hold: std::time::Duration,
 ) -> Result<Option<Delivery>, StoreError> {
     let now = now_ms();
     let tx = immediate(conn)?;
@@ -112,11 +114,11 @@ pub(super) fn retract_vote(
         .prepare_cached(concat!(
             "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, version,
                 generation, state, attempts, next_attempt_at, enqueued_at, updated_at)
-            VALUES (?1, ?2, ?3, ?4, ?5, 1, 0, 'pending', 0, ?6, ?6, ?6)
+            VALUES (?1, ?2, ?3, ?4, ?5, 1, 0, 'pending', 0, ?7, ?6, ?6)
             ON CONFLICT (message_id, user_id, name) DO UPDATE SET
                 desired = excluded.desired, desired_value = NULL, desired_comment = NULL,
                 version = deliveries.version + 1, state = 'pending', attempts = 0,
-                next_attempt_at = ?6, enqueued_at = ?6, last_error = NULL, updated_at = ?6
+                next_attempt_at = ?7, enqueued_at = ?6, last_error = NULL, updated_at = ?6
             RETURNING ",
             delivery_columns!()
         ))
@@ -129,6 +131,7 @@ pub(super) fn retract_vote(
                     &chat_id,
                     DESIRED_DELETE,
                     now,
+                    now.saturating_add(codec::millis(hold)),
                 ),
                 raw_delivery,
             )
