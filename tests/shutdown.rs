@@ -4,11 +4,11 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http::Request;
 use http_body_util::BodyExt;
+use support::process::ProxyProcess;
 use support::proxy::{h1, send};
 use support::upstream::{Upstream, streamed};
 
@@ -33,106 +33,14 @@ async fn agent(events: usize, gap: Duration) -> Upstream {
     .await
 }
 
-struct Proxy {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Proxy {
-    fn spawn(agent: &str, grace: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = dir.path().join("proxy.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\nshutdown_grace = \"{grace}\"\n[identity]\ndev_user = \"dev@example.com\"\n[agent]\nurl = \"{agent}\"\n[store]\nurl = \"sqlite://{}/fp.db\"\n",
-                dir.path().display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_feedback-proxy"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env_remove("DATABRICKS_APP_PORT")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        Self { child, port, dir }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
-    }
-
-    async fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Ok(res)) = tokio::time::timeout(
-                Duration::from_secs(1),
-                h1().request(
-                    Request::get(self.url("/healthz"))
-                        .body(http_body_util::Full::new(bytes::Bytes::new()))
-                        .unwrap(),
-                ),
-            )
-            .await
-            {
-                if res.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy not healthy: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    /// Waits for the exit status, at most `within`.
-    async fn exit_status(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "did not exit within {within:?}: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The proxy binary in front of `agent`, with this shutdown grace period.
+fn spawn(agent: &str, grace: &str) -> ProxyProcess {
+    ProxyProcess::spawn(
+        &format!(
+            "shutdown_grace = \"{grace}\"\n[identity]\ndev_user = \"dev@example.com\"\n[agent]\nurl = \"{agent}\""
+        ),
+        &[],
+    )
 }
 
 async fn refused(port: u16) -> bool {
@@ -144,7 +52,7 @@ async fn refused(port: u16) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_open_stream_finish_then_exits_zero() {
     let agent = agent(10, Duration::from_millis(200)).await;
-    let mut proxy = Proxy::spawn(&agent.url(), "5s");
+    let mut proxy = spawn(&agent.url(), "5s");
     proxy.wait_healthy().await;
 
     let res = send(
@@ -190,7 +98,7 @@ async fn sigterm_lets_the_open_stream_finish_then_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_cuts_a_long_stream_at_the_grace_period() {
     let agent = agent(100, Duration::from_millis(200)).await;
-    let mut proxy = Proxy::spawn(&agent.url(), "1s");
+    let mut proxy = spawn(&agent.url(), "1s");
     proxy.wait_healthy().await;
 
     let res = send(

@@ -196,6 +196,8 @@ fp_pg_setup() {
     export FP_TEST_PG_TLS_ERROR="cannot make test certificates (is openssl installed?)"
   else
     export FP_TEST_PG_TLS_CA="$certs/ca.crt" FP_TEST_PG_OTHER_CA="$certs/other-ca.crt"
+    # The same server certificate (localhost, 127.0.0.1) serves the HTTPS agent tests.
+    export FP_TEST_TLS_CERT="$certs/server.crt" FP_TEST_TLS_KEY="$certs/server.key"
     if fp_pg_start_cluster tls "$certs"; then
       export FP_TEST_PG_TLS_URL="postgresql://postgres:$FP_PG_PASSWORD@127.0.0.1:$FP_PG_PORT/postgres"
       export FP_TEST_PG_TLS_DATA="$FP_TEST_TMP/pg-tls/data"

@@ -8,6 +8,7 @@
 
 pub mod mlflow;
 pub mod pg;
+pub mod process;
 pub mod proxy;
 pub mod upstream;
 

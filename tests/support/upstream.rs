@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 /// What the fake upstream received.
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub version: http::Version,
     pub method: Method,
     pub uri: http::Uri,
     pub headers: HeaderMap,
@@ -102,6 +103,7 @@ type Handler =
 /// A fake upstream: every request is recorded, then answered by the handler.
 pub struct Upstream {
     pub addr: SocketAddr,
+    tls: bool,
     received: Arc<Mutex<Vec<Received>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -112,6 +114,25 @@ impl Upstream {
         F: Fn(Received) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<TestBody>> + Send + 'static,
     {
+        Self::start_with(None, handler).await
+    }
+
+    /// The same over TLS with this acceptor (HTTP/1.1 or HTTP/2, as ALPN decides); its
+    /// [`Upstream::url`] is `https://localhost:PORT`.
+    pub async fn start_tls<F, Fut>(tls: tokio_rustls::TlsAcceptor, handler: F) -> Self
+    where
+        F: Fn(Received) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        Self::start_with(Some(tls), handler).await
+    }
+
+    async fn start_with<F, Fut>(tls: Option<tokio_rustls::TlsAcceptor>, handler: F) -> Self
+    where
+        F: Fn(Received) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let is_tls = tls.is_some();
         let handler: Handler = Arc::new(move |r| Box::pin(handler(r)));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -124,6 +145,7 @@ impl Upstream {
                 };
                 let handler = handler.clone();
                 let rec = rec.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let handler = handler.clone();
@@ -136,6 +158,7 @@ impl Upstream {
                                 .map(|c| c.to_bytes())
                                 .unwrap_or_default();
                             let r = Received {
+                                version: parts.version,
                                 method: parts.method,
                                 uri: parts.uri,
                                 headers: parts.headers,
@@ -145,21 +168,34 @@ impl Upstream {
                             Ok::<_, Infallible>(handler(r).await)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
         Self {
             addr,
+            tls: is_tls,
             received,
             task,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     pub fn received(&self) -> Vec<Received> {
