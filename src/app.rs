@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::feedback::Feedback;
 use crate::identity;
-use crate::metrics::{Metrics, RouteStatus};
+use crate::metrics::Metrics;
 use crate::proxy::{Forward, Proxy, X_REQUEST_ID};
 use crate::route::{self, Route};
 use crate::store::SharedStore;
@@ -41,6 +41,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
     let path = req.uri().path().to_owned();
     let route = route::classify(&method, &path, &state.config);
     let label = route.label();
+    let route_index = route.index();
 
     let result = dispatch(&state, route, req, &request_id, start).await;
     let mut res = match result {
@@ -55,16 +56,9 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
     res.headers_mut().insert(X_REQUEST_ID, request_id.clone());
 
     let status = res.status().as_u16();
-    let labels = RouteStatus {
-        route: label,
-        status,
-    };
-    state.metrics.http_requests.get_or_create(&labels).inc();
     state
         .metrics
-        .http_request_duration
-        .get_or_create(&labels)
-        .observe(start.elapsed().as_secs_f64());
+        .record_request(route_index, status, start.elapsed().as_secs_f64());
     if !matches!(res.body(), Body::Proxied(_)) {
         let bytes = http_body::Body::size_hint(res.body()).exact().unwrap_or(0);
         tracing::info!(

@@ -6,6 +6,7 @@
 //! refreshed by the delivery worker, not computed at scrape time, so a scrape never waits on the
 //! store.
 
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -85,6 +86,7 @@ fn duration_histogram() -> Histogram {
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
+    handles: Handles,
     pub http_requests: Family<RouteStatus, Counter>,
     pub http_request_duration: Family<RouteStatus, Histogram, fn() -> Histogram>,
     pub upstream_errors: Family<KindLabel, Counter>,
@@ -110,6 +112,21 @@ pub struct Metrics {
     pub store_errors: Family<OperationLabel, Counter>,
 }
 
+/// Status codes 100..=599, the slots per route in [`Handles::requests`].
+const STATUSES: usize = 500;
+
+/// Metric handles of the per-request path, resolved once. `Family::get_or_create` hashes the
+/// label set (SipHash) and takes a lock on every call; four such lookups per proxied request
+/// were ≈ 3 % of its instructions (docs/BENCHMARKS.md). A handle shares its series with the
+/// family (an `Arc` inside), so what is recorded through it is what `/metrics` shows.
+struct Handles {
+    /// `(requests, duration)` by `route index × STATUSES + (status − 100)`, filled on first use
+    /// so that only series that happened are exported.
+    requests: Box<[OnceLock<(Counter, Histogram)>]>,
+    agent_stream_duration: Histogram,
+    agent_stream_first_byte: Histogram,
+}
+
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
@@ -125,13 +142,25 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("feedback_proxy");
+        let stream_duration: Family<RouteLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(duration_histogram);
+        let stream_first_byte: Family<RouteLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        let agent = RouteLabel { route: "agent" };
+        let handles = Handles {
+            requests: (0..crate::route::LABELS.len() * STATUSES)
+                .map(|_| OnceLock::new())
+                .collect(),
+            agent_stream_duration: stream_duration.get_or_create(&agent).clone(),
+            agent_stream_first_byte: stream_first_byte.get_or_create(&agent).clone(),
+        };
         let m = Self {
             http_requests: Family::default(),
             http_request_duration: Family::new_with_constructor(latency_histogram),
             upstream_errors: Family::default(),
             streams_open: Gauge::default(),
-            stream_duration: Family::new_with_constructor(duration_histogram),
-            stream_first_byte: Family::new_with_constructor(latency_histogram),
+            stream_duration,
+            stream_first_byte,
             stream_bytes: Counter::default(),
             trace_ids: Family::default(),
             inspector_overflows: Counter::default(),
@@ -150,6 +179,7 @@ impl Metrics {
             store_pool_available: Gauge::default(),
             store_errors: Family::default(),
             registry: Registry::default(),
+            handles,
         };
         let r = &mut registry;
         r.register(
@@ -268,6 +298,51 @@ impl Metrics {
             m.store_errors.clone(),
         );
         Self { registry, ..m }
+    }
+
+    /// Counts one answered request of route `route_index` (see `route::LABELS`) and its
+    /// time to response headers.
+    pub fn record_request(&self, route_index: usize, status: u16, seconds: f64) {
+        let slot = usize::from(status)
+            .checked_sub(100)
+            .filter(|s| *s < STATUSES)
+            .and_then(|s| self.handles.requests.get(route_index * STATUSES + s));
+        let resolve = || {
+            let labels = RouteStatus {
+                route: crate::route::LABELS
+                    .get(route_index)
+                    .copied()
+                    .unwrap_or("other"),
+                status,
+            };
+            (
+                self.http_requests.get_or_create(&labels).clone(),
+                self.http_request_duration.get_or_create(&labels).clone(),
+            )
+        };
+        match slot {
+            Some(slot) => {
+                let (count, duration) = slot.get_or_init(resolve);
+                count.inc();
+                duration.observe(seconds);
+            }
+            // A status outside 100..=599 (hyper would not send one): the slow path.
+            None => {
+                let (count, duration) = resolve();
+                count.inc();
+                duration.observe(seconds);
+            }
+        }
+    }
+
+    /// The agent streams' duration histogram (`stream_duration_seconds{route="agent"}`).
+    pub fn agent_stream_duration(&self) -> &Histogram {
+        &self.handles.agent_stream_duration
+    }
+
+    /// The agent streams' time-to-first-byte histogram.
+    pub fn agent_stream_first_byte(&self) -> &Histogram {
+        &self.handles.agent_stream_first_byte
     }
 
     /// The text exposition of every metric.

@@ -23,6 +23,7 @@ use http::header::{
     COOKIE, HOST, HeaderMap, HeaderName, HeaderValue, ORIGIN, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 
@@ -94,6 +95,9 @@ pub struct Proxy {
     origin: String,
     /// The agent URL's path, without a trailing slash (often empty).
     base_path: String,
+    /// `origin` parsed once, for building each request's URI from parts (`None` only for an
+    /// origin `http` cannot parse, which configuration validation rules out).
+    scheme_authority: Option<(Scheme, Authority)>,
     token: TokenSource,
     store: SharedStore,
     links: LinkRecorder,
@@ -119,11 +123,16 @@ impl Proxy {
             None => format!("{}://{}", url.scheme(), url.host_str().unwrap_or("")),
         };
         let base_path = url.path().trim_end_matches('/').to_owned();
+        let scheme_authority = origin.parse::<Uri>().ok().and_then(|u| {
+            let parts = u.into_parts();
+            parts.scheme.zip(parts.authority)
+        });
         Self {
             client,
             config,
             origin,
             base_path,
+            scheme_authority,
             token,
             store,
             links,
@@ -400,19 +409,35 @@ impl Proxy {
         } else {
             mapped
         };
+        let invalid = |e: &dyn std::fmt::Display| {
+            Error::bad_request("INVALID_PATH", format!("cannot forward path: {e}"))
+        };
         let mut s = String::with_capacity(
-            self.origin.len() + self.base_path.len() + mapped.len() + rest.len() + 32,
+            self.base_path.len() + mapped.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1,
         );
-        s.push_str(&self.origin);
         s.push_str(&self.base_path);
         s.push_str(mapped);
         s.push_str(rest);
+        if s.is_empty() {
+            s.push('/');
+        }
         if let Some(q) = query {
             s.push('?');
             s.push_str(q);
         }
-        s.parse::<Uri>()
-            .map_err(|e| Error::bad_request("INVALID_PATH", format!("cannot forward path: {e}")))
+        // Only the path is parsed per request; scheme and authority were parsed at start-up.
+        let Some((scheme, authority)) = &self.scheme_authority else {
+            return Err(invalid(&format!(
+                "the agent URL {} is not a valid origin",
+                self.origin
+            )));
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(scheme.clone());
+        parts.authority = Some(authority.clone());
+        parts.path_and_query =
+            Some(PathAndQuery::from_maybe_shared(bytes::Bytes::from(s)).map_err(|e| invalid(&e))?);
+        Uri::from_parts(parts).map_err(|e| invalid(&e))
     }
 
     fn count_error(&self, kind: &'static str) {

@@ -40,21 +40,41 @@ pub enum Route<'a> {
     NotFound,
 }
 
+/// The routes' metric and log labels, by [`Route::index`].
+pub const LABELS: [&str; 11] = [
+    "agent",
+    "healthz",
+    "readyz",
+    "metrics",
+    "feedback_submit",
+    "feedback_list",
+    "feedback_retract",
+    "feedback_preflight",
+    "feedback",
+    "ui",
+    "not_found",
+];
+
 impl Route<'_> {
     /// A fixed label for metrics and logs.
     pub fn label(&self) -> &'static str {
+        LABELS[self.index()]
+    }
+
+    /// The route's position in [`LABELS`] (what per-route metric handles are cached by).
+    pub fn index(&self) -> usize {
         match self {
-            Self::Agent(_) => "agent",
-            Self::Health => "healthz",
-            Self::Ready => "readyz",
-            Self::Metrics => "metrics",
-            Self::FeedbackSubmit => "feedback_submit",
-            Self::FeedbackList { .. } => "feedback_list",
-            Self::FeedbackRetract { .. } => "feedback_retract",
-            Self::FeedbackPreflight => "feedback_preflight",
-            Self::FeedbackMethodNotAllowed { .. } => "feedback",
-            Self::Ui => "ui",
-            Self::NotFound => "not_found",
+            Self::Agent(_) => 0,
+            Self::Health => 1,
+            Self::Ready => 2,
+            Self::Metrics => 3,
+            Self::FeedbackSubmit => 4,
+            Self::FeedbackList { .. } => 5,
+            Self::FeedbackRetract { .. } => 6,
+            Self::FeedbackPreflight => 7,
+            Self::FeedbackMethodNotAllowed { .. } => 8,
+            Self::Ui => 9,
+            Self::NotFound => 10,
         }
     }
 }

@@ -524,3 +524,34 @@ async fn own_routes_and_unknown_paths() {
     assert_eq!(body_json(res).await["code"], "NOT_FOUND");
     assert_eq!(upstream.count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_map_onto_the_agents_base_path_with_the_query_kept() {
+    let agent = Upstream::start(|_r| async { full(200, "application/json", "{}") }).await;
+    let proxy = TestProxy::start(&format!(
+        "[identity]\ndev_user = \"dev@example.com\"\n[agent]\nurl = \"{}/base/\"\npaths = [\"/invocations\"]\n\
+         [[agent.routes]]\npath = \"/api/chat\"\nupstream_path = \"/invocations\"\n\
+         [[agent.routes]]\npath = \"/api/root\"\nupstream_path = \"/\"\n",
+        agent.url()
+    ))
+    .await;
+    let cases = [
+        ("/invocations?a=1&b=%20x", "/base/invocations?a=1&b=%20x"),
+        ("/api/chat", "/base/invocations"),
+        ("/api/chat/sub/path?x", "/base/invocations/sub/path?x"),
+        ("/api/root", "/base/"),
+        ("/api/root/deeper", "/base/deeper"),
+    ];
+    for (sent, _) in cases {
+        let res = send(&h1(), post(&proxy.url(sent)), "{}").await;
+        assert_eq!(res.status(), 200, "{sent}");
+        body_bytes(res).await;
+    }
+    let seen: Vec<String> = agent
+        .received()
+        .iter()
+        .map(|r| r.uri.path_and_query().unwrap().to_string())
+        .collect();
+    let expected: Vec<&str> = cases.iter().map(|(_, want)| *want).collect();
+    assert_eq!(seen, expected);
+}

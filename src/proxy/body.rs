@@ -30,7 +30,7 @@ use super::link::LinkRecorder;
 use super::sse::Inspector;
 use super::trace::Found;
 use crate::body::BoxError;
-use crate::metrics::{KindLabel, Metrics, RouteLabel, TraceIdLabels};
+use crate::metrics::{KindLabel, Metrics, TraceIdLabels};
 use crate::store::LinkRecord;
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -250,13 +250,10 @@ impl ResponseBody {
         let now = Instant::now();
         let m = &end.metrics;
         m.streams_open.dec();
-        let route = RouteLabel { route: "agent" };
-        m.stream_duration
-            .get_or_create(&route)
+        m.agent_stream_duration()
             .observe(now.duration_since(end.start).as_secs_f64());
         if let Some(fb) = self.first_byte {
-            m.stream_first_byte
-                .get_or_create(&route)
+            m.agent_stream_first_byte()
                 .observe(fb.duration_since(end.start).as_secs_f64());
         }
         m.stream_bytes.inc_by(self.bytes);
