@@ -10,27 +10,11 @@ use http::Request;
 use http_body_util::BodyExt;
 use support::process::ProxyProcess;
 use support::proxy::{h1, send};
-use support::upstream::{Upstream, streamed};
+use support::upstream::{Upstream, sse_agent};
 
 /// An agent that streams `events` events `gap` apart.
 async fn agent(events: usize, gap: Duration) -> Upstream {
-    Upstream::start(move |_r| async move {
-        let (res, streamer) = streamed(200, "text/event-stream");
-        tokio::spawn(async move {
-            for i in 0..events {
-                if streamer
-                    .send(format!("data: {{\"i\": {i}}}\n\n"))
-                    .await
-                    .is_none()
-                {
-                    return;
-                }
-                tokio::time::sleep(gap).await;
-            }
-        });
-        res
-    })
-    .await
+    sse_agent(None, events, gap).await
 }
 
 /// The proxy binary in front of `agent`, with this shutdown grace period.

@@ -11,7 +11,7 @@ use http::Request;
 use http_body_util::BodyExt;
 use support::process::ProxyProcess;
 use support::proxy::{body_json, h1, send};
-use support::upstream::{Upstream, streamed};
+use support::upstream::{Upstream, sse_agent};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -42,23 +42,7 @@ fn acceptor() -> tokio_rustls::TlsAcceptor {
 
 /// An HTTPS agent streaming `EVENTS` events `GAP` apart.
 async fn https_agent() -> Upstream {
-    Upstream::start_tls(acceptor(), |_r| async {
-        let (res, streamer) = streamed(200, "text/event-stream");
-        tokio::spawn(async move {
-            for i in 0..EVENTS {
-                if streamer
-                    .send(format!("data: {{\"i\": {i}}}\n\n"))
-                    .await
-                    .is_none()
-                {
-                    return;
-                }
-                tokio::time::sleep(GAP).await;
-            }
-        });
-        res
-    })
-    .await
+    sse_agent(Some(acceptor()), EVENTS, GAP).await
 }
 
 fn proxy_for(agent: &Upstream, ca_file: &str) -> ProxyProcess {

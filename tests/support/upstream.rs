@@ -213,6 +213,32 @@ impl Drop for Upstream {
     }
 }
 
+/// An agent that answers every request with `events` SSE events `data: {"i": N}`, `gap` apart
+/// (over TLS with `tls`). The stream stops early if the client goes away.
+pub async fn sse_agent(
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    events: usize,
+    gap: Duration,
+) -> Upstream {
+    Upstream::start_with(tls, move |_r| async move {
+        let (res, streamer) = streamed(200, "text/event-stream");
+        tokio::spawn(async move {
+            for i in 0..events {
+                if streamer
+                    .send(format!("data: {{\"i\": {i}}}\n\n"))
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
+                tokio::time::sleep(gap).await;
+            }
+        });
+        res
+    })
+    .await
+}
+
 /// A TCP listener that accepts connections and never answers.
 pub async fn silent() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
