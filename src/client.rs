@@ -1,7 +1,7 @@
 //! Outbound HTTP: one pooled hyper client per purpose, built once at start-up.
 //!
-//! HTTPS goes through rustls (ring provider) with ALPN offering HTTP/2 and HTTP/1.1; plain HTTP
-//! (local upstreams) uses HTTP/1.1. Trust roots are the system's, falling back to the bundled
+//! HTTPS goes through rustls (ring provider) with ALPN offering HTTP/2 and HTTP/1.1 (or only
+//! HTTP/1.1, [`ClientOptions::http2`]); plain HTTP (local upstreams) uses HTTP/1.1. Trust roots are the system's, falling back to the bundled
 //! Mozilla roots when the system has none (minimal containers).
 //!
 //! [`HttpClient::exchange`] is for the small request/response calls the proxy makes itself
@@ -29,6 +29,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Offer HTTP/2 in ALPN. One HTTP/2 connection then carries every request to a host
+    /// (hyper-util's pool opens no second one): requests beyond the server's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` wait for a stream to end.
+    pub http2: bool,
 }
 
 impl Default for ClientOptions {
@@ -37,6 +41,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 32,
+            http2: true,
         }
     }
 }
@@ -77,9 +82,12 @@ impl HttpClient {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config().as_ref().clone())
             .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+            .enable_http1();
+        let https = if opts.http2 {
+            https.enable_http2().wrap_connector(http)
+        } else {
+            https.wrap_connector(http)
+        };
         let inner = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())

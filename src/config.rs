@@ -282,6 +282,10 @@ pub struct AgentConfig {
     #[serde(serialize_with = "ser_duration")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Offer HTTP/2 to an `https://` agent (ALPN). Off (HTTP/1.1, one connection per open
+    /// stream) by default: one shared HTTP/2 connection makes chats beyond the agent server's
+    /// concurrent-stream limit wait (see `client::ClientOptions::http2`).
+    pub http2: bool,
     /// Capacity of the queue of message links waiting to be written to the store.
     pub link_queue: usize,
 }
@@ -1134,6 +1138,8 @@ impl Validator {
                 "90s",
             ),
             pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(256),
+            // Off by default: see `client::ClientOptions::http2` and config/example.toml.
+            http2: raw.http2.unwrap_or(false),
             link_queue,
         }
     }

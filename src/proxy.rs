@@ -116,6 +116,7 @@ impl Proxy {
             connect_timeout: config.connect_timeout,
             pool_idle_timeout: config.pool_idle_timeout,
             pool_max_idle_per_host: config.pool_max_idle_per_host,
+            http2: config.http2,
         });
         let url = &config.url;
         let origin = match url.port() {

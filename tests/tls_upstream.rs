@@ -1,6 +1,7 @@
 //! An HTTPS agent, as on Databricks (`https://…databricksapps.com`): the proxy verifies its
 //! certificate against the system roots (here `SSL_CERT_FILE`, the test setup's CA), speaks
-//! HTTP/2 when ALPN offers it, and passes the event stream through as it comes.
+//! HTTP/2 when configured to and ALPN agrees (HTTP/1.1 by default), and passes the event stream
+//! through as it comes.
 
 mod support;
 
@@ -11,7 +12,7 @@ use http::Request;
 use http_body_util::BodyExt;
 use support::process::ProxyProcess;
 use support::proxy::{body_json, h1, send};
-use support::upstream::{Upstream, sse_agent};
+use support::upstream::{TLS_MAX_CONCURRENT_STREAMS, Upstream, sse_agent};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -45,14 +46,62 @@ async fn https_agent() -> Upstream {
     sse_agent(Some(acceptor()), EVENTS, GAP).await
 }
 
+/// The proxy in front of `agent` with HTTP/2 offered.
 fn proxy_for(agent: &Upstream, ca_file: &str) -> ProxyProcess {
+    proxy_with(agent, ca_file, "http2 = true")
+}
+
+fn proxy_with(agent: &Upstream, ca_file: &str, agent_toml: &str) -> ProxyProcess {
     ProxyProcess::spawn(
         &format!(
-            "[identity]\ntrust_forwarded_headers = true\n[agent]\nurl = \"{}\"",
+            "[identity]\ntrust_forwarded_headers = true\n[agent]\nurl = \"{}\"\n{agent_toml}",
             agent.url()
         ),
         &[("SSL_CERT_FILE", ca_file), ("SSL_CERT_DIR", "/nonexistent")],
     )
+}
+
+/// Opens `n` chats at once through `proxy`; returns when each one's first event arrived.
+async fn first_events(proxy: &ProxyProcess, n: usize) -> Vec<Duration> {
+    let started = Instant::now();
+    let chats: Vec<_> = (0..n)
+        .map(|_| {
+            let url = proxy.url("/invocations");
+            tokio::spawn(async move {
+                let res = send(
+                    &h1(),
+                    Request::post(url)
+                        .header("content-type", "application/json")
+                        .header("x-forwarded-email", "alice@example.com"),
+                    "{}",
+                )
+                .await;
+                if res.status() != 200 {
+                    let status = res.status();
+                    panic!("{status}: {}", body_json(res).await);
+                }
+                let mut body = res.into_body();
+                let first = loop {
+                    let frame = body
+                        .frame()
+                        .await
+                        .expect("no event")
+                        .expect("the stream broke");
+                    if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                        break started.elapsed();
+                    }
+                };
+                while body.frame().await.is_some() {}
+                first
+            })
+        })
+        .collect();
+    let mut firsts = Vec::new();
+    for chat in chats {
+        firsts.push(chat.await.unwrap());
+    }
+    firsts.sort();
+    firsts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,4 +180,37 @@ async fn an_agent_certificate_from_an_unknown_ca_is_a_502_that_says_so() {
     );
     assert!(error.to_lowercase().contains("certificate"), "{v}");
     assert_eq!(agent.count(), 0, "no request reached the agent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_h2_chats_beyond_the_agents_stream_limit_wait_and_the_http1_default_has_no_limit() {
+    let n = TLS_MAX_CONCURRENT_STREAMS as usize + 1;
+    let ca = support::env("FP_TEST_PG_TLS_CA");
+    let stream_time = GAP * (EVENTS as u32 - 1);
+
+    // agent.http2 = true: one connection, and the agent's server takes two streams at a time;
+    // the third chat starts only when one of the first two has ended.
+    let agent = https_agent().await;
+    let proxy = proxy_for(&agent, &ca);
+    proxy.wait_healthy().await;
+    // One chat first, so that the pooled HTTP/2 connection exists and knows the limit (chats
+    // racing to open the first connection can each open their own).
+    first_events(&proxy, 1).await;
+    let firsts = first_events(&proxy, n).await;
+    assert!(firsts[n - 2] < GAP, "{firsts:?}");
+    assert!(firsts[n - 1] >= stream_time, "{firsts:?}");
+
+    // The default (agent.http2 = false): a connection per chat, every chat starts at once.
+    let agent = https_agent().await;
+    let proxy = proxy_with(&agent, &ca, "");
+    proxy.wait_healthy().await;
+    first_events(&proxy, 1).await;
+    let firsts = first_events(&proxy, n).await;
+    assert!(firsts[n - 1] < GAP, "{firsts:?}");
+    assert!(
+        agent
+            .received()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_11)
+    );
 }

@@ -74,6 +74,7 @@ pub struct RawAgent {
     pub trace_id_headers: Option<Vec<String>>,
     pub pool_idle_timeout: Option<String>,
     pub pool_max_idle_per_host: Option<usize>,
+    pub http2: Option<bool>,
     pub link_queue: Option<usize>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,

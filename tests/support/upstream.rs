@@ -100,6 +100,10 @@ pub fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response
 type Handler =
     Arc<dyn Fn(Received) -> Pin<Box<dyn Future<Output = Response<TestBody>> + Send>> + Send + Sync>;
 
+/// The HTTP/2 concurrent-stream limit of the TLS fake upstream (far below the 100–250 of real
+/// servers, so that a test reaches it with a handful of streams).
+pub const TLS_MAX_CONCURRENT_STREAMS: u32 = 2;
+
 /// A fake upstream: every request is recorded, then answered by the handler.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -118,7 +122,8 @@ impl Upstream {
     }
 
     /// The same over TLS with this acceptor (HTTP/1.1 or HTTP/2, as ALPN decides); its
-    /// [`Upstream::url`] is `https://localhost:PORT`.
+    /// [`Upstream::url`] is `https://localhost:PORT`. Its HTTP/2 allows
+    /// [`TLS_MAX_CONCURRENT_STREAMS`] streams per connection, as servers in production cap it.
     pub async fn start_tls<F, Fut>(tls: tokio_rustls::TlsAcceptor, handler: F) -> Self
     where
         F: Fn(Received) -> Fut + Send + Sync + 'static,
@@ -168,7 +173,11 @@ impl Upstream {
                             Ok::<_, Infallible>(handler(r).await)
                         }
                     });
-                    let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let mut server =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    server
+                        .http2()
+                        .max_concurrent_streams(TLS_MAX_CONCURRENT_STREAMS);
                     match tls {
                         None => {
                             let _ = server.serve_connection(TokioIo::new(stream), svc).await;
