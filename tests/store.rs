@@ -146,6 +146,20 @@ mod suite {
 
     const LEASE: Duration = Duration::from_secs(60);
 
+    /// Polls `claim_due` until it hands out a delivery (at most 10 s; panics with `what`).
+    async fn next_due(store: &SharedStore, what: &str) -> feedback_proxy::store::Delivery {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(d) = store.claim_due(10, LEASE).await.unwrap().pop() {
+                    return d;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+    }
+
     async fn delivery_of(store: &SharedStore, k: &VoteKey) -> feedback_proxy::store::Delivery {
         store
             .list_deliveries(None, 1000)
@@ -603,16 +617,7 @@ mod suite {
             .await
             .unwrap();
         assert!(store.claim_due(10, LEASE).await.unwrap().is_empty());
-        let due = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if let Some(d) = store.claim_due(10, LEASE).await.unwrap().pop() {
-                    return d;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-        .await
-        .expect("the worker never got the held delivery");
+        let due = next_due(&store, "the worker never got the held delivery").await;
         assert_eq!(due.key, key("m2"));
     }
 
@@ -706,18 +711,8 @@ mod suite {
         let short = Duration::from_millis(300);
         assert_eq!(store.claim_due(10, short).await.unwrap().len(), 1);
         assert!(store.claim_due(10, short).await.unwrap().is_empty());
-        let again = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                let got = store.claim_due(10, LEASE).await.unwrap();
-                if !got.is_empty() {
-                    return got;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .expect("the expired lease was never released");
-        assert_eq!(again[0].attempts, 2);
+        let again = next_due(&store, "the expired lease was never released").await;
+        assert_eq!(again.attempts, 2);
     }
 
     pub async fn an_attempt_that_outlived_its_lease_cannot_finish_over_the_next_claim(
@@ -733,16 +728,7 @@ mod suite {
             .await
             .unwrap()
             .unwrap();
-        let next = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if let Some(d) = store.claim_due(10, LEASE).await.unwrap().pop() {
-                    return d;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-        .await
-        .expect("the expired lease was never released");
+        let next = next_due(&store, "the expired lease was never released").await;
         assert_eq!(next.claims, slow.claims + 1);
 
         // The slow attempt created an assessment the delivery did not know of yet: that is
