@@ -59,6 +59,27 @@ async fn answered(proxy: &TestProxy, agent: &str, user: &str, chat: &str) -> (St
     (message_id, trace_id)
 }
 
+/// The proxy's `done` deliveries, once there is at least one (at most 20 s).
+async fn done_deliveries(proxy: &TestProxy) -> Vec<feedback_proxy::store::Delivery> {
+    let done = async {
+        loop {
+            let d = proxy
+                .state
+                .store
+                .list_deliveries(Some(DeliveryState::Done), 10)
+                .await
+                .unwrap();
+            if !d.is_empty() {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), done)
+        .await
+        .expect("no delivery was done within 20 s")
+}
+
 async fn link(
     proxy: &TestProxy,
     message_id: &str,
@@ -663,23 +684,7 @@ async fn a_create_whose_answer_is_lost_still_leaves_one_assessment() {
     )
     .await;
     // The retry must not have created a second one; give a wrong one time to appear.
-    let done = async {
-        loop {
-            let d = proxy
-                .state
-                .store
-                .list_deliveries(Some(DeliveryState::Done), 10)
-                .await
-                .unwrap();
-            if !d.is_empty() {
-                return d;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let d = tokio::time::timeout(Duration::from_secs(20), done)
-        .await
-        .unwrap();
+    let d = done_deliveries(&proxy).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let a = assessments(&client, &trace_id, "user_feedback").await;
     assert_eq!(a.len(), 1, "{a:#?}");
@@ -718,23 +723,7 @@ async fn a_lost_create_without_client_ids_is_found_by_user_and_name() {
         |a| a.len() == 1,
     )
     .await;
-    let done = async {
-        loop {
-            let d = proxy
-                .state
-                .store
-                .list_deliveries(Some(DeliveryState::Done), 10)
-                .await
-                .unwrap();
-            if !d.is_empty() {
-                return d;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    let d = tokio::time::timeout(Duration::from_secs(20), done)
-        .await
-        .unwrap();
+    let d = done_deliveries(&proxy).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let a = assessments(&client, &trace_id, "user_feedback").await;
     assert_eq!(a.len(), 1, "{a:#?}");
