@@ -17,10 +17,10 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::feedback::Feedback;
 use crate::identity;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StateLabel};
 use crate::proxy::{Forward, Proxy, X_REQUEST_ID};
 use crate::route::{self, Route};
-use crate::store::SharedStore;
+use crate::store::{DeliveryState, SharedStore};
 use crate::ui::Ui;
 
 /// Everything a request handler needs, built once at start-up.
@@ -102,7 +102,7 @@ async fn dispatch(
         }
         Route::Health => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         Route::Ready => Ok(ready(state).await),
-        Route::Metrics => Ok(metrics_response(&state.metrics)),
+        Route::Metrics => Ok(scrape(state).await),
         Route::FeedbackSubmit
         | Route::FeedbackList { .. }
         | Route::FeedbackRetract { .. }
@@ -138,7 +138,48 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-pub fn metrics_response(metrics: &Metrics) -> Response<Body> {
+/// A Prometheus scrape: the gauges mirrored from the store are read now, so that a scrape
+/// always shows the store as it is (not as a background task last saw it), then everything is
+/// encoded.
+pub async fn scrape(state: &AppState) -> Response<Body> {
+    refresh_store_gauges(state).await;
+    metrics_response(&state.metrics)
+}
+
+/// Sets the delivery-state, oldest-pending and pool gauges from the store. The stats query
+/// runs first, so the pool gauges count the connection it used; a store that does not answer
+/// within 2 s leaves the delivery gauges as they were (the scrape still answers).
+async fn refresh_store_gauges(state: &AppState) {
+    const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+    let metrics = &state.metrics;
+    match tokio::time::timeout(STATS_TIMEOUT, state.store.delivery_stats()).await {
+        Ok(Ok(s)) => {
+            for (state, n) in [
+                (DeliveryState::Pending, s.pending),
+                (DeliveryState::Waiting, s.waiting),
+                (DeliveryState::Done, s.done),
+                (DeliveryState::Dead, s.dead),
+            ] {
+                metrics
+                    .deliveries
+                    .get_or_create(&StateLabel {
+                        state: state.as_str(),
+                    })
+                    .set(n as i64);
+            }
+            metrics
+                .delivery_oldest_pending_age
+                .set(s.oldest_pending.map_or(0.0, |d| d.as_secs_f64()));
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "cannot read delivery stats for a scrape"),
+        Err(_) => tracing::debug!("the store did not answer a scrape's stats query within 2s"),
+    }
+    let pool = state.store.pool_status();
+    metrics.store_pool_size.set(pool.size as i64);
+    metrics.store_pool_available.set(pool.available as i64);
+}
+
+fn metrics_response(metrics: &Metrics) -> Response<Body> {
     let mut res = Response::new(Body::full(metrics.encode()));
     res.headers_mut().insert(
         CONTENT_TYPE,

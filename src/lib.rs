@@ -167,12 +167,12 @@ impl App {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
         let metrics_task = metrics_listener.map(|l| {
-            let metrics = self.state.metrics.clone();
+            let state = self.state.clone();
             let mut rx = stop_rx.clone();
             tokio::spawn(async move {
                 let handler = move |_req| {
-                    let metrics = metrics.clone();
-                    async move { app::metrics_response(&metrics) }
+                    let state = state.clone();
+                    async move { app::scrape(&state).await }
                 };
                 server::serve(
                     l,

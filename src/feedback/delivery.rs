@@ -27,13 +27,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DeliveryConfig, MlflowConfig};
-use crate::metrics::{Metrics, OutcomeLabel, StateLabel};
+use crate::metrics::{Metrics, OutcomeLabel};
 use crate::mlflow::{
     Assessment, AssessmentUpdate, MlflowClient, MlflowError, MlflowErrorKind, NewAssessment,
 };
 use crate::store::{
-    AssessmentFact, Delivery, DeliveryState, Desired, Finished, Outcome, SharedStore, StoreError,
-    VoteKey,
+    AssessmentFact, Delivery, Desired, Finished, Outcome, SharedStore, StoreError, VoteKey,
 };
 
 /// Namespace of the deterministic assessment ids (a fixed, random UUID).
@@ -675,7 +674,6 @@ impl Deliverer {
     /// first, so that configuring MLflow delivers the backlog without an operator's help.
     pub async fn run_worker(self: Arc<Self>, stop: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
-        let mut polls: u64 = 0;
         let mut backlog_released = !self.enabled();
         loop {
             if !backlog_released {
@@ -694,10 +692,6 @@ impl Deliverer {
                     }
                 }
             }
-            if polls % 5 == 0 {
-                self.refresh_gauges().await;
-            }
-            polls += 1;
             let free = permits
                 .available_permits()
                 .min(self.config.batch_size as usize);
@@ -736,33 +730,6 @@ impl Deliverer {
             permits.acquire_many(self.config.concurrency as u32),
         )
         .await;
-    }
-
-    async fn refresh_gauges(&self) {
-        match self.store.delivery_stats().await {
-            Ok(s) => {
-                for (state, n) in [
-                    (DeliveryState::Pending, s.pending),
-                    (DeliveryState::Waiting, s.waiting),
-                    (DeliveryState::Done, s.done),
-                    (DeliveryState::Dead, s.dead),
-                ] {
-                    self.metrics
-                        .deliveries
-                        .get_or_create(&StateLabel {
-                            state: state.as_str(),
-                        })
-                        .set(n as i64);
-                }
-                self.metrics
-                    .delivery_oldest_pending_age
-                    .set(s.oldest_pending.map_or(0.0, |d| d.as_secs_f64()));
-            }
-            Err(e) => tracing::debug!(error = %e, "cannot read delivery stats"),
-        }
-        let pool = self.store.pool_status();
-        self.metrics.store_pool_size.set(pool.size as i64);
-        self.metrics.store_pool_available.set(pool.available as i64);
     }
 }
 
