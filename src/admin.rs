@@ -1,5 +1,5 @@
 //! Operator commands that work on the store without serving: `migrate`, and `deliveries list`
-//! / `deliveries retry` to see the outbox and requeue dead letters (or parked deliveries, e.g.
+//! (paged) / `deliveries stats` / `deliveries retry` to see the outbox and requeue dead letters (or parked deliveries, e.g.
 //! after configuring MLflow).
 //!
 //! They open the store exactly as the server does ([`store_deps`]), so a command run next to a
@@ -14,7 +14,8 @@ use crate::client::{ClientOptions, HttpClient};
 use crate::config::{AuthSpec, Config};
 use crate::metrics::Metrics;
 use crate::store::{
-    self, Delivery, DeliveryState, Desired, Migrated, SharedStore, StoreError, VoteKey,
+    self, Delivery, DeliveryCursor, DeliveryState, Desired, Migrated, SharedStore, StoreError,
+    VoteKey,
 };
 
 /// What the store needs from the rest of the process (password sources for Postgres).
@@ -49,18 +50,63 @@ pub async fn open_store(config: &Config) -> Result<SharedStore, StoreError> {
     store::open(&config.store, standalone_deps(config)).await
 }
 
-/// A table of deliveries (newest first) with a summary line.
+/// One page of a delivery listing.
+pub struct Page {
+    /// The listing: a table with a summary line, or a JSON array of the rows.
+    pub out: String,
+    /// The `--after` value of the next page, when there are more rows.
+    pub next: Option<String>,
+}
+
+/// Why an operator command's arguments cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("--after: not a cursor printed by `deliveries list` ({0:.40})")]
+    BadCursor(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A page of deliveries (newest first): `limit` rows after the cursor `after` (from the
+/// previous page's [`Page::next`]). Text: a summary line with the counts by state, then a
+/// table; JSON: an array of the rows.
 pub async fn list_deliveries(
     store: &SharedStore,
     state: Option<DeliveryState>,
     limit: u32,
+    after: Option<&str>,
     json: bool,
-) -> Result<String, StoreError> {
-    let rows = store.list_deliveries(state, limit).await?;
+) -> Result<Page, AdminError> {
+    let after = match after {
+        Some(a) => {
+            Some(DeliveryCursor::decode(a).ok_or_else(|| AdminError::BadCursor(a.to_owned()))?)
+        }
+        None => None,
+    };
+    // One row more than asked tells whether another page follows.
+    let mut rows = store
+        .list_deliveries_after(state, limit.saturating_add(1), after.as_ref())
+        .await?;
+    let next = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|d| DeliveryCursor::of(d).encode())
+    } else {
+        None
+    };
     if json {
         let items: Vec<serde_json::Value> = rows.iter().map(delivery_json).collect();
-        return Ok(serde_json::to_string_pretty(&items).unwrap_or_default() + "\n");
+        let out = serde_json::to_string_pretty(&items).unwrap_or_default() + "\n";
+        return Ok(Page { out, next });
     }
+    let out = delivery_table(store, &rows, next.as_deref()).await?;
+    Ok(Page { out, next })
+}
+
+async fn delivery_table(
+    store: &SharedStore,
+    rows: &[Delivery],
+    next: Option<&str>,
+) -> Result<String, StoreError> {
     let stats = store.delivery_stats().await?;
     let mut out = String::new();
     let _ = writeln!(
@@ -86,7 +132,7 @@ pub async fn list_deliveries(
         "{:<8} {:>4} {:>4}  {:<36}  {:<24}  {:<14}  {:<34}  last error",
         "state", "ver", "try", "message", "user", "name", "trace"
     );
-    for d in &rows {
+    for d in rows {
         let _ = writeln!(
             out,
             "{:<8} {:>4} {:>4}  {:<36}  {:<24}  {:<14}  {:<34}  {}",
@@ -99,6 +145,57 @@ pub async fn list_deliveries(
             d.trace_id.as_deref().unwrap_or("-"),
             d.last_error.as_deref().unwrap_or("")
         );
+    }
+    if let Some(next) = next {
+        let _ = writeln!(out, "more: --after {next}");
+    }
+    Ok(out)
+}
+
+/// How many dead-letter reasons `deliveries stats` shows.
+const DEAD_REASONS: u32 = 10;
+
+/// Counts per state, the age of the oldest pending delivery, and the most common reasons of
+/// dead letters: what an operator watching a drain needs, whatever the size of the outbox.
+pub async fn delivery_stats(store: &SharedStore, json: bool) -> Result<String, StoreError> {
+    let stats = store.delivery_stats().await?;
+    let reasons = store.dead_reasons(DEAD_REASONS).await?;
+    if json {
+        let v = serde_json::json!({
+            "pending": stats.pending,
+            "waiting": stats.waiting,
+            "done": stats.done,
+            "dead": stats.dead,
+            "oldestPendingSeconds": stats.oldest_pending.map(|d| d.as_secs_f64()),
+            "deadReasons": reasons
+                .iter()
+                .map(|(reason, count)| serde_json::json!({"reason": reason, "count": count}))
+                .collect::<Vec<_>>(),
+        });
+        return Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n");
+    }
+    let mut out = String::new();
+    for (state, n) in [
+        ("pending", stats.pending),
+        ("waiting", stats.waiting),
+        ("done", stats.done),
+        ("dead", stats.dead),
+    ] {
+        let _ = writeln!(out, "{state:<8} {n:>10}");
+    }
+    let _ = writeln!(
+        out,
+        "oldest pending: {}",
+        stats.oldest_pending.map_or_else(
+            || "-".to_owned(),
+            |d| humantime::format_duration(round(d)).to_string()
+        )
+    );
+    if !reasons.is_empty() {
+        let _ = writeln!(out, "dead letters by reason:");
+        for (reason, n) in &reasons {
+            let _ = writeln!(out, "{n:>10}  {reason}");
+        }
     }
     Ok(out)
 }

@@ -13,6 +13,7 @@
 
 pub mod delivery;
 pub mod input;
+pub mod pace;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

@@ -138,7 +138,11 @@ impl App {
         let stop = CancellationToken::new();
         let mut background = Vec::new();
         if state.config.delivery.worker {
-            background.push(tokio::spawn(deliverer.run_worker(stop.child_token())));
+            // In-flight attempts get half the grace to record their outcomes after the stop.
+            let drain = state.config.shutdown_grace / 2;
+            background.push(tokio::spawn(
+                deliverer.run_worker(stop.child_token(), drain),
+            ));
         }
         background.push(tokio::spawn(housekeeping(
             state.clone(),

@@ -70,9 +70,22 @@ enum DeliveriesAction {
         /// Only this state.
         #[arg(long, value_enum)]
         state: Option<CliState>,
+        /// Rows per page.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Start after this cursor (printed at the end of the previous page: `more: --after …`
+        /// in the table, `next: …` on stderr with --json).
+        #[arg(long)]
+        after: Option<String>,
         /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counts by state, the oldest pending delivery's age, and dead letters by reason.
+    Stats {
+        #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
+        config: PathBuf,
+        /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -96,7 +109,9 @@ enum DeliveriesAction {
 impl DeliveriesAction {
     fn config(&self) -> &PathBuf {
         match self {
-            Self::List { config, .. } | Self::Retry { config, .. } => config,
+            Self::List { config, .. } | Self::Stats { config, .. } | Self::Retry { config, .. } => {
+                config
+            }
         }
     }
 }
@@ -326,8 +341,36 @@ fn deliveries(config: Config, action: DeliveriesAction) -> ExitCode {
         };
         let result = match action {
             DeliveriesAction::List {
-                state, limit, json, ..
-            } => admin::list_deliveries(&store, state.map(Into::into), limit, json)
+                state,
+                limit,
+                after,
+                json,
+                ..
+            } => {
+                match admin::list_deliveries(
+                    &store,
+                    state.map(Into::into),
+                    limit,
+                    after.as_deref(),
+                    json,
+                )
+                .await
+                {
+                    Ok(page) => {
+                        print!("{}", page.out);
+                        if let (true, Some(next)) = (json, page.next) {
+                            eprintln!("next: {next}");
+                        }
+                        Ok(())
+                    }
+                    Err(admin::AdminError::Store(e)) => Err(e),
+                    Err(e @ admin::AdminError::BadCursor(_)) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            DeliveriesAction::Stats { json, .. } => admin::delivery_stats(&store, json)
                 .await
                 .map(|out| print!("{out}")),
             DeliveriesAction::Retry {

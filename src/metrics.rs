@@ -103,6 +103,8 @@ pub struct Metrics {
     pub deliveries: Family<StateLabel, Gauge>,
     pub delivery_attempts: Family<OutcomeLabel, Counter>,
     pub delivery_oldest_pending_age: Gauge<f64, AtomicU64>,
+    /// The delivery worker's adaptive in-flight limit (`feedback::pace`).
+    pub delivery_concurrency_limit: Gauge<f64, AtomicU64>,
     pub mlflow_request_duration: Family<OperationLabel, Histogram, fn() -> Histogram>,
     pub mlflow_errors: Family<OperationStatus, Counter>,
     pub token_refreshes: Family<SourceLabel, Counter>,
@@ -171,6 +173,7 @@ impl Metrics {
             deliveries: Family::default(),
             delivery_attempts: Family::default(),
             delivery_oldest_pending_age: Gauge::default(),
+            delivery_concurrency_limit: Gauge::default(),
             mlflow_request_duration: Family::new_with_constructor(latency_histogram),
             mlflow_errors: Family::default(),
             token_refreshes: Family::default(),
@@ -261,6 +264,11 @@ impl Metrics {
             "delivery_oldest_pending_age_seconds",
             "Age of the oldest pending delivery",
             m.delivery_oldest_pending_age.clone(),
+        );
+        r.register(
+            "delivery_concurrency_limit",
+            "How many delivery attempts the worker keeps in flight now (adapts to MLflow's pace, at most delivery.concurrency)",
+            m.delivery_concurrency_limit.clone(),
         );
         r.register(
             "mlflow_request_duration_seconds",

@@ -262,6 +262,58 @@ impl Delivery {
     }
 }
 
+/// Where a page of [`Store::list_deliveries_after`] ends: the sort key of its last row. Shown to
+/// operators as an opaque token (`--after`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryCursor {
+    pub updated_at: SystemTime,
+    pub key: VoteKey,
+}
+
+impl DeliveryCursor {
+    /// The cursor of `d` (the last row of a page).
+    pub fn of(d: &Delivery) -> Self {
+        Self {
+            updated_at: d.updated_at,
+            key: d.key.clone(),
+        }
+    }
+
+    /// `<microseconds since the epoch>.<base64url of the key as a JSON array>`.
+    pub fn encode(&self) -> String {
+        use base64::Engine as _;
+        let micros = self
+            .updated_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        let key = serde_json::json!([self.key.message_id, self.key.user_id, self.key.name]);
+        format!(
+            "{micros}.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.to_string())
+        )
+    }
+
+    /// Parses [`DeliveryCursor::encode`]'s output; `None` for anything else.
+    pub fn decode(s: &str) -> Option<Self> {
+        use base64::Engine as _;
+        let (micros, key) = s.split_once('.')?;
+        let micros: u64 = micros.parse().ok()?;
+        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(key)
+            .ok()?;
+        let (message_id, user_id, name): (String, String, String) =
+            serde_json::from_slice(&key).ok()?;
+        Some(Self {
+            updated_at: SystemTime::UNIX_EPOCH + Duration::from_micros(micros),
+            key: VoteKey {
+                message_id,
+                user_id,
+                name,
+            },
+        })
+    }
+}
+
 /// Names one attempt: the delivery, the version it worked on and the claim it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ticket {
@@ -420,12 +472,34 @@ pub trait Store: Send + Sync + 'static {
         outcome: &Outcome,
     ) -> Result<Finished, StoreError>;
 
+    /// Extends the lease of the attempt `ticket` names to `lease` from now, if its claim still
+    /// holds the delivery (not finished, not claimed again since). `false`: the claim is gone
+    /// and the attempt must stop. Attempts renew every third of the lease, so a crashed
+    /// replica's claims are free again within one (short) lease.
+    async fn renew_lease(&self, ticket: &Ticket, lease: Duration) -> Result<bool, StoreError>;
+
     /// Deliveries for operators, newest first, optionally only in `state`.
     async fn list_deliveries(
         &self,
         state: Option<DeliveryState>,
         limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.list_deliveries_after(state, limit, None).await
+    }
+
+    /// One page of [`Store::list_deliveries`]: the rows that sort after `after` (the cursor of
+    /// the last row of the previous page). Keyset order: `updated_at` descending, then the key
+    /// ascending, so pages neither repeat nor skip a row that did not change meanwhile; a row
+    /// updated while paging moves to the front and is not seen again by that walk.
+    async fn list_deliveries_after(
+        &self,
+        state: Option<DeliveryState>,
+        limit: u32,
+        after: Option<&DeliveryCursor>,
     ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// The most common `last_error`s of dead deliveries, most frequent first, at most `limit`.
+    async fn dead_reasons(&self, limit: u32) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// Makes deliveries in `state` (`dead` or `waiting`) pending and due now, resetting
     /// `attempts` and `enqueued_at` (`last_error` is kept for the record); only `key` if given.

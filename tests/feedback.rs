@@ -59,6 +59,27 @@ async fn answered(proxy: &TestProxy, agent: &str, user: &str, chat: &str) -> (St
     (message_id, trace_id)
 }
 
+/// Waits until nothing is left to deliver on any of `proxies`' stores (no pending or waiting
+/// delivery, so no attempt in flight): from then on nothing can change in MLflow, and a count
+/// read afterwards is final. This is the event a "no duplicate appears" check waits for.
+async fn quiet(proxies: &[&TestProxy]) {
+    let settled = async {
+        'again: loop {
+            for p in proxies {
+                let s = p.state.store.delivery_stats().await.unwrap();
+                if s.pending > 0 || s.waiting > 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue 'again;
+                }
+            }
+            return;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), settled)
+        .await
+        .expect("deliveries still pending after 60s");
+}
+
 /// The proxy's `done` deliveries, once there is at least one (at most 20 s).
 async fn done_deliveries(proxy: &TestProxy) -> Vec<feedback_proxy::store::Delivery> {
     let done = async {
@@ -432,7 +453,7 @@ async fn a_vote_before_the_trace_is_flushed_is_queued_then_lands_exactly_once() 
     )
     .await;
     // And it stays one: nothing else is pending for it.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    quiet(&[&proxy]).await;
     assert_eq!(
         assessments(&client, &trace_id, "user_feedback").await.len(),
         1
@@ -487,7 +508,7 @@ async fn concurrent_votes_end_as_one_assessment_with_the_last_value() {
     )
     .await;
     assert_eq!(a[0].source_id, ALICE);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    quiet(&[&proxy]).await;
     assert_eq!(
         assessments(&client, &trace_id, "user_feedback").await.len(),
         1
@@ -512,7 +533,7 @@ async fn two_proxies_on_one_postgres_deliver_one_assessment() {
         |a| a.len() == 1 && a[0].value == Some(json!(last)),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    quiet(&[&one, &two]).await;
     assert_eq!(
         assessments(&client, &trace_id, "user_feedback").await.len(),
         1
@@ -683,9 +704,9 @@ async fn a_create_whose_answer_is_lost_still_leaves_one_assessment() {
         |a| !a.is_empty(),
     )
     .await;
-    // The retry must not have created a second one; give a wrong one time to appear.
+    // The retry must not have created a second one: once nothing is pending, none can appear.
     let d = done_deliveries(&proxy).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    quiet(&[&proxy]).await;
     let a = assessments(&client, &trace_id, "user_feedback").await;
     assert_eq!(a.len(), 1, "{a:#?}");
     assert_eq!(first[0].assessment_id, a[0].assessment_id);
@@ -724,7 +745,7 @@ async fn a_lost_create_without_client_ids_is_found_by_user_and_name() {
     )
     .await;
     let d = done_deliveries(&proxy).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    quiet(&[&proxy]).await;
     let a = assessments(&client, &trace_id, "user_feedback").await;
     assert_eq!(a.len(), 1, "{a:#?}");
     assert_eq!(
@@ -1001,7 +1022,25 @@ async fn an_mlflow_outage_delays_200_votes_but_loses_none() {
     }
     assert_eq!(sent, 200);
 
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    // The outage lasts until every vote's delivery has failed against it and been retried at
+    // least once (the event this test is about), not for a fixed time.
+    let retried = async {
+        loop {
+            let d = proxy
+                .state
+                .store
+                .list_deliveries(Some(DeliveryState::Pending), 1000)
+                .await
+                .unwrap();
+            if d.len() == 160 && d.iter().all(|d| d.attempts >= 2) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), retried)
+        .await
+        .expect("every vote retried during the outage within 120s");
     server.start().await;
     let start = Instant::now();
     loop {
@@ -1101,6 +1140,21 @@ async fn operators_can_list_and_requeue_dead_letters() {
         serde_json::from_str(&run(&["deliveries", "list", "--state", "dead", "--json"])).unwrap();
     assert_eq!(listed[0]["messageId"], "m-dead");
     assert_eq!(listed[0]["state"], "dead");
+    // Counts per state and dead letters by reason, whatever the page size.
+    let stats: Value = serde_json::from_str(&run(&["deliveries", "stats", "--json"])).unwrap();
+    assert_eq!(stats["dead"], 1, "{stats}");
+    assert_eq!(stats["deadReasons"][0]["count"], 1, "{stats}");
+    assert!(run(&["deliveries", "stats"]).contains("dead letters by reason"));
+    // A page of one, then nothing after it.
+    let page = run(&["deliveries", "list", "--limit", "1"]);
+    assert!(!page.contains("more: --after"), "{page}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_feedback-proxy"))
+        .args(["deliveries", "list", "--after", "garbage", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--after"));
     assert!(run(&["deliveries", "retry"]).contains("requeued 1"));
     let table = run(&["deliveries", "list"]);
     assert!(table.contains("1 pending"), "{table}");
@@ -1151,7 +1205,7 @@ async fn a_server_ignoring_client_ids_still_gets_one_assessment_per_vote() {
             .await
             .unwrap();
         assert_eq!(s.done as usize, i + 1);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        quiet(&[&proxy]).await;
         let a = assessments(&client, &trace_id, "user_feedback").await;
         assert_eq!(a.len(), 1, "vote {i}: {a:#?}");
         // The server's own id, not our deterministic one: it really ignored the client id.

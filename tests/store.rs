@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use feedback_proxy::store::DeliveryCursor;
 use feedback_proxy::store::{
     AssessmentFact, Claim, DeliveryState, Desired, Enqueue, FeedbackValue, Finished, LinkRecord,
     NewVote, Outcome, SharedStore, StoreError, Ticket, VoteKey,
@@ -98,6 +99,9 @@ on_both_backends!(
     finish_gone_bumps_generation,
     upsert_keeps_the_lease,
     list_deliveries_newest_first,
+    list_deliveries_pages_neither_repeat_nor_skip,
+    dead_reasons_count_by_reason,
+    renew_lease_extends_only_the_holding_claim,
     requeue_resets_dead_and_waiting,
     requeue_held_releases_only_that_reason,
     delivery_stats_count_states,
@@ -1112,6 +1116,131 @@ mod suite {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// Issue 14, finding 6: `deliveries list` pages with a cursor. Rows written in the same
+    /// millisecond (ties on `updated_at`) and a row written while paging must neither repeat
+    /// nor be skipped (the new one sorts in front of the walk and is not seen by it).
+    pub async fn list_deliveries_pages_neither_repeat_nor_skip(store: SharedStore) {
+        for i in 0..25 {
+            store
+                .upsert_vote(
+                    &vote(&format!("m{i:02}"), FeedbackValue::Bool(true)),
+                    &Enqueue::Pending,
+                )
+                .await
+                .unwrap();
+        }
+        let all: Vec<_> = store
+            .list_deliveries(None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.key)
+            .collect();
+        assert_eq!(all.len(), 25);
+        let mut seen = Vec::new();
+        let mut after: Option<DeliveryCursor> = None;
+        loop {
+            let page = store
+                .list_deliveries_after(None, 7, after.as_ref())
+                .await
+                .unwrap();
+            if seen.len() == 7 {
+                // A vote arriving in the middle of the walk.
+                store
+                    .upsert_vote(
+                        &vote("m-late", FeedbackValue::Bool(false)),
+                        &Enqueue::Pending,
+                    )
+                    .await
+                    .unwrap();
+            }
+            let Some(last) = page.last() else { break };
+            // The cursor survives its text form (what the CLI prints and reads back).
+            let text = DeliveryCursor::of(last).encode();
+            after = Some(DeliveryCursor::decode(&text).expect("cursor round trip"));
+            seen.extend(page.into_iter().map(|d| d.key));
+        }
+        assert_eq!(seen, all);
+        assert!(DeliveryCursor::decode("nonsense").is_none());
+        assert!(DeliveryCursor::decode("12.!!!").is_none());
+        // Filtered by state, too.
+        let pending = store
+            .list_deliveries_after(Some(DeliveryState::Pending), 100, None)
+            .await
+            .unwrap();
+        assert_eq!(pending.len(), 26);
+    }
+
+    /// Issue 14, finding 5: an attempt renews its lease while it runs; a renewal by a claim
+    /// that no longer holds the delivery (finished, or claimed again after expiry) fails.
+    pub async fn renew_lease_extends_only_the_holding_claim(store: SharedStore) {
+        store
+            .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &Enqueue::Pending)
+            .await
+            .unwrap();
+        let short = Duration::from_millis(300);
+        let first = store.claim_due(1, short).await.unwrap().remove(0);
+        // Renewed for longer: nobody can claim it when the short lease would have run out.
+        assert!(store.renew_lease(&first.ticket(), LEASE).await.unwrap());
+        let after_short = tokio::time::Instant::now() + short * 2;
+        loop {
+            assert!(store.claim_due(1, LEASE).await.unwrap().is_empty());
+            if tokio::time::Instant::now() >= after_short {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Let it lapse (renewed to a short lease again), then another claim takes it.
+        assert!(store.renew_lease(&first.ticket(), short).await.unwrap());
+        let second = loop {
+            let mut c = store.claim_due(1, LEASE).await.unwrap();
+            if let Some(d) = c.pop() {
+                break d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(second.claims > first.claims);
+        assert!(
+            !store.renew_lease(&first.ticket(), LEASE).await.unwrap(),
+            "the old claim no longer holds it"
+        );
+        assert!(store.renew_lease(&second.ticket(), LEASE).await.unwrap());
+        store
+            .finish(&second.ticket(), &AssessmentFact::Unchanged, &Outcome::Done)
+            .await
+            .unwrap();
+        assert!(
+            !store.renew_lease(&second.ticket(), LEASE).await.unwrap(),
+            "a finished attempt has no lease to renew"
+        );
+    }
+
+    pub async fn dead_reasons_count_by_reason(store: SharedStore) {
+        assert!(store.dead_reasons(10).await.unwrap().is_empty());
+        for (m, reason) in [("m1", "a"), ("m2", "b"), ("m3", "a"), ("m4", "a")] {
+            store
+                .upsert_vote(&vote(m, FeedbackValue::Bool(true)), &Enqueue::Pending)
+                .await
+                .unwrap();
+            let c = store.claim(&key(m), 1, LEASE).await.unwrap().unwrap();
+            store
+                .finish(
+                    &c.ticket(),
+                    &AssessmentFact::Unchanged,
+                    &Outcome::Dead {
+                        error: reason.into(),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store.dead_reasons(10).await.unwrap(),
+            [("a".to_owned(), 3), ("b".to_owned(), 1)]
+        );
+        assert_eq!(store.dead_reasons(1).await.unwrap().len(), 1);
     }
 
     pub async fn requeue_resets_dead_and_waiting(store: SharedStore) {

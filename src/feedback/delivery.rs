@@ -21,10 +21,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+use super::pace::{Pace, Signal};
 
 use crate::config::{DeliveryConfig, MlflowConfig};
 use crate::metrics::{Metrics, OutcomeLabel};
@@ -143,6 +145,8 @@ struct Attempt {
     fact: AssessmentFact,
     outcome: Outcome,
     status: Status,
+    /// What the attempt said about MLflow's capacity (for the worker's [`Pace`]).
+    signal: Signal,
 }
 
 impl Attempt {
@@ -151,7 +155,13 @@ impl Attempt {
             fact,
             outcome,
             status,
+            signal: Signal::Neutral,
         }
+    }
+
+    fn with_signal(mut self, signal: Signal) -> Self {
+        self.signal = signal;
+        self
     }
 }
 
@@ -200,8 +210,9 @@ impl Deliverer {
         let this = self.clone();
         let key = key.clone();
         let task = tokio::spawn(async move {
+            let claimed_at = Instant::now();
             match this.store.claim(&key, version, this.config.lease).await {
-                Ok(Some(d)) => this.attempt(d).await,
+                Ok(Some(d)) => this.attempt(d, claimed_at).await.0,
                 // Someone else holds it (an older version in flight) or a newer vote
                 // superseded this one: the worker picks it up next.
                 Ok(None) => Status::Queued {
@@ -233,23 +244,23 @@ impl Deliverer {
         }
     }
 
-    /// One attempt on a claimed delivery; records the result in the store.
+    /// One attempt on a claimed delivery (claimed no earlier than `claimed_at`); records the
+    /// result in the store. Also returns what the attempt said about MLflow's capacity.
     ///
-    /// The attempt is cut at 80 % of its lease and retried, so that two workers never talk to
-    /// MLflow about one vote at once. Should finishing still come too late (a stalled store),
-    /// the claim's ticket keeps it from overriding the newer claim (`Finished::LeaseLost`).
-    pub async fn attempt(&self, d: Delivery) -> Status {
-        let deadline = self.config.lease.mul_f64(0.8);
-        let attempt = match tokio::time::timeout(deadline, self.run(&d)).await {
+    /// The lease is renewed every third of its length while the attempt runs, so a long attempt
+    /// keeps it and a crashed replica's claims are free again within one short lease. When
+    /// renewing fails (the store is down, or the claim is gone), the attempt is cut before the
+    /// last lease it holds runs out, so that two workers never talk to MLflow about one vote at
+    /// once. Should finishing still come too late (a stalled store), the claim's ticket keeps
+    /// it from overriding the newer claim (`Finished::LeaseLost`).
+    pub async fn attempt(&self, d: Delivery, claimed_at: Instant) -> (Status, Signal) {
+        let attempt = match self.run_leased(&d, claimed_at).await {
             Ok(a) => a,
-            Err(_) => Attempt::new(
+            Err(why) => Attempt::new(
                 AssessmentFact::Unchanged,
                 Outcome::Retry {
                     at: SystemTime::now() + self.backoff(d.attempts, None),
-                    error: format!(
-                        "the attempt took longer than {} and was cut",
-                        humantime::format_duration(deadline)
-                    ),
+                    error: why,
                 },
                 Status::Queued {
                     trace_id: d.trace_id.clone(),
@@ -257,6 +268,49 @@ impl Deliverer {
                 },
             ),
         };
+        let signal = attempt.signal;
+        (self.record(&d, attempt).await, signal)
+    }
+
+    /// Runs the attempt under a renewed lease; `Err` says why it was cut.
+    async fn run_leased(&self, d: &Delivery, claimed_at: Instant) -> Result<Attempt, String> {
+        let lease = self.config.lease;
+        let ticket = d.ticket();
+        // The lease the store holds for us ends no earlier than this (conservative: measured
+        // from before the claim was sent).
+        let mut expires = claimed_at + lease;
+        let run = self.run(d);
+        tokio::pin!(run);
+        let mut next_renewal = claimed_at + lease / 3;
+        loop {
+            let cut_at = expires.checked_sub(lease / 5).unwrap_or(expires);
+            tokio::select! {
+                a = &mut run => return Ok(a),
+                () = tokio::time::sleep_until(next_renewal.into()) => {
+                    let sent = Instant::now();
+                    match self.store.renew_lease(&ticket, lease).await {
+                        Ok(true) => expires = sent + lease,
+                        Ok(false) => {
+                            return Err("the lease was lost while the attempt ran; another claim holds the delivery".into());
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %d.key, error = %e, "cannot renew a delivery lease");
+                        }
+                    }
+                    next_renewal = Instant::now() + lease / 3;
+                }
+                () = tokio::time::sleep_until(cut_at.into()) => {
+                    return Err(format!(
+                        "the lease ({}) could not be renewed and the attempt was cut",
+                        humantime::format_duration(lease)
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Records an attempt's outcome; returns the status to report.
+    async fn record(&self, d: &Delivery, attempt: Attempt) -> Status {
         let label = match &attempt.outcome {
             Outcome::Done => "done",
             Outcome::Retry { .. } => "retry",
@@ -531,7 +585,7 @@ impl Deliverer {
                 assessment_id,
             }
         };
-        Attempt::new(fact, Outcome::Done, status)
+        Attempt::new(fact, Outcome::Done, status).with_signal(Signal::Answered)
     }
 
     async fn delete(&self, mlflow: &MlflowClient, d: &Delivery, trace_id: &str) -> Attempt {
@@ -600,7 +654,9 @@ impl Deliverer {
                 Some(t) => format!("trace {t} not found (not flushed yet?)"),
                 None => reason,
             };
-            return self.not_yet(d, trace_id, what);
+            return self
+                .not_yet(d, trace_id, what)
+                .with_signal(Signal::Answered);
         }
         let trace = trace_id.map(str::to_owned);
         if e.is_retryable() {
@@ -622,9 +678,15 @@ impl Deliverer {
                         trace_id: trace,
                         reason: Some(reason),
                     },
-                );
+                )
+                .with_signal(Signal::Overloaded { retry_after });
             }
         }
+        let signal = if e.is_retryable() {
+            Signal::Overloaded { retry_after: None }
+        } else {
+            Signal::Answered
+        };
         Attempt::new(
             AssessmentFact::Unchanged,
             Outcome::Dead {
@@ -635,6 +697,7 @@ impl Deliverer {
                 reason,
             },
         )
+        .with_signal(signal)
     }
 
     fn store_failure(&self, d: &Delivery, e: &StoreError) -> Attempt {
@@ -667,13 +730,17 @@ impl Deliverer {
         }
     }
 
-    /// The background worker: claims due deliveries and attempts them, `concurrency` at a time,
-    /// until `stop` is cancelled; in-flight attempts finish (bounded by the MLflow timeout).
+    /// The background worker: claims due deliveries and attempts them until `stop` is
+    /// cancelled, as many at a time as MLflow keeps up with ([`Pace`]: at most
+    /// `delivery.concurrency`). It claims again as soon as attempts finish, so a backlog drains
+    /// at MLflow's pace rather than one batch per `poll_interval`; with nothing due it polls
+    /// every `poll_interval`. In-flight attempts finish within `drain` after `stop`.
     ///
     /// Votes stored while MLflow was not configured (held as `no_experiment_id`) are released
     /// first, so that configuring MLflow delivers the backlog without an operator's help.
-    pub async fn run_worker(self: Arc<Self>, stop: CancellationToken) {
-        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+    pub async fn run_worker(self: Arc<Self>, stop: CancellationToken, drain: Duration) {
+        let mut pace = Pace::new(self.config.concurrency);
+        let mut inflight: JoinSet<Signal> = JoinSet::new();
         let mut backlog_released = !self.enabled();
         loop {
             if !backlog_released {
@@ -692,26 +759,20 @@ impl Deliverer {
                     }
                 }
             }
-            let free = permits
-                .available_permits()
+            let now = Instant::now();
+            let room = pace
+                .allowed(now)
+                .saturating_sub(inflight.len())
                 .min(self.config.batch_size as usize);
-            if free > 0 && self.enabled() {
-                match self.store.claim_due(free as u32, self.config.lease).await {
+            let mut more_due = false;
+            if room > 0 && self.enabled() {
+                let claimed_at = Instant::now();
+                match self.store.claim_due(room as u32, self.config.lease).await {
                     Ok(batch) => {
-                        let full = batch.len() == free;
+                        more_due = batch.len() == room;
                         for d in batch {
-                            let Ok(permit) = permits.clone().acquire_owned().await else {
-                                break;
-                            };
                             let this = self.clone();
-                            tokio::spawn(async move {
-                                this.attempt(d).await;
-                                drop(permit);
-                            });
-                        }
-                        if full {
-                            // More may be due: poll again without waiting.
-                            continue;
+                            inflight.spawn(async move { this.attempt(d, claimed_at).await.1 });
                         }
                     }
                     Err(e) => {
@@ -719,17 +780,53 @@ impl Deliverer {
                     }
                 }
             }
+            self.metrics.delivery_concurrency_limit.set(pace.limit());
+            if more_due && pace.allowed(Instant::now()) > inflight.len() {
+                // More is due and there is room: claim again without waiting.
+                continue;
+            }
+            // Wait for an attempt to finish (then claim again at once), the poll interval, the
+            // end of a Retry-After pause, or the stop.
+            let wake = pace
+                .paused_until(now)
+                .map_or(now + self.config.poll_interval, |p| {
+                    p.min(now + self.config.poll_interval)
+                });
             tokio::select! {
+                biased;
                 () = stop.cancelled() => break,
-                () = tokio::time::sleep(self.config.poll_interval) => {}
+                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                    self.observe(&mut pace, done);
+                    // Take every other attempt that has finished too, then claim once for all.
+                    while let Some(done) = inflight.try_join_next() {
+                        self.observe(&mut pace, done);
+                    }
+                }
+                () = tokio::time::sleep_until(wake.into()) => {}
             }
         }
-        // Let in-flight attempts finish so that their outcomes are recorded.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            permits.acquire_many(self.config.concurrency as u32),
-        )
-        .await;
+        // Let in-flight attempts finish so that their outcomes are recorded, within the drain
+        // deadline; the rest are cut (their leases expire and another claim repeats them).
+        let finished = async {
+            while let Some(done) = inflight.join_next().await {
+                self.observe(&mut pace, done);
+            }
+        };
+        if tokio::time::timeout(drain, finished).await.is_err() {
+            tracing::warn!(
+                attempts = inflight.len(),
+                "delivery attempts still running at the drain deadline were cut; they are retried from the outbox"
+            );
+            inflight.abort_all();
+        }
+    }
+
+    fn observe(&self, pace: &mut Pace, done: Result<Signal, tokio::task::JoinError>) {
+        match done {
+            Ok(signal) => pace.observe(signal, Instant::now()),
+            Err(e) if e.is_panic() => tracing::error!(error = %e, "a delivery attempt panicked"),
+            Err(_) => {}
+        }
     }
 }
 

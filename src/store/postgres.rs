@@ -298,16 +298,27 @@ impl Store for PgStore {
             .await
     }
 
-    async fn list_deliveries(
+    async fn renew_lease(&self, ticket: &Ticket, lease: Duration) -> Result<bool, StoreError> {
+        self.run("renew_lease", outbox::renew_lease(self, ticket, lease))
+            .await
+    }
+
+    async fn list_deliveries_after(
         &self,
         state: Option<DeliveryState>,
         limit: u32,
+        after: Option<&DeliveryCursor>,
     ) -> Result<Vec<Delivery>, StoreError> {
         self.run(
             "list_deliveries",
-            outbox::list_deliveries(self, state, limit),
+            outbox::list_deliveries(self, state, limit, after),
         )
         .await
+    }
+
+    async fn dead_reasons(&self, limit: u32) -> Result<Vec<(String, u64)>, StoreError> {
+        self.run("dead_reasons", outbox::dead_reasons(self, limit))
+            .await
     }
 
     async fn requeue(

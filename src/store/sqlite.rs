@@ -248,15 +248,30 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_deliveries(
+    async fn renew_lease(&self, ticket: &Ticket, lease: Duration) -> Result<bool, StoreError> {
+        let ticket = ticket.clone();
+        self.call("renew_lease", move |c| {
+            outbox::renew_lease(c, &ticket, lease)
+        })
+        .await
+    }
+
+    async fn list_deliveries_after(
         &self,
         state: Option<DeliveryState>,
         limit: u32,
+        after: Option<&DeliveryCursor>,
     ) -> Result<Vec<Delivery>, StoreError> {
+        let after = after.cloned();
         self.call("list_deliveries", move |c| {
-            outbox::list_deliveries(c, state, limit)
+            outbox::list_deliveries(c, state, limit, after.as_ref())
         })
         .await
+    }
+
+    async fn dead_reasons(&self, limit: u32) -> Result<Vec<(String, u64)>, StoreError> {
+        self.call("dead_reasons", move |c| outbox::dead_reasons(c, limit))
+            .await
     }
 
     async fn requeue(

@@ -9,8 +9,8 @@ use super::PgStore;
 use super::pool::query_error;
 use crate::store::codec::{self, millis};
 use crate::store::{
-    AssessmentFact, Delivery, DeliveryState, DeliveryStats, Finished, Outcome, StoreError, Ticket,
-    VoteKey,
+    AssessmentFact, Delivery, DeliveryCursor, DeliveryState, DeliveryStats, Finished, Outcome,
+    StoreError, Ticket, VoteKey,
 };
 
 /// Decodes a row selected with `delivery_columns!()`.
@@ -119,6 +119,35 @@ pub(super) async fn claim(
     row.as_ref().map(delivery).transpose()
 }
 
+pub(super) async fn renew_lease(
+    store: &PgStore,
+    ticket: &Ticket,
+    lease: Duration,
+) -> Result<bool, StoreError> {
+    const SQL: &str = "UPDATE deliveries
+        SET lease_until = now() + $5::bigint * interval '1 millisecond'
+        WHERE message_id = $1 AND user_id = $2 AND name = $3 AND claims = $4
+            AND lease_until IS NOT NULL";
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    let n = c
+        .client
+        .execute(
+            &stmt,
+            &[
+                &ticket.key.message_id,
+                &ticket.key.user_id,
+                &ticket.key.name,
+                &ticket.claim,
+                &millis(lease),
+            ],
+        )
+        .await
+        .map_err(query_error)?;
+    Ok(n == 1)
+}
+
 pub(super) async fn finish(
     store: &PgStore,
     ticket: &Ticket,
@@ -181,12 +210,17 @@ pub(super) async fn list_deliveries(
     store: &PgStore,
     state: Option<DeliveryState>,
     limit: u32,
+    after: Option<&DeliveryCursor>,
 ) -> Result<Vec<Delivery>, StoreError> {
+    // `COLLATE "C"`: the key compares bytewise, as in SQLite, whatever the database's collation.
     const SQL: &str = concat!(
         "SELECT ",
         delivery_columns!(),
         " FROM deliveries WHERE ($1::text IS NULL OR state = $1)
-        ORDER BY updated_at DESC, message_id, user_id, name LIMIT $2"
+            AND ($3::timestamptz IS NULL OR updated_at < $3
+                OR (updated_at = $3 AND (message_id COLLATE \"C\", user_id COLLATE \"C\", name COLLATE \"C\")
+                    > ($4::text COLLATE \"C\", $5::text COLLATE \"C\", $6::text COLLATE \"C\")))
+        ORDER BY updated_at DESC, message_id COLLATE \"C\", user_id COLLATE \"C\", name COLLATE \"C\" LIMIT $2"
     );
     let mut conn = store.conn().await?;
     let c = &mut *conn;
@@ -195,11 +229,41 @@ pub(super) async fn list_deliveries(
         .client
         .query(
             &stmt,
-            &[&state.map(DeliveryState::as_str), &i64::from(limit)],
+            &[
+                &state.map(DeliveryState::as_str),
+                &i64::from(limit),
+                &after.map(|a| a.updated_at),
+                &after.map(|a| a.key.message_id.as_str()),
+                &after.map(|a| a.key.user_id.as_str()),
+                &after.map(|a| a.key.name.as_str()),
+            ],
         )
         .await
         .map_err(query_error)?;
     rows.iter().map(delivery).collect()
+}
+
+pub(super) async fn dead_reasons(
+    store: &PgStore,
+    limit: u32,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    const SQL: &str = "SELECT coalesce(last_error, ''), count(*) AS n FROM deliveries
+        WHERE state = 'dead' GROUP BY 1 ORDER BY n DESC, 1 LIMIT $1";
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    let rows = c
+        .client
+        .query(&stmt, &[&i64::from(limit)])
+        .await
+        .map_err(query_error)?;
+    rows.iter()
+        .map(|r| {
+            let reason: String = r.try_get(0).map_err(query_error)?;
+            let n: i64 = r.try_get(1).map_err(query_error)?;
+            Ok((reason, u64::try_from(n).unwrap_or(0)))
+        })
+        .collect()
 }
 
 pub(super) async fn requeue(

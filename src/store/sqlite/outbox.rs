@@ -9,8 +9,8 @@ use rusqlite::{Connection, OptionalExtension};
 use super::conn::{deliveries, delivery, millis, now_ms, raw_delivery, sql_error, to_ms};
 use crate::store::codec;
 use crate::store::{
-    AssessmentFact, Delivery, DeliveryState, DeliveryStats, Finished, Outcome, StoreError, Ticket,
-    VoteKey,
+    AssessmentFact, Delivery, DeliveryCursor, DeliveryState, DeliveryStats, Finished, Outcome,
+    StoreError, Ticket, VoteKey,
 };
 
 pub(super) fn claim_due(
@@ -82,6 +82,30 @@ pub(super) fn claim(
     raw.map(delivery).transpose()
 }
 
+pub(super) fn renew_lease(
+    conn: &mut Connection,
+    ticket: &Ticket,
+    lease: Duration,
+) -> Result<bool, StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE deliveries SET lease_until = ?5
+            WHERE message_id = ?1 AND user_id = ?2 AND name = ?3 AND claims = ?4
+                AND lease_until IS NOT NULL",
+        )
+        .and_then(|mut s| {
+            s.execute((
+                &ticket.key.message_id,
+                &ticket.key.user_id,
+                &ticket.key.name,
+                ticket.claim,
+                now_ms().saturating_add(millis(lease)),
+            ))
+        })
+        .map_err(sql_error)?;
+    Ok(changed == 1)
+}
+
 pub(super) fn finish(
     conn: &mut Connection,
     ticket: &Ticket,
@@ -143,23 +167,53 @@ pub(super) fn list_deliveries(
     conn: &mut Connection,
     state: Option<DeliveryState>,
     limit: u32,
+    after: Option<&DeliveryCursor>,
 ) -> Result<Vec<Delivery>, StoreError> {
     let raws = conn
         .prepare_cached(concat!(
             "SELECT ",
             delivery_columns!(),
             " FROM deliveries WHERE (?1 IS NULL OR state = ?1)
+                AND (?3 IS NULL OR updated_at < ?3
+                    OR (updated_at = ?3 AND (message_id, user_id, name) > (?4, ?5, ?6)))
             ORDER BY updated_at DESC, message_id, user_id, name LIMIT ?2"
         ))
         .and_then(|mut s| {
             s.query_map(
-                (state.map(DeliveryState::as_str), i64::from(limit)),
+                (
+                    state.map(DeliveryState::as_str),
+                    i64::from(limit),
+                    after.map(|a| to_ms(a.updated_at)),
+                    after.map(|a| a.key.message_id.as_str()),
+                    after.map(|a| a.key.user_id.as_str()),
+                    after.map(|a| a.key.name.as_str()),
+                ),
                 raw_delivery,
             )?
             .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql_error)?;
     deliveries(raws)
+}
+
+pub(super) fn dead_reasons(
+    conn: &mut Connection,
+    limit: u32,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    conn.prepare_cached(
+        "SELECT coalesce(last_error, ''), count(*) AS n FROM deliveries WHERE state = 'dead'
+        GROUP BY 1 ORDER BY n DESC, 1 LIMIT ?1",
+    )
+    .and_then(|mut s| {
+        s.query_map([i64::from(limit)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()
+    })
+    .map_err(sql_error)
 }
 
 pub(super) fn requeue(
