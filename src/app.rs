@@ -84,7 +84,20 @@ async fn dispatch(
     start: Instant,
 ) -> Result<Response<Body>, Error> {
     match route {
-        Route::Agent(agent_route) => {
+        Route::Agent {
+            route: agent_route,
+            path,
+        } => {
+            // Cross-site and non-JSON requests are refused before anything else (issue 12).
+            crate::proxy::guard::check(
+                crate::proxy::guard::Stance {
+                    cors_origins: &state.config.feedback.cors_origins,
+                    trust_forwarded_host: state.config.identity.trust_forwarded_headers,
+                },
+                req.method(),
+                req.uri(),
+                req.headers(),
+            )?;
             let user = identity::user(req.headers(), &state.config.identity)?;
             // Boxed: the forwarding future is large, and hyper sizes every connection's task
             // for the largest future its handler can return; boxing keeps an idle stream's
@@ -93,6 +106,7 @@ async fn dispatch(
                 req,
                 Forward {
                     route: agent_route,
+                    path: &path,
                     user,
                     request_id: request_id.clone(),
                     start,
@@ -117,6 +131,20 @@ async fn dispatch(
                 .insert(http::header::ALLOW, HeaderValue::from_static(allowed));
             Ok(res)
         }
+        Route::AgentBadPath { reason } => Err(Error::bad_request(
+            "INVALID_PATH",
+            format!("{}: {reason}", req.uri().path()),
+        )),
+        Route::AgentMethodNotAllowed { route } => Err(Error::RouteMethodNotAllowed {
+            method: req.method().clone(),
+            route: route.path.clone(),
+            allowed: route
+                .methods
+                .iter()
+                .map(http::Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
         Route::Ui => state.ui.serve(req.method(), req.uri().path()).await,
         Route::NotFound => Err(Error::NotFound(format!(
             "no route for {} {}",

@@ -246,6 +246,9 @@ pub struct AgentRoute {
     pub client_request_id: bool,
     /// Inject `feedback-proxy.meta` / `feedback-proxy.trace` SSE events.
     pub events: bool,
+    /// Methods forwarded on this route (`methods`, default `["POST"]`); others are 405.
+    #[serde(serialize_with = "ser_methods")]
+    pub methods: Vec<http::Method>,
 }
 
 impl AgentRoute {
@@ -1048,6 +1051,7 @@ impl Validator {
                     context: false,
                     client_request_id: false,
                     events: false,
+                    methods: vec![http::Method::POST],
                 });
             }
         }
@@ -1064,6 +1068,7 @@ impl Validator {
                 .upstream_path
                 .as_deref()
                 .and_then(|u| self.route_path(&format!("{key}.upstream_path"), u));
+            let methods = self.route_methods(&format!("{key}.methods"), r.methods.as_deref());
             routes.push(AgentRoute {
                 path,
                 upstream_path,
@@ -1071,6 +1076,7 @@ impl Validator {
                 context: r.context.unwrap_or(false),
                 client_request_id: r.client_request_id.unwrap_or(false),
                 events: r.events.unwrap_or(false),
+                methods,
             });
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -1153,6 +1159,44 @@ impl Validator {
         }
         let trimmed = p.trim_end_matches('/');
         Some(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
+    }
+
+    /// An agent route's methods: default POST; only methods with a meaning for a chat endpoint.
+    fn route_methods(&mut self, key: &str, raw: Option<&[String]>) -> Vec<http::Method> {
+        use http::Method;
+        let Some(raw) = raw else {
+            return vec![Method::POST];
+        };
+        if raw.is_empty() {
+            self.problem(
+                key,
+                "lists no methods (leave it out for the default [\"POST\"])",
+            );
+        }
+        let mut methods = Vec::new();
+        for m in raw {
+            let method = match m.as_str() {
+                "GET" => Method::GET,
+                "HEAD" => Method::HEAD,
+                "POST" => Method::POST,
+                "PUT" => Method::PUT,
+                "PATCH" => Method::PATCH,
+                "DELETE" => Method::DELETE,
+                other => {
+                    self.problem(
+                        key,
+                        format!(
+                            "unsupported method \"{other}\" (expected GET, HEAD, POST, PUT, PATCH or DELETE, in capitals)"
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if !methods.contains(&method) {
+                methods.push(method);
+            }
+        }
+        methods
     }
 
     fn auth(&mut self, key: &str, text: Option<&str>, env: &Env) -> AuthSpec {
@@ -1612,6 +1656,10 @@ fn ser_opt_path<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Er
 
 fn ser_headers<S: Serializer>(v: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(v.iter().map(HeaderName::as_str))
+}
+
+fn ser_methods<S: Serializer>(v: &[http::Method], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(http::Method::as_str))
 }
 
 fn ser_header_values<S: Serializer>(v: &[HeaderValue], s: S) -> Result<S::Ok, S::Error> {

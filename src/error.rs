@@ -54,6 +54,14 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A method an agent route does not list in `agent.routes[].methods`; `allowed` is the
+    /// `Allow` header value.
+    #[error("method {method} is not allowed on {route} (allowed: {allowed})")]
+    RouteMethodNotAllowed {
+        method: http::Method,
+        route: String,
+        allowed: String,
+    },
 }
 
 impl Error {
@@ -87,6 +95,7 @@ impl Error {
             }
             Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::RouteMethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -104,6 +113,7 @@ impl Error {
             Self::Auth { .. } => "UPSTREAM_AUTH_FAILED",
             Self::Store(_) => "STORE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
+            Self::RouteMethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
         }
     }
 
@@ -124,6 +134,11 @@ impl Error {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Self::RouteMethodNotAllowed { allowed, .. } = &self {
+            if let Ok(v) = HeaderValue::from_str(allowed) {
+                res.headers_mut().insert(http::header::ALLOW, v);
+            }
         }
         res
     }

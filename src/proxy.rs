@@ -10,6 +10,7 @@
 //! requests (chat requests are not idempotent), or interpret agent errors.
 
 mod body;
+pub mod guard;
 pub mod link;
 pub mod request;
 pub mod sse;
@@ -82,6 +83,8 @@ const DROPPED_INBOUND: [HeaderName; 9] = [
 /// Per-request facts the forwarder needs from the caller.
 pub struct Forward<'a> {
     pub route: &'a AgentRoute,
+    /// The normalised request path (`route::path::normalize`), forwarded instead of the raw one.
+    pub path: &'a str,
     pub user: String,
     pub request_id: HeaderValue,
     pub start: Instant,
@@ -221,7 +224,7 @@ impl Proxy {
             (None, None) => Body::Empty,
         };
 
-        let uri = self.upstream_uri(route, parts.uri.path(), parts.uri.query())?;
+        let uri = self.upstream_uri(route, fwd.path, parts.uri.query())?;
         let mut headers = HeaderMap::with_capacity(parts.headers.len() + 6);
         copy_request_headers(&parts.headers, &mut headers);
         if let Some(len) = body_len(&body) {

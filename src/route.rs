@@ -4,6 +4,17 @@
 //! Agent routes are configured path prefixes (segment-aware, longest first). The proxy's own
 //! paths (`/healthz`, `/readyz`, `/metrics`, `/api/feedback…`) cannot be shadowed: config
 //! validation rejects overlapping agent prefixes.
+//!
+//! Agent paths are normalised first ([`path::normalize`]: dot segments removed, `%2e` read as
+//! `.`); the route is chosen by the normalised path, which is also what the agent receives. A
+//! path that matches an agent prefix as sent but leaves it once normalised
+//! (`/invocations/../api/…`), or that carries `%2f`, `\`, `%5c` or `%00`, is
+//! [`Route::AgentBadPath`] and is never forwarded. A method the route does not list
+//! (`agent.routes[].methods`, default POST) is [`Route::AgentMethodNotAllowed`].
+
+pub mod path;
+
+use std::borrow::Cow;
 
 use http::Method;
 
@@ -11,8 +22,11 @@ use crate::config::{AgentRoute, Config, path_has_prefix};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route<'a> {
-    /// Forward to the agent.
-    Agent(&'a AgentRoute),
+    /// Forward to the agent, under `path` (the normalised request path).
+    Agent {
+        route: &'a AgentRoute,
+        path: Cow<'a, str>,
+    },
     /// Liveness.
     Health,
     /// Readiness (dependencies reachable) with delivery counts.
@@ -38,6 +52,14 @@ pub enum Route<'a> {
     /// The chat UI (embedded page or a configured directory).
     Ui,
     NotFound,
+    /// A path under an agent prefix that is refused (400) before anything is forwarded.
+    AgentBadPath {
+        reason: path::PathError,
+    },
+    /// A method the agent route does not accept (405 with `Allow`).
+    AgentMethodNotAllowed {
+        route: &'a AgentRoute,
+    },
 }
 
 /// The routes' metric and log labels, by [`Route::index`].
@@ -64,7 +86,9 @@ impl Route<'_> {
     /// The route's position in [`LABELS`] (what per-route metric handles are cached by).
     pub fn index(&self) -> usize {
         match self {
-            Self::Agent(_) => 0,
+            Self::Agent { .. } | Self::AgentBadPath { .. } | Self::AgentMethodNotAllowed { .. } => {
+                0
+            }
             Self::Health => 1,
             Self::Ready => 2,
             Self::Metrics => 3,
@@ -81,13 +105,35 @@ impl Route<'_> {
 
 /// Classifies `method path` against the configuration.
 pub fn classify<'a>(method: &Method, path: &'a str, config: &'a Config) -> Route<'a> {
-    if let Some(route) = config
-        .agent
-        .routes
-        .iter()
-        .find(|r| path_has_prefix(path, &r.path))
-    {
-        return Route::Agent(route);
+    let as_sent = agent_route(path, config);
+    match path::normalize(path) {
+        Ok(normal) => {
+            let route = match &normal {
+                Cow::Borrowed(_) => as_sent,
+                Cow::Owned(p) => agent_route(p, config),
+            };
+            match (as_sent, route) {
+                // Normalised, the path must stay under the prefix it was sent to.
+                (Some(sent), _) if !path_has_prefix(&normal, &sent.path) => {
+                    return Route::AgentBadPath {
+                        reason: path::PathError::LeavesPrefix,
+                    };
+                }
+                (_, Some(route)) => {
+                    if !route.methods.contains(method) {
+                        return Route::AgentMethodNotAllowed { route };
+                    }
+                    return Route::Agent {
+                        route,
+                        path: normal,
+                    };
+                }
+                _ => {}
+            }
+        }
+        Err(reason) if as_sent.is_some() => return Route::AgentBadPath { reason },
+        // Not an agent path: the proxy's own routes check their input themselves.
+        Err(_) => {}
     }
     match path {
         "/healthz" => return Route::Health,
@@ -102,6 +148,15 @@ pub fn classify<'a>(method: &Method, path: &'a str, config: &'a Config) -> Route
         return Route::Ui;
     }
     Route::NotFound
+}
+
+/// The agent route of `path` as it is (longest prefix first, see config validation).
+fn agent_route<'a>(path: &str, config: &'a Config) -> Option<&'a AgentRoute> {
+    config
+        .agent
+        .routes
+        .iter()
+        .find(|r| path_has_prefix(path, &r.path))
 }
 
 fn feedback<'a>(method: &Method, rest: &'a str) -> Route<'a> {
@@ -162,10 +217,10 @@ mod tests {
         let get = Method::GET;
         let post = Method::POST;
         assert!(
-            matches!(classify(&post, "/invocations", &c), Route::Agent(r) if r.path == "/invocations")
+            matches!(classify(&post, "/invocations", &c), Route::Agent { route, .. } if route.path == "/invocations")
         );
         assert!(
-            matches!(classify(&post, "/api/chat/x", &c), Route::Agent(r) if r.path == "/api/chat")
+            matches!(classify(&post, "/api/chat/x", &c), Route::Agent { route, .. } if route.path == "/api/chat")
         );
         assert_eq!(classify(&post, "/invocationsx", &c), Route::NotFound);
         assert_eq!(classify(&get, "/healthz", &c), Route::Health);
@@ -189,5 +244,53 @@ mod tests {
         );
         assert_eq!(classify(&get, "/api/feedback/a/b/c", &c), Route::NotFound);
         assert_eq!(classify(&post, "/nothing", &c), Route::NotFound);
+    }
+
+    #[test]
+    fn agent_paths_are_normalised_before_routing() {
+        let c = config();
+        let post = Method::POST;
+        let agent = |p: &str| match classify(&post, p, &c) {
+            Route::Agent { route, path } => Some((route.path.clone(), path.into_owned())),
+            _ => None,
+        };
+        assert_eq!(
+            agent("/api/chat/a/../b"),
+            Some(("/api/chat".into(), "/api/chat/b".into()))
+        );
+        // As sent it is no agent path; normalised it is, and that is what is routed.
+        assert_eq!(
+            agent("/x/%2e%2e/invocations"),
+            Some(("/invocations".into(), "/invocations".into()))
+        );
+        assert!(matches!(
+            classify(&post, "/api/chat/", &c),
+            Route::Agent {
+                path: Cow::Borrowed(_),
+                ..
+            }
+        ));
+        for bad in [
+            "/invocations/../../../api/2.0/secrets/list",
+            "/invocations/%2e%2e/responses",
+            "/api/chat/%2E%2e",
+            "/invocations/a%2fb",
+            "/invocations/a\\b",
+            "/invocations/a%5Cb",
+            "/invocations/a%00",
+        ] {
+            assert!(
+                matches!(classify(&post, bad, &c), Route::AgentBadPath { .. }),
+                "{bad}"
+            );
+        }
+        // Not under an agent prefix: left to the proxy's own routes.
+        assert_eq!(classify(&post, "/nothing%2fx", &c), Route::NotFound);
+        for m in [Method::GET, Method::PUT, Method::DELETE, Method::OPTIONS] {
+            assert!(matches!(
+                classify(&m, "/invocations", &c),
+                Route::AgentMethodNotAllowed { route } if route.path == "/invocations"
+            ));
+        }
     }
 }

@@ -2,8 +2,10 @@
 //! or, with `[ui] dir = "…"`, a built front end served from disk with SPA fallback.
 //!
 //! Serving from disk never leaves the directory: paths are percent-decoded and rejected if they
-//! contain `..`, backslashes or NUL, and the resolved file must still be under the canonical
-//! root (so a symlink cannot point outside). A path without a file extension that matches no
+//! contain `..`, backslashes or NUL, and the resolved file must be a regular file still under
+//! the canonical root (so a symlink cannot point outside). Dotfiles and dot-directories (`.env`,
+//! `.git/config`: any segment starting with `.`, asked for or reached through a symlink) are
+//! 404, never the SPA fallback: a build directory can hold secrets nobody meant to publish. A path without a file extension that matches no
 //! file is a client-side route and gets `index.html`; a missing asset is a 404.
 //!
 //! Files are read whole: front-end bundles are small, and this is not a general file server.
@@ -96,6 +98,7 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
     let mut out = PathBuf::new();
     for comp in Path::new(decoded.trim_start_matches('/')).components() {
         match comp {
+            Component::Normal(c) if hidden(c) => return None,
             Component::Normal(c) => out.push(c),
             Component::CurDir => {}
             Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
@@ -104,10 +107,20 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
     Some(out)
 }
 
-/// The canonical file if it exists, is a regular file, and is inside `root`.
+/// A dotfile or dot-directory name.
+fn hidden(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().first() == Some(&b'.')
+}
+
+/// The canonical file if it exists, is a regular file, and is inside `root` without passing
+/// through a dot-directory or being a dotfile (a symlink to `.env` is refused too).
 async fn resolve(root: &Path, candidate: &Path) -> Option<PathBuf> {
     let real = tokio::fs::canonicalize(candidate).await.ok()?;
-    if !real.starts_with(root) {
+    let inside = real.strip_prefix(root).ok()?;
+    if inside.components().any(|c| match c {
+        Component::Normal(n) => hidden(n),
+        _ => true,
+    }) {
         return None;
     }
     let meta = tokio::fs::metadata(&real).await.ok()?;
@@ -171,6 +184,11 @@ mod tests {
             "/a%2f..%2f..%2fx",
             "/a\\..\\x",
             "/x%00y",
+            "/.env",
+            "/.git/config",
+            "/sub/.hidden",
+            "/%2eenv",
+            "/a/..b",
         ] {
             assert_eq!(safe_relative(bad), None, "{bad}");
         }

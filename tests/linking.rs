@@ -242,19 +242,26 @@ async fn rewrites_and_events() {
     assert_eq!(body_json(res).await["code"], "PAYLOAD_TOO_LARGE");
     assert_eq!(agent.count(), before);
 
-    // Not JSON: forwarded untouched, no rewrite.
-    let res = send(
-        &h1(),
-        Request::post(proxy.url("/api/chat")).header("content-type", "text/plain"),
-        "plain words",
-    )
-    .await;
+    // A JSON content type on a body that is not a JSON object: forwarded untouched, no
+    // rewrite (the agent decides what a bad request is).
+    let res = send(&h1(), post(&proxy.url("/api/chat")), "plain words").await;
     assert_eq!(res.status(), 200);
     body_bytes(res).await;
     assert_eq!(
         agent.received().last().unwrap().body.as_ref(),
         b"plain words"
     );
+    // Not JSON at all: a type a cross-site form could send, refused (tests/edges.rs).
+    let before = agent.count();
+    let res = send(
+        &h1(),
+        Request::post(proxy.url("/api/chat")).header("content-type", "text/plain"),
+        "plain words",
+    )
+    .await;
+    assert_eq!(res.status(), 415);
+    body_bytes(res).await;
+    assert_eq!(agent.count(), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,6 +89,7 @@ pub struct RawRoute {
     pub context: Option<bool>,
     pub client_request_id: Option<bool>,
     pub events: Option<bool>,
+    pub methods: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -284,3 +284,39 @@ fn shipped_configs_are_valid() {
         }
     }
 }
+
+#[test]
+fn route_methods_default_to_post_and_are_validated() {
+    let c = load(
+        "[agent]\nurl = \"http://x\"\npaths = [\"/invocations\"]\n[[agent.routes]]\npath = \"/api/chat\"\nmethods = [\"POST\", \"GET\", \"POST\"]\n",
+        &[],
+    )
+    .unwrap();
+    let methods = |p: &str| {
+        c.agent
+            .routes
+            .iter()
+            .find(|r| r.path == p)
+            .map(|r| r.methods.clone())
+            .unwrap()
+    };
+    assert_eq!(methods("/invocations"), [http::Method::POST]);
+    assert_eq!(
+        methods("/api/chat"),
+        [http::Method::POST, http::Method::GET]
+    );
+    for bad in ["[]", "[\"post\"]", "[\"CONNECT\"]", "[\"OPTIONS\"]"] {
+        let err = load(
+            &format!(
+                "[agent]\nurl = \"http://x\"\n[[agent.routes]]\npath = \"/a\"\nmethods = {bad}\n"
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.keys().next(),
+            Some("agent.routes[0].methods"),
+            "{bad}: {err}"
+        );
+    }
+}

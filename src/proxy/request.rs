@@ -138,6 +138,7 @@ mod tests {
             context,
             client_request_id: crid,
             events: false,
+            methods: vec![http::Method::POST],
         }
     }
 
