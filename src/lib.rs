@@ -168,6 +168,7 @@ impl App {
 
         let metrics_task = metrics_listener.map(|l| {
             let metrics = self.state.metrics.clone();
+            let limits = self.state.config.server.clone();
             let mut rx = stop_rx.clone();
             tokio::spawn(async move {
                 let handler = move |_req| {
@@ -182,6 +183,7 @@ impl App {
                     },
                     Duration::from_secs(1),
                     "metrics",
+                    &limits,
                 )
                 .await;
             })
@@ -198,6 +200,7 @@ impl App {
             },
             grace,
             "main",
+            &self.state.config.server,
         );
         main.await;
 
