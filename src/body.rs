@@ -8,7 +8,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
@@ -16,7 +16,7 @@ use http::{Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::proxy::ResponseBody;
 
@@ -218,12 +218,7 @@ where
         loop {
             let timer = this
                 .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
-            if timer.deadline() > deadline.into() {
-                // Armed for an older wait that ended later than this one may; cannot happen
-                // with monotonic waits, but never wait past the deadline.
-                timer.as_mut().reset(deadline.into());
-            }
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
             match timer.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) if Instant::now() >= deadline => {
@@ -231,7 +226,7 @@ where
                     return Poll::Ready(Some(Err(Box::new(BodyTimedOut { after: timeout }))));
                 }
                 // Armed for an earlier wait: re-arm for this one.
-                Poll::Ready(()) => timer.as_mut().reset(deadline.into()),
+                Poll::Ready(()) => timer.as_mut().reset(deadline),
             }
         }
     }

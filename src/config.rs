@@ -1487,7 +1487,7 @@ impl Validator {
             "30s",
         );
         let reset_rate = match (raw.reset_rate.per_second, raw.reset_rate.burst) {
-            (Some(r), _) if r == 0.0 => None,
+            (Some(0.0), _) => None,
             (rate, burst) => {
                 let per_second = rate.unwrap_or(10.0);
                 let burst = burst.unwrap_or(100);

@@ -58,6 +58,9 @@ const PREFACE_LEN: usize = 24;
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// The least time between two "connection limit reached" warnings.
 const SATURATION_LOG_EVERY: Duration = Duration::from_secs(60);
+/// The least time between two warnings about clients that abandon requests too fast (an attack
+/// opens many connections; the rest are logged at debug level).
+const RESET_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Serves `listener` with `handler` until `shutdown` resolves, then drains for at most `grace`.
 pub async fn serve<H, F>(
@@ -158,6 +161,9 @@ struct Lifetimes {
     idle: Duration,
     body: Duration,
     reset_quota: Option<Quota>,
+    created: Instant,
+    /// When the last reset warning was logged, in milliseconds since `created` (0: never).
+    reset_warned_ms: AtomicU64,
 }
 
 impl Lifetimes {
@@ -172,7 +178,23 @@ impl Lifetimes {
             idle: c.idle_timeout,
             body: c.request_body_timeout,
             reset_quota,
+            created: Instant::now(),
+            reset_warned_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Whether a reset warning may be logged now (at most one per [`RESET_LOG_EVERY`]).
+    fn may_warn_resets(&self) -> bool {
+        let now = u64::try_from(self.created.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.reset_warned_ms.load(Ordering::Relaxed);
+        let every = u64::try_from(RESET_LOG_EVERY.as_millis()).unwrap_or(u64::MAX);
+        (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .reset_warned_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
@@ -238,7 +260,12 @@ async fn connection<H, F>(
             }
             () = track.abusive.notified(), if !going_away => {
                 going_away = true;
-                tracing::warn!(%peer, "the client abandons requests faster than server.reset_rate allows: telling the connection to go away (HTTP/2 GOAWAY)");
+                const MSG: &str = "the client abandons requests faster than server.reset_rate allows: telling the connection to go away (HTTP/2 GOAWAY)";
+                if lifetimes.may_warn_resets() {
+                    tracing::warn!(%peer, "{MSG}");
+                } else {
+                    tracing::debug!(%peer, "{MSG}");
+                }
                 conn.as_mut().graceful_shutdown();
             }
             () = &mut timer => {

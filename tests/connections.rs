@@ -264,6 +264,26 @@ async fn a_stalled_json_body_gets_408_without_an_agent_request() {
     assert_eq!(agent.count(), 0);
 }
 
+// The feedback API reads its body under the same timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_feedback_body_gets_408() {
+    let agent = json_agent().await;
+    let proxy = TestProxy::start(&config(
+        &agent.url(),
+        "",
+        "request_body_timeout = \"300ms\"",
+    ))
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /api/feedback HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\ncontent-length: 80\r\n\r\n{\"messageId\":")
+        .await
+        .unwrap();
+    let res = read_until_closed(&mut s, CLOSED_WITHIN).await;
+    let res = String::from_utf8_lossy(&res);
+    assert!(res.starts_with("HTTP/1.1 408"), "{res}");
+    assert!(res.contains("\"code\":\"REQUEST_TIMEOUT\""), "{res}");
+}
+
 // (f) The connection cap: N+1 connections with cap N.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_wait_and_are_served_once_one_closes() {
@@ -395,6 +415,7 @@ async fn a_user_past_the_concurrency_cap_gets_429_until_a_stream_ends_or_its_cli
 // (h) Finding 4: HEADERS, a pause, RST_STREAM, repeated on one HTTP/2 connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paced_h2_resets_get_goaway_and_a_bounded_number_of_agent_requests() {
+    logs();
     let agent = Upstream::start(|_r| async {
         // An answer that never ends, until the proxy goes away.
         let (res, streamer) = streamed(200, "text/event-stream");
@@ -496,6 +517,10 @@ async fn paced_h2_resets_get_goaway_and_a_bounded_number_of_agent_requests() {
         "the agent saw {seen} requests for {sent} reset streams ({went_away})"
     );
     assert!(sent < 3000, "{sent}");
+    assert!(
+        log_text().contains("faster than server.reset_rate allows"),
+        "no warning about the resets"
+    );
     // A new connection from the same client is served.
     let res = send(&h2c(), Request::get(proxy.url("/healthz")), "").await;
     assert_eq!(res.status(), 200);
