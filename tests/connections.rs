@@ -530,13 +530,17 @@ async fn paced_h2_resets_get_goaway_and_a_bounded_number_of_agent_requests() {
 // the agent stays silent within it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_sse_stream_outlives_the_idle_timeout() {
-    let agent = Upstream::start(|_r| async {
+    let agent = Upstream::start(|r| async move {
+        let hold = r.uri.query().is_some_and(|q| q.contains("hold"));
         let (res, streamer) = streamed(200, "text/event-stream");
         tokio::spawn(async move {
             streamer.send("data: {\"i\": 0}\n\n").await;
             // Silence for three idle timeouts of the proxy's connections.
             tokio::time::sleep(Duration::from_millis(900)).await;
             streamer.send("data: {\"i\": 1}\n\n").await;
+            if hold {
+                streamer.closed().await;
+            }
         });
         res
     })
@@ -565,4 +569,38 @@ async fn a_silent_sse_stream_outlives_the_idle_timeout() {
         );
         assert!(!text.contains("event: error"), "{text}");
     }
+
+    // HTTP/2: after the silence, with the stream still open, the same connection takes a new
+    // request: it was not told to go away while the stream was silent.
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::post(format!("http://{}/invocations?hold=1", proxy.addr))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (response, mut req_body) = client.send_request(req, false).unwrap();
+    req_body
+        .send_data(bytes::Bytes::from_static(b"{}"), true)
+        .unwrap();
+    let mut body = response.await.unwrap().into_body();
+    let mut text = String::new();
+    while !text.contains("{\"i\": 1}") {
+        let chunk = body.data().await.expect("the stream ended early").unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let mut client = client.ready().await.expect("the connection went away");
+    let (response, _) = client
+        .send_request(
+            Request::get(format!("http://{}/healthz", proxy.addr))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    let res = response.await.expect("the connection went away");
+    assert_eq!(res.status(), 200);
+    drop(body);
 }
