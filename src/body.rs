@@ -8,6 +8,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
@@ -15,6 +16,7 @@ use http::{Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use crate::proxy::ResponseBody;
 
@@ -29,8 +31,9 @@ pub enum Body {
     Empty,
     /// Bytes already in memory (our own JSON answers, rewritten request bodies).
     Full(Option<Bytes>),
-    /// A client's request body streamed through to the agent untouched.
-    Incoming(Incoming),
+    /// A client's request body streamed through to the agent untouched (under the request-body
+    /// progress timeout).
+    Incoming(RequestBody),
     /// An agent's response streamed back through the inspector.
     Proxied(Box<ResponseBody>),
 }
@@ -121,4 +124,184 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, APPLICATION_JSON);
     res
+}
+
+/// How long a request body may go without progress (`server.request_body_timeout`). The server
+/// attaches it to every request's extensions; whoever reads a body wraps it with [`timed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyTimeout(pub Duration);
+
+/// A request body as read by the handlers: the client's body under the progress timeout.
+pub type RequestBody = TimedBody<Incoming>;
+
+/// `body` under the progress timeout found in `extensions` (none if the server set none).
+pub fn timed(body: Incoming, extensions: &http::Extensions) -> RequestBody {
+    TimedBody::new(body, extensions.get::<BodyTimeout>().map(|t| t.0))
+}
+
+/// The error a [`TimedBody`] fails with when the client stops sending.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no request body data for {}", humantime::format_duration(*after))]
+pub struct BodyTimedOut {
+    pub after: Duration,
+}
+
+/// The progress timeout of `err` or of one of its sources, if that is what it is.
+pub fn body_timeout_in(err: &(dyn std::error::Error + 'static)) -> Option<Duration> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(t) = e.downcast_ref::<BodyTimedOut>() {
+            return Some(t.after);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// A body that fails with [`BodyTimedOut`] when, while it is being read, the next frame does
+/// not arrive within the timeout. Hand-written: neither hyper nor http-body-util has a body
+/// progress timeout. Only time spent waiting for the client counts (a reader that is slow to
+/// poll, e.g. a busy agent, never trips it), and the timer is re-armed lazily, not per frame.
+pub struct TimedBody<B> {
+    inner: B,
+    timeout: Option<Duration>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// When the current wait for the client began (`None` while not waiting).
+    waiting_since: Option<Instant>,
+}
+
+impl<B> TimedBody<B> {
+    pub fn new(inner: B, timeout: Option<Duration>) -> Self {
+        Self {
+            inner,
+            timeout,
+            timer: None,
+            waiting_since: None,
+        }
+    }
+}
+
+impl<B: std::fmt::Debug> std::fmt::Debug for TimedBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TimedBody")
+            .field("inner", &self.inner)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> http_body::Body for TimedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                this.waiting_since = None;
+                return Poll::Ready(r.map(|f| f.map_err(Into::into)));
+            }
+            Poll::Pending => {}
+        }
+        let Some(timeout) = this.timeout else {
+            return Poll::Pending;
+        };
+        let since = *this.waiting_since.get_or_insert_with(Instant::now);
+        let deadline = since + timeout;
+        loop {
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if Instant::now() >= deadline => {
+                    this.timeout = None;
+                    return Poll::Ready(Some(Err(Box::new(BodyTimedOut { after: timeout }))));
+                }
+                // Armed for an earlier wait: re-arm for this one.
+                Poll::Ready(()) => timer.as_mut().reset(deadline),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::sync::mpsc;
+
+    /// A body fed from a channel.
+    struct Chan(mpsc::Receiver<Result<Frame<Bytes>, BoxError>>);
+
+    impl http_body::Body for Chan {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    fn channel() -> (mpsc::Sender<Result<Frame<Bytes>, BoxError>>, Chan) {
+        let (tx, rx) = mpsc::channel(4);
+        (tx, Chan(rx))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_fails_after_the_timeout_and_progress_resets_it() {
+        let (tx, inner) = channel();
+        let mut body = TimedBody::new(inner, Some(Duration::from_secs(30)));
+        let start = tokio::time::Instant::now();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        // Progress every 20 s: never times out.
+        for _ in 0..3 {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"b")))).await;
+            });
+            assert!(body.frame().await.unwrap().is_ok());
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+        // Then silence: fails 30 s later.
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(90));
+        assert_eq!(body_timeout_in(err.as_ref()), Some(Duration::from_secs(30)));
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_does_not_count_against_the_client() {
+        let (tx, inner) = channel();
+        let mut body = TimedBody::new(inner, Some(Duration::from_secs(30)));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        // Nobody polls for a minute while data is already buffered.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(body.frame().await.unwrap().is_ok());
+        drop(tx);
+        assert!(body.frame().await.is_none());
+    }
 }

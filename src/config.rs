@@ -132,6 +132,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub ui: UiConfig,
     pub metrics: MetricsConfig,
+    pub server: ServerConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -291,6 +292,8 @@ pub struct AgentConfig {
     pub http2: bool,
     /// Capacity of the queue of message links waiting to be written to the store.
     pub link_queue: usize,
+    /// Agent requests one user may have open at once (429 past it); 0 disables the cap.
+    pub max_concurrent_per_user: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -577,6 +580,31 @@ pub struct MetricsConfig {
     pub on_main_port: bool,
 }
 
+/// Connection lifetimes and limits of the listeners (`[server]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerConfig {
+    /// Open connections per listener; past it the listener stops accepting until one closes.
+    pub max_connections: usize,
+    /// From accept until the protocol is known (first request bytes or the whole HTTP/2
+    /// preface).
+    #[serde(serialize_with = "ser_duration")]
+    pub handshake_timeout: Duration,
+    /// HTTP/1.1: time to receive a request's headers, counted from when the connection starts
+    /// waiting for them (so it also bounds keep-alive idleness).
+    #[serde(serialize_with = "ser_duration")]
+    pub header_read_timeout: Duration,
+    /// Longest time a connection may stay open with no request in flight (HTTP/2 pings do not
+    /// count as activity).
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// Longest silence while reading a request body (408 past it).
+    #[serde(serialize_with = "ser_duration")]
+    pub request_body_timeout: Duration,
+    /// Requests a client may abandon (HTTP/2 RST_STREAM, or a disconnect) per connection before
+    /// the connection is told to go away; `None` disables the check.
+    pub reset_rate: Option<RateLimit>,
+}
+
 impl Config {
     /// Reads and validates the file at `path` in `env`.
     pub fn load(path: &Path, env: &Env) -> Result<Self, ConfigError> {
@@ -709,6 +737,7 @@ impl Config {
             listen: raw.metrics.listen.map(|l| v.addr("metrics.listen", &l)),
             on_main_port: raw.metrics.on_main_port.unwrap_or(false),
         };
+        let server = v.server(raw.server);
 
         // Cross-checks: what each auth choice needs from [databricks].
         for (key, auth) in [("agent.auth", &agent.auth), ("mlflow.auth", &mlflow.auth)] {
@@ -738,6 +767,7 @@ impl Config {
             store,
             ui,
             metrics,
+            server,
         })
     }
 
@@ -1146,6 +1176,7 @@ impl Validator {
             // Off by default: see `client::ClientOptions::http2` and config/example.toml.
             http2: raw.http2.unwrap_or(false),
             link_queue,
+            max_concurrent_per_user: raw.max_concurrent_per_user.unwrap_or(32),
         }
     }
 
@@ -1465,6 +1496,63 @@ impl Validator {
             max_lifetime: self.duration("store.max_lifetime", raw.max_lifetime.as_deref(), "45m"),
             password,
             migrate: raw.migrate.unwrap_or(true),
+        }
+    }
+
+    fn positive_duration(&mut self, key: &str, text: Option<&str>, default: &str) -> Duration {
+        let d = self.duration(key, text, default);
+        if d.is_zero() {
+            self.problem(key, "must be greater than zero");
+        }
+        d
+    }
+
+    fn server(&mut self, raw: raw::RawServer) -> ServerConfig {
+        let max_connections = raw.max_connections.unwrap_or(2048);
+        if !(1..=1_000_000).contains(&max_connections) {
+            self.problem("server.max_connections", "must be between 1 and 1000000");
+        }
+        let handshake_timeout = self.positive_duration(
+            "server.handshake_timeout",
+            raw.handshake_timeout.as_deref(),
+            "10s",
+        );
+        let header_read_timeout = self.positive_duration(
+            "server.header_read_timeout",
+            raw.header_read_timeout.as_deref(),
+            "30s",
+        );
+        let idle_timeout =
+            self.positive_duration("server.idle_timeout", raw.idle_timeout.as_deref(), "60s");
+        let request_body_timeout = self.positive_duration(
+            "server.request_body_timeout",
+            raw.request_body_timeout.as_deref(),
+            "30s",
+        );
+        let reset_rate = match (raw.reset_rate.per_second, raw.reset_rate.burst) {
+            (Some(0.0), _) => None,
+            (rate, burst) => {
+                let per_second = rate.unwrap_or(10.0);
+                let burst = burst.unwrap_or(100);
+                if !(per_second.is_finite() && per_second > 0.0) {
+                    self.problem(
+                        "server.reset_rate.per_second",
+                        "must be a positive number (0 disables the limit)",
+                    );
+                }
+                if burst == 0 {
+                    self.problem("server.reset_rate.burst", "must be at least 1");
+                }
+                Some(RateLimit { per_second, burst })
+            }
+        };
+        ServerConfig {
+            max_connections,
+            handshake_timeout,
+            header_read_timeout,
+            idle_timeout,
+            request_body_timeout,
+            reset_rate,
         }
     }
 

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use http::header::{HeaderValue, RETRY_AFTER};
+use http::header::{CONNECTION, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use serde_json::json;
 
@@ -62,6 +62,14 @@ pub enum Error {
         route: String,
         allowed: String,
     },
+    /// The client stopped sending its request body (`server.request_body_timeout`).
+    #[error("the request body sent nothing for {}", humantime::format_duration(*after))]
+    RequestBodyTimeout { after: Duration },
+    /// The user already has `limit` agent requests open (`agent.max_concurrent_per_user`).
+    #[error(
+        "too many agent requests open at once for this user (limit {limit}); retry when one has finished"
+    )]
+    TooManyConcurrent { limit: usize },
 }
 
 impl Error {
@@ -96,6 +104,8 @@ impl Error {
             Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::RouteMethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::TooManyConcurrent { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -114,6 +124,8 @@ impl Error {
             Self::Store(_) => "STORE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
             Self::RouteMethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
+            Self::RequestBodyTimeout { .. } => "REQUEST_TIMEOUT",
+            Self::TooManyConcurrent { .. } => "TOO_MANY_CONCURRENT_REQUESTS",
         }
     }
 
@@ -135,10 +147,24 @@ impl Error {
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
-        if let Self::RouteMethodNotAllowed { allowed, .. } = &self {
-            if let Ok(v) = HeaderValue::from_str(allowed) {
-                res.headers_mut().insert(http::header::ALLOW, v);
+        match &self {
+            Self::RouteMethodNotAllowed { allowed, .. } => {
+                if let Ok(v) = HeaderValue::from_str(allowed) {
+                    res.headers_mut().insert(http::header::ALLOW, v);
+                }
             }
+            // A stream frees its slot when it ends; there is no better estimate than "soon".
+            Self::TooManyConcurrent { .. } => {
+                res.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // The rest of the body may still be on its way: HTTP/1.1 cannot reuse the
+            // connection (HTTP/2 strips the header and ends only the stream).
+            Self::RequestBodyTimeout { .. } => {
+                res.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         res
     }
@@ -254,6 +280,22 @@ mod tests {
         .into_response();
         assert_eq!(res.status(), 429);
         assert_eq!(res.headers()[RETRY_AFTER], "2");
+    }
+
+    #[tokio::test]
+    async fn connection_limit_errors() {
+        let res = Error::TooManyConcurrent { limit: 3 }.into_response();
+        assert_eq!(res.status(), 429);
+        assert_eq!(res.headers()[RETRY_AFTER], "1");
+        let v = body_json(res).await;
+        assert_eq!(v["code"], "TOO_MANY_CONCURRENT_REQUESTS");
+        let res = Error::RequestBodyTimeout {
+            after: Duration::from_secs(30),
+        }
+        .into_response();
+        assert_eq!(res.status(), 408);
+        assert_eq!(res.headers()[CONNECTION], "close");
+        assert_eq!(body_json(res).await["code"], "REQUEST_TIMEOUT");
     }
 
     #[test]

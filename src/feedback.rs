@@ -137,7 +137,7 @@ impl Feedback {
     async fn submit(&self, req: Request<Incoming>) -> Result<Response<Body>, Error> {
         require_json(req.headers())?;
         let user = self.user(req.headers())?;
-        let body = read_body(req.into_body(), self.config.max_body_bytes).await?;
+        let body = read_body(req, self.config.max_body_bytes).await?;
         let vote = input::parse_vote(&body, &self.config)?;
 
         let link = self.store.get_link(&vote.message_id).await?;
@@ -363,13 +363,19 @@ fn require_json(headers: &HeaderMap) -> Result<(), Error> {
     }
 }
 
-async fn read_body(body: Incoming, limit: usize) -> Result<bytes::Bytes, Error> {
+/// The body of `req` (under `server.request_body_timeout`), at most `limit` bytes.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<bytes::Bytes, Error> {
+    let (parts, body) = req.into_parts();
+    let body = crate::body::timed(body, &parts.extensions);
     collect_limited(body, limit).await.map_err(|e| match e {
         CollectError::TooLarge { limit } => Error::PayloadTooLarge { limit },
-        CollectError::Read(e) => Error::bad_request(
-            "BODY_READ_FAILED",
-            format!("reading the request body failed: {e}"),
-        ),
+        CollectError::Read(e) => match crate::body::body_timeout_in(e.as_ref()) {
+            Some(after) => Error::RequestBodyTimeout { after },
+            None => Error::bad_request(
+                "BODY_READ_FAILED",
+                format!("reading the request body failed: {e}"),
+            ),
+        },
     })
 }
 

@@ -172,6 +172,7 @@ impl App {
 
         let metrics_task = metrics_listener.map(|l| {
             let state = self.state.clone();
+            let limits = self.state.config.server.clone();
             let mut rx = stop_rx.clone();
             tokio::spawn(async move {
                 let handler = move |_req| {
@@ -186,6 +187,7 @@ impl App {
                     },
                     Duration::from_secs(1),
                     "metrics",
+                    &limits,
                 )
                 .await;
             })
@@ -202,6 +204,7 @@ impl App {
             },
             grace,
             "main",
+            &self.state.config.server,
         );
         main.await;
 

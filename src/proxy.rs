@@ -11,6 +11,7 @@
 
 mod body;
 pub mod guard;
+pub mod limit;
 pub mod link;
 pub mod request;
 pub mod sse;
@@ -30,13 +31,14 @@ use hyper::body::Incoming;
 
 pub use body::ResponseBody;
 use body::{BodyOptions, StreamEnd};
+use limit::UserLimiter;
 use link::LinkRecorder;
 use request::{ClientIds, Rewrite};
 use sse::Inspector;
 use trace::HeaderId;
 
 use crate::auth::TokenSource;
-use crate::body::{Body, CollectError, collect_limited};
+use crate::body::{Body, CollectError, body_timeout_in, collect_limited};
 use crate::client::{ClientOptions, HttpClient};
 use crate::config::{AgentConfig, AgentRoute};
 use crate::error::{Error, UpstreamError, chain};
@@ -105,6 +107,8 @@ pub struct Proxy {
     store: SharedStore,
     links: LinkRecorder,
     metrics: Arc<Metrics>,
+    /// Open agent requests per user (`agent.max_concurrent_per_user`).
+    limiter: UserLimiter,
 }
 
 impl Proxy {
@@ -131,7 +135,9 @@ impl Proxy {
             let parts = u.into_parts();
             parts.scheme.zip(parts.authority)
         });
+        let limiter = UserLimiter::new(config.max_concurrent_per_user);
         Self {
+            limiter,
             client,
             config,
             origin,
@@ -149,13 +155,27 @@ impl Proxy {
         &self.origin
     }
 
+    /// The per-user cap on open agent requests.
+    pub fn limiter(&self) -> &UserLimiter {
+        &self.limiter
+    }
+
     /// Forwards one request to the agent and returns the (streaming) response.
     pub async fn forward(
         &self,
         req: Request<Incoming>,
         fwd: Forward<'_>,
     ) -> Result<Response<Body>, Error> {
+        // Held until the response body ends or is dropped (client gone): a client cannot make
+        // the proxy open agent requests without bound, however fast it cancels them.
+        let permit = self
+            .limiter
+            .try_acquire(&fwd.user)
+            .ok_or(Error::TooManyConcurrent {
+                limit: self.limiter.limit(),
+            })?;
         let (parts, incoming) = req.into_parts();
+        let incoming = crate::body::timed(incoming, &parts.extensions);
         let route = fwd.route;
         let cap = self.config.max_rewrite_bytes;
 
@@ -178,10 +198,13 @@ impl Proxy {
         let (buffered, incoming) = if read_body {
             let bytes = collect_limited(incoming, cap).await.map_err(|e| match e {
                 CollectError::TooLarge { limit } => Error::PayloadTooLarge { limit },
-                CollectError::Read(e) => Error::bad_request(
-                    "BODY_READ_FAILED",
-                    format!("reading the request body failed: {}", chain(e.as_ref())),
-                ),
+                CollectError::Read(e) => match body_timeout_in(e.as_ref()) {
+                    Some(after) => Error::RequestBodyTimeout { after },
+                    None => Error::bad_request(
+                        "BODY_READ_FAILED",
+                        format!("reading the request body failed: {}", chain(e.as_ref())),
+                    ),
+                },
             })?;
             (Some(bytes), None)
         } else {
@@ -277,6 +300,10 @@ impl Proxy {
                 .into());
             }
             Ok(Err(e)) => {
+                if let Some(after) = body_timeout_in(&e) {
+                    // The client stalled its body; the agent request was aborted with it.
+                    return Err(Error::RequestBodyTimeout { after });
+                }
                 let reason = chain(&e);
                 return Err(if e.is_connect() {
                     self.count_error("unreachable");
@@ -348,6 +375,7 @@ impl Proxy {
             status: rparts.status.as_u16(),
             start: fwd.start,
             upstream: self.origin.clone(),
+            permit,
         };
         let body = ResponseBody::new(
             rbody,

@@ -424,7 +424,12 @@ fn oauth_config(agent: &str, host: &str) -> String {
 async fn oauth_one_token_request_for_a_burst_and_refresh_before_expiry() {
     let agent = Upstream::start(|_r| async { full(200, "application/json", "{}") }).await;
     let (tokens, count) = token_endpoint(2, false).await;
-    let proxy = TestProxy::start(&oauth_config(&agent.url(), &tokens.url())).await;
+    // One user sends all 100: lift the per-user cap on open agent requests.
+    let proxy = TestProxy::start(&format!(
+        "{}max_concurrent_per_user = 0\n",
+        oauth_config(&agent.url(), &tokens.url())
+    ))
+    .await;
 
     let client = h1();
     let mut tasks = Vec::new();

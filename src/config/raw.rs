@@ -33,6 +33,8 @@ pub struct Raw {
     pub ui: RawUi,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub server: RawServer,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +78,7 @@ pub struct RawAgent {
     pub pool_max_idle_per_host: Option<usize>,
     pub http2: Option<bool>,
     pub link_queue: Option<usize>,
+    pub max_concurrent_per_user: Option<usize>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
 }
@@ -161,6 +164,18 @@ pub struct RawUi {
 pub struct RawMetrics {
     pub listen: Option<String>,
     pub on_main_port: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub max_connections: Option<usize>,
+    pub handshake_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub request_body_timeout: Option<String>,
+    #[serde(default)]
+    pub reset_rate: RawRateLimit,
 }
 
 /// A byte size: an integer number of bytes or a string such as `"64KiB"` or `"1MiB"`.

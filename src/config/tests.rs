@@ -320,3 +320,49 @@ fn route_methods_default_to_post_and_are_validated() {
         );
     }
 }
+
+#[test]
+fn server_limits_have_defaults_and_are_validated() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c.server.max_connections, 2048);
+    assert_eq!(c.server.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.header_read_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.server.request_body_timeout, Duration::from_secs(30));
+    let rr = c.server.reset_rate.unwrap();
+    assert_eq!((rr.per_second, rr.burst), (10.0, 100));
+    assert_eq!(c.agent.max_concurrent_per_user, 32);
+
+    let off = load(
+        &format!("{MINIMAL}max_concurrent_per_user = 0\n[server.reset_rate]\nper_second = 0\n"),
+        &[],
+    )
+    .unwrap();
+    assert!(off.server.reset_rate.is_none());
+    assert_eq!(off.agent.max_concurrent_per_user, 0);
+
+    for (text, key) in [
+        ("[server]\nmax_connections = 0\n", "server.max_connections"),
+        ("[server]\nidle_timeout = \"0s\"\n", "server.idle_timeout"),
+        (
+            "[server]\nhandshake_timeout = \"soon\"\n",
+            "server.handshake_timeout",
+        ),
+        (
+            "[server]\nrequest_body_timeout = \"0ms\"\n",
+            "server.request_body_timeout",
+        ),
+        (
+            "[server.reset_rate]\nburst = 0\n",
+            "server.reset_rate.burst",
+        ),
+        (
+            "[server.reset_rate]\nper_second = -1\n",
+            "server.reset_rate.per_second",
+        ),
+        ("[server]\nidle = \"1s\"\n", "server.idle"),
+    ] {
+        let err = load(&format!("{MINIMAL}{text}"), &[]).unwrap_err();
+        assert!(err.keys().any(|k| k == key), "{text}: {err}");
+    }
+}

@@ -56,6 +56,9 @@ pub struct StreamEnd {
     pub start: Instant,
     /// The upstream base, for error messages.
     pub upstream: String,
+    /// The user's slot under `agent.max_concurrent_per_user`, freed with this (at the end of
+    /// the stream or when the client goes away).
+    pub permit: Option<super::limit::UserPermit>,
 }
 
 /// Options for one wrapped body.
