@@ -288,6 +288,9 @@ pub struct AgentConfig {
     pub http2: bool,
     /// Capacity of the queue of message links waiting to be written to the store.
     pub link_queue: usize,
+    /// Most messages whose links are held in memory while the store is unavailable (past it,
+    /// links of further answers are given up and counted).
+    pub link_buffer: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -337,6 +340,10 @@ pub struct DeliveryConfig {
     pub max_age: Duration,
     /// Run the background worker in this process.
     pub worker: bool,
+    /// How often the worker searches MLflow, by the proxy's client request id, for the traces
+    /// of votes waiting without one (for at most `max_age` after the vote).
+    #[serde(serialize_with = "ser_duration")]
+    pub trace_lookup_interval: Duration,
 }
 
 /// Kinds of value an assessment name accepts.
@@ -1114,6 +1121,11 @@ impl Validator {
         if link_queue == 0 {
             self.problem("agent.link_queue", "must be greater than zero");
         }
+        // A 10-minute outage at 50 chats/s.
+        let link_buffer = raw.link_buffer.unwrap_or(30_000);
+        if link_buffer == 0 {
+            self.problem("agent.link_buffer", "must be greater than zero");
+        }
         AgentConfig {
             url,
             routes,
@@ -1141,6 +1153,7 @@ impl Validator {
             // Off by default: see `client::ClientOptions::http2` and config/example.toml.
             http2: raw.http2.unwrap_or(false),
             link_queue,
+            link_buffer,
         }
     }
 
@@ -1232,7 +1245,18 @@ impl Validator {
             ),
             max_age: self.duration("delivery.max_age", raw.max_age.as_deref(), "24h"),
             worker: raw.worker.unwrap_or(true),
+            trace_lookup_interval: self.duration(
+                "delivery.trace_lookup_interval",
+                raw.trace_lookup_interval.as_deref(),
+                "1m",
+            ),
         };
+        if d.trace_lookup_interval.is_zero() {
+            self.problem(
+                "delivery.trace_lookup_interval",
+                "must be greater than zero",
+            );
+        }
         if d.batch_size == 0 {
             self.problem("delivery.batch_size", "must be greater than zero");
         }

@@ -2,7 +2,10 @@
 //!
 //! On shutdown the listener is closed first (new connections are refused), then every open
 //! connection is told to finish what it is doing (HTTP/1.1: no more keep-alive; HTTP/2: GOAWAY)
-//! and given up to the grace period; whatever is still running after that is cut.
+//! and given up to the grace period; whatever is still running after that is cut: first asked
+//! to end (the `on_cut` of [`serve_with_cut`]: open streams send their final error event), then,
+//! after `cut_budget`, dropped. [`serve_with_cut`] returns only once every connection task has
+//! ended, so that nothing a connection does (its access line, its message link) happens later.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,6 +33,35 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_with_cut(
+        listener,
+        handler,
+        shutdown,
+        grace,
+        name,
+        || {},
+        Duration::ZERO,
+    )
+    .await;
+}
+
+/// [`serve`], and when the grace period is over: calls `on_cut`, gives the remaining
+/// connections `cut_budget` to end, then drops them.
+pub async fn serve_with_cut<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    name: &'static str,
+    on_cut: impl FnOnce(),
+    cut_budget: Duration,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    // Connection tasks, so that the cut can drop them and wait for them (a JoinSet: its
+    // bookkeeping is per connection, nothing per poll).
+    let mut connections = tokio::task::JoinSet::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -69,7 +101,8 @@ pub async fn serve<H, F>(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -84,6 +117,12 @@ pub async fn serve<H, F>(
         }
         () = tokio::time::sleep(grace) => {
             tracing::warn!(listener = name, "grace period elapsed; closing the remaining connections");
+            on_cut();
+            let ended = async { while connections.join_next().await.is_some() {} };
+            if tokio::time::timeout(cut_budget, ended).await.is_err() {
+                connections.abort_all();
+            }
         }
     }
+    while connections.join_next().await.is_some() {}
 }

@@ -76,6 +76,7 @@ pub struct RawAgent {
     pub pool_max_idle_per_host: Option<usize>,
     pub http2: Option<bool>,
     pub link_queue: Option<usize>,
+    pub link_buffer: Option<usize>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
 }
@@ -114,6 +115,7 @@ pub struct RawDelivery {
     pub not_found_horizon: Option<String>,
     pub max_age: Option<String>,
     pub worker: Option<bool>,
+    pub trace_lookup_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
