@@ -36,11 +36,31 @@ impl Outage {
                 let admin = support::pg::connect(&shared_url()).await;
                 admin
                     .batch_execute(&format!(
-                        "ALTER DATABASE \"{0}\" ALLOW_CONNECTIONS false; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}' AND pid <> pg_backend_pid();",
+                        "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS false",
                         db.name
                     ))
                     .await
                     .unwrap();
+                // Terminating is asynchronous, and a connection that was being opened as the
+                // database stopped accepting them shows up only later: repeat until none is left.
+                let start = Instant::now();
+                loop {
+                    let row = admin
+                        .query_one(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+                            &[&db.name],
+                        )
+                        .await
+                        .unwrap();
+                    if row.get::<_, i64>(0) == 0 {
+                        break;
+                    }
+                    assert!(
+                        start.elapsed() < Duration::from_secs(30),
+                        "backends survive"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             Outage::Sqlite { path, lock } => {
                 let conn = rusqlite::Connection::open(&*path).unwrap();
@@ -128,7 +148,14 @@ where
 {
     let start = Instant::now();
     while !f().await {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        if start.elapsed() > limit {
+            let logs = log_text();
+            let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+            panic!(
+                "timed out waiting for {what}; last log lines (newest first):\n{}",
+                tail.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -200,6 +227,7 @@ async fn links_survive_an_outage(postgres: bool) {
         "outage-{}@example.com",
         if postgres { "pg" } else { "sqlite" }
     );
+    logs();
     let (proxy, mut outage) = proxy_with(postgres, "").await;
     outage.begin().await;
     let mut messages = Vec::new();
