@@ -133,7 +133,8 @@ impl Held {
                 merge(old, link);
             } else {
                 // The store would ignore it too: a message belongs to the first user linked.
-                self.give_up(&link);
+                self.metrics.links_given_up.inc();
+                tracing::warn!(message_id = %link.message_id, "a held link of this message belongs to another user; the new link is not recorded");
             }
             return;
         }
