@@ -294,6 +294,9 @@ pub struct AgentConfig {
     pub link_queue: usize,
     /// Agent requests one user may have open at once (429 past it); 0 disables the cap.
     pub max_concurrent_per_user: usize,
+    /// Most messages whose links are held in memory while the store is unavailable (past it,
+    /// links of further answers are given up and counted).
+    pub link_buffer: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -345,6 +348,10 @@ pub struct DeliveryConfig {
     pub max_age: Duration,
     /// Run the background worker in this process.
     pub worker: bool,
+    /// How often the worker searches MLflow, by the proxy's client request id, for the traces
+    /// of votes waiting without one (for at most `max_age` after the vote).
+    #[serde(serialize_with = "ser_duration")]
+    pub trace_lookup_interval: Duration,
 }
 
 /// Kinds of value an assessment name accepts.
@@ -1149,6 +1156,11 @@ impl Validator {
         if link_queue == 0 {
             self.problem("agent.link_queue", "must be greater than zero");
         }
+        // A 10-minute outage at 50 chats/s.
+        let link_buffer = raw.link_buffer.unwrap_or(30_000);
+        if link_buffer == 0 {
+            self.problem("agent.link_buffer", "must be greater than zero");
+        }
         AgentConfig {
             url,
             routes,
@@ -1177,6 +1189,7 @@ impl Validator {
             http2: raw.http2.unwrap_or(false),
             link_queue,
             max_concurrent_per_user: raw.max_concurrent_per_user.unwrap_or(32),
+            link_buffer,
         }
     }
 
@@ -1306,7 +1319,18 @@ impl Validator {
             ),
             max_age: self.duration("delivery.max_age", raw.max_age.as_deref(), "24h"),
             worker: raw.worker.unwrap_or(true),
+            trace_lookup_interval: self.duration(
+                "delivery.trace_lookup_interval",
+                raw.trace_lookup_interval.as_deref(),
+                "1m",
+            ),
         };
+        if d.trace_lookup_interval.is_zero() {
+            self.problem(
+                "delivery.trace_lookup_interval",
+                "must be greater than zero",
+            );
+        }
         if d.batch_size == 0 {
             self.problem("delivery.batch_size", "must be greater than zero");
         }

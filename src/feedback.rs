@@ -163,6 +163,11 @@ impl Feedback {
             }
         } else {
             match &link {
+                // No link at all (lost, e.g. given up during a store outage): the attempt looks
+                // for the voter's answer by the client request id the proxy gave it.
+                None => Enqueue::Inline {
+                    hold: self.deliverer.inline_hold(),
+                },
                 Some(l) if l.trace_id.is_some() || l.client_request_id.is_some() || l.open => {
                     Enqueue::Inline {
                         hold: self.deliverer.inline_hold(),

@@ -93,8 +93,12 @@ impl App {
         )
         .await?;
 
-        let (links, link_writer) =
-            LinkRecorder::spawn(store.clone(), config.agent.link_queue, metrics.clone());
+        let (links, link_writer) = LinkRecorder::spawn(
+            store.clone(),
+            config.agent.link_queue,
+            config.agent.link_buffer,
+            metrics.clone(),
+        );
         let proxy = Proxy::new(
             config.agent.clone(),
             tokens.get(&config.agent.auth),
@@ -138,11 +142,7 @@ impl App {
         let stop = CancellationToken::new();
         let mut background = Vec::new();
         if state.config.delivery.worker {
-            // In-flight attempts get half the grace to record their outcomes after the stop.
-            let drain = state.config.shutdown_grace / 2;
-            background.push(tokio::spawn(
-                deliverer.run_worker(stop.child_token(), drain),
-            ));
+            background.push(tokio::spawn(deliverer.run_worker(stop.child_token())));
         }
         background.push(tokio::spawn(housekeeping(
             state.clone(),
@@ -195,39 +195,68 @@ impl App {
 
         let state = self.state.clone();
         let handler = move |req| app::handle(state.clone(), req);
-        let main = server::serve(
+        // One drain deadline: connections get the grace period; what is still open then is cut
+        // (streams end with an error event, recording their final link and access line) and
+        // the rest — delivery attempts, queued and held links — must be done `tail` later. The
+        // process then exits within the grace period plus at most a second (the platform
+        // kills at 15 s).
+        let tail = drain_tail(grace);
+        let began = Arc::new(std::sync::OnceLock::new());
+        let streams = self.state.proxy.streams().clone();
+        let main = server::serve_with_cut(
             listener,
             handler,
-            async {
-                shutdown.await;
-                let _ = stop_tx.send(true);
+            {
+                let began = began.clone();
+                async move {
+                    shutdown.await;
+                    let _ = began.set(tokio::time::Instant::now());
+                    let _ = stop_tx.send(true);
+                }
             },
             grace,
             "main",
             &self.state.config.server,
+            move || streams.cut(),
+            tail / 2,
         );
         main.await;
+        let deadline = began
+            .get()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now)
+            + grace
+            + tail;
 
         if let Some(t) = metrics_task {
-            let _ = t.await;
+            until_deadline(deadline, t).await;
         }
-        // Let queued link writes reach the store and in-flight deliveries record their outcome,
-        // within the time left: the process must exit within the grace period plus a fraction
-        // of a second (the platform kills at 15 s).
+        // Let in-flight deliveries record their outcome and queued or held link writes reach
+        // the store, until the deadline; whatever is left then is dropped (deliveries stay in
+        // the outbox) so that nothing runs, or logs, after this returns.
         self.stop.cancel();
-        let background = join_all(self.background);
-        let links = self.link_writer.shutdown(Duration::from_millis(500));
-        let (_, ()) = tokio::join!(
-            tokio::time::timeout(Duration::from_millis(500), background),
-            links
-        );
+        let deliverer = self.state.feedback.deliverer().clone();
+        let background = async {
+            for t in self.background {
+                until_deadline(deadline, t).await;
+            }
+            deliverer.shutdown(deadline).await;
+        };
+        tokio::join!(background, self.link_writer.shutdown(deadline));
     }
 }
 
-/// Waits for every task (they are independent; order does not matter).
-async fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
-    for t in tasks {
-        let _ = t.await;
+/// The part of the drain deadline after the grace period: time to cut what is still open and
+/// to finish writing (a quarter of the grace period, at most one second).
+fn drain_tail(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(1))
+}
+
+/// Waits for `task` until `deadline`, then aborts it and waits for it to end.
+async fn until_deadline(deadline: tokio::time::Instant, mut task: tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+        task.abort();
+        let _ = task.await;
     }
 }
 

@@ -112,6 +112,10 @@ pub struct Metrics {
     pub store_pool_size: Gauge,
     pub store_pool_available: Gauge,
     pub store_errors: Family<OperationLabel, Counter>,
+    /// Message links held in memory while the store is unavailable.
+    pub links_held: Gauge,
+    /// Message links given up because the outage buffer (`agent.link_buffer`) was full.
+    pub links_given_up: Counter,
 }
 
 /// Status codes 100..=599, the slots per route in [`Handles::requests`].
@@ -181,6 +185,8 @@ impl Metrics {
             store_pool_size: Gauge::default(),
             store_pool_available: Gauge::default(),
             store_errors: Family::default(),
+            links_held: Gauge::default(),
+            links_given_up: Counter::default(),
             registry: Registry::default(),
             handles,
         };
@@ -244,6 +250,16 @@ impl Metrics {
             "link_errors",
             "Message links that failed to be written",
             m.link_errors.clone(),
+        );
+        r.register(
+            "links_held",
+            "Message links held in memory until the store answers again",
+            m.links_held.clone(),
+        );
+        r.register(
+            "links_given_up",
+            "Message links given up because agent.link_buffer was full during a store outage",
+            m.links_given_up.clone(),
         );
         r.register(
             "feedback_responses",

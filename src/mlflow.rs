@@ -323,6 +323,19 @@ impl MlflowClient {
         experiment_id: &str,
         client_request_id: &str,
     ) -> Result<Option<String>, MlflowError> {
+        Ok(self
+            .search_trace_by_client_request_id(experiment_id, client_request_id)
+            .await?
+            .map(|t| t.trace_id))
+    }
+
+    /// Like [`MlflowClient::find_trace_by_client_request_id`], with the trace's info as the
+    /// search returns it (its metadata names the trace's user, `mlflow.trace.user`).
+    pub async fn search_trace_by_client_request_id(
+        &self,
+        experiment_id: &str,
+        client_request_id: &str,
+    ) -> Result<Option<TraceInfo>, MlflowError> {
         validate::experiment_id(experiment_id)?;
         let literal = validate::filter_literal(client_request_id)?;
         let filter = format!("attributes.client_request_id = {literal}");
@@ -349,7 +362,7 @@ impl MlflowClient {
                 );
                 None
             }
-            _ => Some(t.trace_id),
+            _ => Some(t.into()),
         }))
     }
 

@@ -15,6 +15,7 @@ pub mod limit;
 pub mod link;
 pub mod request;
 pub mod sse;
+pub mod streams;
 pub mod trace;
 
 use std::sync::Arc;
@@ -109,6 +110,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Open agent requests per user (`agent.max_concurrent_per_user`).
     limiter: UserLimiter,
+    /// Open response bodies, for shutdown to cut.
+    streams: Arc<streams::OpenStreams>,
 }
 
 impl Proxy {
@@ -147,7 +150,13 @@ impl Proxy {
             store,
             links,
             metrics,
+            streams: streams::OpenStreams::new(),
         }
+    }
+
+    /// The open response bodies (shutdown cuts them through this).
+    pub fn streams(&self) -> &Arc<streams::OpenStreams> {
+        &self.streams
     }
 
     /// The agent's `scheme://host:port`, for messages and readiness checks.
@@ -215,9 +224,6 @@ impl Proxy {
             _ => ClientIds::default(),
         };
         let chat_id = header_ids.chat_id.or(body_ids.chat_id);
-        let client_request_id = route
-            .client_request_id
-            .then(request::mint_client_request_id);
         let (message_id, claimed) = self
             .message_id(
                 header_ids.message_id.or(body_ids.message_id),
@@ -225,6 +231,9 @@ impl Proxy {
                 &fwd.user,
             )
             .await;
+        let client_request_id = route
+            .client_request_id
+            .then(|| request::client_request_id_for(&message_id, &fwd.user));
 
         let body = match (buffered, incoming) {
             (Some(bytes), _) => {
@@ -384,6 +393,7 @@ impl Proxy {
                 sse,
                 events: route.events,
                 idle_timeout: self.config.idle_timeout,
+                streams: self.streams.clone(),
             },
             end,
         );

@@ -23,7 +23,10 @@
 //!
 //! On shutdown the listener is closed first (new connections are refused), then every open
 //! connection is told to finish what it is doing (HTTP/1.1: no more keep-alive; HTTP/2: GOAWAY)
-//! and given up to the grace period; whatever is still running after that is cut.
+//! and given up to the grace period; whatever is still running after that is cut: first asked
+//! to end (the `on_cut` of [`serve_with_cut`]: open streams send their final error event), then,
+//! after `cut_budget`, dropped. [`serve_with_cut`] returns only once every connection task has
+//! ended, so that nothing a connection does (its access line, its message link) happens later.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -74,6 +77,38 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_with_cut(
+        listener,
+        handler,
+        shutdown,
+        grace,
+        name,
+        limits,
+        || {},
+        Duration::ZERO,
+    )
+    .await;
+}
+
+/// [`serve`], and when the grace period is over: calls `on_cut`, gives the remaining
+/// connections `cut_budget` to end, then drops them.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_with_cut<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    name: &'static str,
+    limits: &ServerConfig,
+    on_cut: impl FnOnce(),
+    cut_budget: Duration,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    // Connection tasks, so that the cut can drop them and wait for them (a JoinSet: its
+    // bookkeeping is per connection, nothing per poll).
+    let mut connections = tokio::task::JoinSet::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -129,7 +164,8 @@ pub async fn serve<H, F>(
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
+        while connections.try_join_next().is_some() {}
+        connections.spawn(connection(
             stream,
             peer,
             builder.clone(),
@@ -151,8 +187,14 @@ pub async fn serve<H, F>(
         }
         () = tokio::time::sleep(grace) => {
             tracing::warn!(listener = name, "grace period elapsed; closing the remaining connections");
+            on_cut();
+            let ended = async { while connections.join_next().await.is_some() {} };
+            if tokio::time::timeout(cut_budget, ended).await.is_err() {
+                connections.abort_all();
+            }
         }
     }
+    while connections.join_next().await.is_some() {}
 }
 
 /// The per-connection limits, shared by all connections of a listener.

@@ -79,6 +79,7 @@ pub struct RawAgent {
     pub http2: Option<bool>,
     pub link_queue: Option<usize>,
     pub max_concurrent_per_user: Option<usize>,
+    pub link_buffer: Option<usize>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
 }
@@ -118,6 +119,7 @@ pub struct RawDelivery {
     pub not_found_horizon: Option<String>,
     pub max_age: Option<String>,
     pub worker: Option<bool>,
+    pub trace_lookup_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

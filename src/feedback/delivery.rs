@@ -18,13 +18,24 @@
 //! exponential backoff and jitter up to `delivery.max_age` (429 honours `Retry-After`); other
 //! 4xx dead-letter with the reason. The worker runs on every replica; the store's leases make
 //! sure one delivery is worked on by one process at a time.
+//!
+//! A vote on a message the store has no link for (its link was lost, e.g. given up during a
+//! store outage) is resolved through the proxy's own client request id: it is derived from the
+//! message id and the voter (`proxy::request::client_request_id_for`), so a search for it finds
+//! only that user's answer, never another user's. A found trace is linked to the message (which
+//! wakes the vote). The worker repeats the search for votes waiting without a trace id every
+//! `delivery.trace_lookup_interval`.
+//!
+//! Shutdown: [`Deliverer::shutdown`] lets running attempts (inline and the worker's) finish until
+//! the drain deadline, then drops the rest; a dropped attempt keeps its lease and is retried from
+//! the outbox when the lease expires.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::pace::{Pace, Signal};
 
@@ -33,9 +44,16 @@ use crate::metrics::{Metrics, OutcomeLabel};
 use crate::mlflow::{
     Assessment, AssessmentUpdate, MlflowClient, MlflowError, MlflowErrorKind, NewAssessment,
 };
+use crate::proxy::request::client_request_id_for;
 use crate::store::{
-    AssessmentFact, Delivery, Desired, Finished, Outcome, SharedStore, StoreError, VoteKey,
+    AssessmentFact, Delivery, DeliveryState, Desired, Finished, LinkRecord, Outcome, SharedStore,
+    StoreError, VoteKey,
 };
+
+/// Most waiting votes one trace lookup round looks at (newest first).
+const LOOKUP_BATCH: u32 = 200;
+/// The trace metadata key naming the user a trace was made for.
+const TRACE_USER: &str = "mlflow.trace.user";
 
 /// Namespace of the deterministic assessment ids (a fixed, random UUID).
 const ASSESSMENT_ID_NAMESPACE: uuid::Uuid =
@@ -134,6 +152,12 @@ pub struct Deliverer {
     ids: AtomicU8,
     config: DeliveryConfig,
     metrics: Arc<Metrics>,
+    /// Running attempts (inline and the worker's), for shutdown.
+    tasks: TaskTracker,
+    /// Drops the attempts still running at the shutdown deadline.
+    abort: CancellationToken,
+    /// A trace lookup round is running.
+    looking_up: AtomicBool,
 }
 
 const IDS_UNKNOWN: u8 = 0;
@@ -185,6 +209,44 @@ impl Deliverer {
             ids: AtomicU8::new(IDS_UNKNOWN),
             config,
             metrics,
+            tasks: TaskTracker::new(),
+            abort: CancellationToken::new(),
+            looking_up: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` as a tracked attempt task: [`Deliverer::shutdown`] waits for it, or drops it at
+    /// the deadline (answering `dropped`).
+    fn spawn_tracked<T: Send + 'static>(
+        &self,
+        dropped: T,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        let abort = self.abort.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                () = abort.cancelled() => dropped,
+                out = f => out,
+            }
+        })
+    }
+
+    /// Waits until `deadline` for running attempts to finish and record their outcome, then
+    /// drops the rest (they keep their lease and are retried from the outbox).
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) {
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            let left = self.tasks.len();
+            self.abort.cancel();
+            self.tasks.wait().await;
+            tracing::warn!(
+                attempts = left,
+                "delivery attempts still running at the shutdown deadline were stopped; they are retried from the outbox once their lease expires"
+            );
         }
     }
 
@@ -209,7 +271,11 @@ impl Deliverer {
     pub async fn attempt_inline(self: &Arc<Self>, key: &VoteKey, version: i64) -> Status {
         let this = self.clone();
         let key = key.clone();
-        let task = tokio::spawn(async move {
+        let dropped = Status::Queued {
+            trace_id: None,
+            reason: Some("the proxy is shutting down".into()),
+        };
+        let task = self.spawn_tracked(dropped, async move {
             let claimed_at = Instant::now();
             match this.store.claim(&key, version, this.config.lease).await {
                 Ok(Some(d)) => this.attempt(d, claimed_at).await.0,
@@ -433,7 +499,13 @@ impl Deliverer {
             .get_link(&d.key.message_id)
             .await
             .map_err(|e| self.store_failure(d, &e))?;
-        let Some(link) = link else { return Ok(None) };
+        let Some(link) = link else {
+            // The link was lost (or never written): look for the voter's own answer.
+            return match self.find_unlinked(mlflow, &d.key, &d.chat_id, None).await {
+                Ok(t) => Ok(t),
+                Err(e) => Err(self.failure(d, None, &e)),
+            };
+        };
         if link.user_id != d.key.user_id {
             return Err(Attempt::new(
                 AssessmentFact::Unchanged,
@@ -473,6 +545,108 @@ impl Deliverer {
             return Err(self.not_yet(d, None, "the answer is still streaming".into()));
         }
         Ok(None)
+    }
+
+    /// Searches for the trace of `key.user_id`'s answer `key.message_id` by the client request
+    /// id the proxy sent with it (`crid`, else the one derived from message and voter) and, when
+    /// found, links it to the message (which wakes the message's waiting votes). A trace that
+    /// names another user is ignored. `Ok(None)`: not found (or no experiment to search).
+    async fn find_unlinked(
+        &self,
+        mlflow: &MlflowClient,
+        key: &VoteKey,
+        chat_id: &str,
+        crid: Option<&str>,
+    ) -> Result<Option<String>, MlflowError> {
+        let Some(exp) = &self.experiment_id else {
+            return Ok(None);
+        };
+        let crid = match crid {
+            Some(c) => c.to_owned(),
+            None => client_request_id_for(&key.message_id, &key.user_id),
+        };
+        let Some(info) = mlflow.search_trace_by_client_request_id(exp, &crid).await? else {
+            return Ok(None);
+        };
+        if let Some(user) = info.metadata.get(TRACE_USER) {
+            if *user != key.user_id {
+                tracing::warn!(%key, trace_id = %info.trace_id, "the trace found by client request id belongs to another user; ignoring it");
+                return Ok(None);
+            }
+        }
+        let link = LinkRecord {
+            message_id: key.message_id.clone(),
+            chat_id: Some(chat_id.to_owned()),
+            user_id: key.user_id.clone(),
+            trace_id: Some(info.trace_id.clone()),
+            client_request_id: Some(crid),
+            open: false,
+        };
+        if let Err(e) = self.store.record_links(std::slice::from_ref(&link)).await {
+            tracing::warn!(%key, error = %e, "cannot record the link found by client request id");
+        }
+        tracing::info!(%key, trace_id = %info.trace_id, "linked a message found by its client request id");
+        Ok(Some(info.trace_id))
+    }
+
+    /// One round of the worker's trace lookup: votes waiting without a trace id (newest first,
+    /// at most [`LOOKUP_BATCH`], enqueued within `delivery.max_age`) whose message has no trace
+    /// are searched for by client request id; those found are linked, which makes them due.
+    async fn look_up_waiting(&self) {
+        let Some(mlflow) = &self.mlflow else { return };
+        let waiting = match self
+            .store
+            .list_deliveries(Some(DeliveryState::Waiting), LOOKUP_BATCH)
+            .await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list waiting deliveries for the trace lookup");
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        for d in waiting {
+            let awaits_trace = d
+                .last_error
+                .as_deref()
+                .is_some_and(|r| r.starts_with(NO_TRACE_ID));
+            let recent = now
+                .duration_since(d.enqueued_at)
+                .is_ok_and(|age| age < self.config.max_age);
+            if !awaits_trace || d.trace_id.is_some() || !recent {
+                continue;
+            }
+            let crid = match self.store.get_link(&d.key.message_id).await {
+                Ok(None) => None,
+                // The stream's client request id, when the link has one but no trace (its
+                // final link was lost); a link without one was never sent one.
+                Ok(Some(l)) if l.user_id == d.key.user_id && l.trace_id.is_none() => {
+                    match l.client_request_id {
+                        Some(c) => Some(c),
+                        None => continue,
+                    }
+                }
+                Ok(Some(_)) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read a link for the trace lookup");
+                    return;
+                }
+            };
+            match self
+                .find_unlinked(mlflow, &d.key, &d.chat_id, crid.as_deref())
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e.short(), "MLflow fails; the trace lookup stops for this round");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(key = %d.key, error = %e.short(), "trace lookup failed");
+                }
+            }
+        }
     }
 
     async fn upsert(
@@ -734,13 +908,17 @@ impl Deliverer {
     /// cancelled, as many at a time as MLflow keeps up with ([`Pace`]: at most
     /// `delivery.concurrency`). It claims again as soon as attempts finish, so a backlog drains
     /// at MLflow's pace rather than one batch per `poll_interval`; with nothing due it polls
-    /// every `poll_interval`. In-flight attempts finish within `drain` after `stop`.
+    /// every `poll_interval`. Attempts are tracked tasks: [`Deliverer::shutdown`] waits for
+    /// them until the drain deadline.
     ///
     /// Votes stored while MLflow was not configured (held as `no_experiment_id`) are released
     /// first, so that configuring MLflow delivers the backlog without an operator's help.
-    pub async fn run_worker(self: Arc<Self>, stop: CancellationToken, drain: Duration) {
+    pub async fn run_worker(self: Arc<Self>, stop: CancellationToken) {
         let mut pace = Pace::new(self.config.concurrency);
-        let mut inflight: JoinSet<Signal> = JoinSet::new();
+        // Finished attempts report their signal here; `inflight` counts those not back yet.
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Signal>();
+        let mut inflight: usize = 0;
+        let mut next_lookup: Option<tokio::time::Instant> = None;
         let mut backlog_released = !self.enabled();
         loop {
             if !backlog_released {
@@ -759,10 +937,21 @@ impl Deliverer {
                     }
                 }
             }
+            if self.enabled()
+                && next_lookup.is_none_or(|at| at <= tokio::time::Instant::now())
+                && !self.looking_up.swap(true, Ordering::AcqRel)
+            {
+                next_lookup = Some(tokio::time::Instant::now() + self.config.trace_lookup_interval);
+                let this = self.clone();
+                self.spawn_tracked((), async move {
+                    this.look_up_waiting().await;
+                    this.looking_up.store(false, Ordering::Release);
+                });
+            }
             let now = Instant::now();
             let room = pace
                 .allowed(now)
-                .saturating_sub(inflight.len())
+                .saturating_sub(inflight)
                 .min(self.config.batch_size as usize);
             let mut more_due = false;
             if room > 0 && self.enabled() {
@@ -772,7 +961,15 @@ impl Deliverer {
                         more_due = batch.len() == room;
                         for d in batch {
                             let this = self.clone();
-                            inflight.spawn(async move { this.attempt(d, claimed_at).await.1 });
+                            let done = Done {
+                                tx: done_tx.clone(),
+                                signal: Signal::Neutral,
+                            };
+                            inflight += 1;
+                            self.spawn_tracked((), async move {
+                                let mut done = done;
+                                done.signal = this.attempt(d, claimed_at).await.1;
+                            });
                         }
                     }
                     Err(e) => {
@@ -781,7 +978,7 @@ impl Deliverer {
                 }
             }
             self.metrics.delivery_concurrency_limit.set(pace.limit());
-            if more_due && pace.allowed(Instant::now()) > inflight.len() {
+            if more_due && pace.allowed(Instant::now()) > inflight {
                 // More is due and there is room: claim again without waiting.
                 continue;
             }
@@ -795,38 +992,32 @@ impl Deliverer {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                    self.observe(&mut pace, done);
+                Some(signal) = done_rx.recv(), if inflight > 0 => {
+                    inflight -= 1;
+                    pace.observe(signal, Instant::now());
                     // Take every other attempt that has finished too, then claim once for all.
-                    while let Some(done) = inflight.try_join_next() {
-                        self.observe(&mut pace, done);
+                    while let Ok(signal) = done_rx.try_recv() {
+                        inflight = inflight.saturating_sub(1);
+                        pace.observe(signal, Instant::now());
                     }
                 }
                 () = tokio::time::sleep_until(wake.into()) => {}
             }
         }
-        // Let in-flight attempts finish so that their outcomes are recorded, within the drain
-        // deadline; the rest are cut (their leases expire and another claim repeats them).
-        let finished = async {
-            while let Some(done) = inflight.join_next().await {
-                self.observe(&mut pace, done);
-            }
-        };
-        if tokio::time::timeout(drain, finished).await.is_err() {
-            tracing::warn!(
-                attempts = inflight.len(),
-                "delivery attempts still running at the drain deadline were cut; they are retried from the outbox"
-            );
-            inflight.abort_all();
-        }
+        // In-flight attempts are tracked: `Deliverer::shutdown` waits for them.
     }
+}
 
-    fn observe(&self, pace: &mut Pace, done: Result<Signal, tokio::task::JoinError>) {
-        match done {
-            Ok(signal) => pace.observe(signal, Instant::now()),
-            Err(e) if e.is_panic() => tracing::error!(error = %e, "a delivery attempt panicked"),
-            Err(_) => {}
-        }
+/// Reports a worker attempt's end to the worker, also when the attempt panicked or was
+/// stopped (then with no signal), so that its slot is always given back.
+struct Done {
+    tx: tokio::sync::mpsc::UnboundedSender<Signal>,
+    signal: Signal,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let _ = self.tx.send(self.signal);
     }
 }
 

@@ -9,8 +9,11 @@
 //! - enforces the idle timeout between frames without touching the timer per frame: each frame
 //!   only records `Instant::now()`, and the timer is re-armed lazily when it fires;
 //! - ends an SSE stream that breaks or idles out with a final `event: error`;
-//! - reports the end exactly once — completion, upstream error, idle timeout, or the client going
-//!   away (drop) — to record the message link, update metrics and write the access log line.
+//! - ends the stream when shutdown cuts it at the end of the grace period (an SSE stream with a
+//!   final `event: error`, code `SHUTTING_DOWN`; see `streams.rs`);
+//! - reports the end exactly once — completion, upstream error, idle timeout, shutdown, or the
+//!   client going away (drop) — to record the message link, update metrics and write the access
+//!   log line.
 //!
 //! Nothing on the per-frame path allocates, locks, or calls the store.
 
@@ -28,6 +31,7 @@ use tokio::time::Sleep;
 
 use super::link::LinkRecorder;
 use super::sse::Inspector;
+use super::streams::{OpenStreams, StreamHandle};
 use super::trace::Found;
 use crate::body::BoxError;
 use crate::metrics::{KindLabel, Metrics, TraceIdLabels};
@@ -68,6 +72,8 @@ pub struct BodyOptions {
     /// Inject the meta event first and the trace event when known.
     pub events: bool,
     pub idle_timeout: Duration,
+    /// The registry that shutdown cuts open streams through.
+    pub streams: Arc<OpenStreams>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +82,12 @@ enum EndReason {
     UpstreamError,
     IdleTimeout,
     ClientGone,
+    /// Cut at the end of the shutdown grace period.
+    Shutdown,
 }
+
+/// The sentence of the final error event of a stream cut by shutdown.
+const SHUTTING_DOWN: &str = "the proxy is shutting down; the answer was cut off";
 
 /// See the module documentation.
 pub struct ResponseBody {
@@ -97,6 +108,8 @@ pub struct ResponseBody {
     trace_reported: bool,
     done: bool,
     end: Option<StreamEnd>,
+    /// Registered with shutdown until the end is reported.
+    cut: Option<StreamHandle>,
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -128,6 +141,7 @@ impl ResponseBody {
             trace_reported: false,
             done: false,
             end: None,
+            cut: Some(opts.streams.register()),
         };
         if body.events {
             let meta = serde_json::json!({
@@ -299,6 +313,7 @@ impl ResponseBody {
             EndReason::ClientGone => "client_gone",
             EndReason::UpstreamError => "stream_error",
             EndReason::IdleTimeout => "idle_timeout",
+            EndReason::Shutdown => "shutdown",
         };
         // The access line: one per request, whatever happened.
         tracing::info!(
@@ -343,12 +358,24 @@ impl ResponseBody {
             link.open = false;
             recorder.record(link);
         }
+        // Last: shutdown waits for this to learn that the link and the access line are out.
+        self.cut = None;
+    }
+
+    /// Whether shutdown has cut the stream.
+    fn is_cut(&self) -> bool {
+        self.cut.as_ref().is_some_and(StreamHandle::is_cut)
     }
 
     /// Ends with an error: SSE clients get a final `event: error`; other bodies fail (the client
     /// sees a truncated response, which is the honest signal for a non-event body).
     fn fail(&mut self, reason: EndReason, code: &str, message: String) -> Option<BoxError> {
-        self.finish(reason, Some(&message));
+        if reason == EndReason::Shutdown {
+            // Not an upstream failure: no error count, no "ended early" warning.
+            self.finish(reason, None);
+        } else {
+            self.finish(reason, Some(&message));
+        }
         self.done = true;
         if self.sse {
             // Two newlines first: if the upstream died mid-event, this terminates the partial
@@ -405,6 +432,16 @@ impl http_body::Body for ResponseBody {
             if this.done {
                 return Poll::Ready(None);
             }
+            if this.is_cut() {
+                if let Some(err) = this.fail(
+                    EndReason::Shutdown,
+                    "SHUTTING_DOWN",
+                    SHUTTING_DOWN.to_owned(),
+                ) {
+                    return Poll::Ready(Some(Err(err)));
+                }
+                continue;
+            }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     return match frame.into_data() {
@@ -441,6 +478,10 @@ impl http_body::Body for ResponseBody {
                     // check the real silence and re-arm if a frame came in since.
                     loop {
                         if this.idle.as_mut().poll(cx).is_pending() {
+                            if this.cut.as_ref().is_some_and(|c| c.register(cx.waker())) {
+                                // Cut meanwhile: end at the top of the outer loop.
+                                break;
+                            }
                             return Poll::Pending;
                         }
                         let deadline = this.last_frame + this.idle_timeout;
@@ -481,7 +522,12 @@ impl http_body::Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         if self.end.is_some() {
-            self.finish(EndReason::ClientGone, None);
+            let reason = if self.is_cut() {
+                EndReason::Shutdown
+            } else {
+                EndReason::ClientGone
+            };
+            self.finish(reason, None);
         }
     }
 }

@@ -2,26 +2,38 @@
 //!
 //! Streams hand their [`LinkRecord`]s to a bounded queue with a non-blocking `try_send`; one
 //! writer task drains it in batches into the store. A full queue drops the record and counts it
-//! (the stream is never slowed down by the store); a store failure is retried a few times with
-//! backoff, then logged and counted, and never reaches the stream.
+//! (the stream is never slowed down by the store).
+//!
+//! A store that is down does not lose links: the writer keeps draining the queue into a buffer
+//! held in memory, merged per message (an answer's open and final link become one entry), and
+//! retries with exponential backoff until the store answers again. The buffer is bounded
+//! (`agent.link_buffer` messages); past it, links of further messages are given up, counted
+//! (`feedback_proxy_links_given_up_total`) and logged once per outage. What is held is exported
+//! as `feedback_proxy_links_held`. A vote on an answer whose link was given up can still be
+//! resolved through the proxy's client request id (see `feedback::delivery`).
+//!
+//! Failures other than an unavailable store (a query the store refuses) are retried a few times,
+//! then the offending links are isolated by writing them one by one and only those are dropped
+//! (counted as `link_errors`), so one bad link cannot hold the buffer forever.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::store::{LinkRecord, SharedStore};
+use crate::store::{LinkRecord, SharedStore, StoreError};
 
 /// Most links written in one store call.
 const BATCH: usize = 512;
-/// Attempts for one batch before it is dropped.
+/// Consecutive refused (not "unavailable") writes before the links are written one by one.
 const ATTEMPTS: u32 = 4;
-/// After the first link of a batch arrives, wait this long for more: a store transaction per
-/// handful of links costs far more than a few milliseconds' delay in recording them (a vote
-/// arriving in that window is still delivered: linking wakes it).
-const LINGER: Duration = Duration::from_millis(0);
+/// Backoff between retries while the store fails: doubles from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The sending side, cloned into every stream.
 #[derive(Clone, Debug)]
@@ -31,12 +43,19 @@ pub struct LinkRecorder {
 }
 
 impl LinkRecorder {
-    /// Starts the writer task. It ends once every recorder is dropped and the queue is drained,
-    /// or when [`LinkWriter::shutdown`] is called.
-    pub fn spawn(store: SharedStore, capacity: usize, metrics: Arc<Metrics>) -> (Self, LinkWriter) {
+    /// Starts the writer task with a queue of `capacity` links and an outage buffer of at most
+    /// `buffer` messages. It ends once every recorder is dropped and the queue is drained, or
+    /// when [`LinkWriter::shutdown`] is called.
+    pub fn spawn(
+        store: SharedStore,
+        capacity: usize,
+        buffer: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Self, LinkWriter) {
         let (tx, rx) = mpsc::channel(capacity);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(writer(store, rx, metrics.clone(), stop.clone()));
+        let held = Held::new(buffer, metrics.clone());
+        let task = tokio::spawn(writer(store, rx, held, metrics.clone(), stop.clone()));
         (Self { tx, metrics }, LinkWriter { task, stop })
     }
 
@@ -62,72 +81,326 @@ pub struct LinkWriter {
 }
 
 impl LinkWriter {
-    /// Stops taking new links, writes what is queued (one attempt each), and waits at most
-    /// `budget` for that.
-    pub async fn shutdown(self, budget: Duration) {
+    /// Stops taking new links, writes what is queued or held (one attempt each), and waits
+    /// until `deadline` at most for that. Returns once the task has ended.
+    pub async fn shutdown(mut self, deadline: Instant) {
         self.stop.cancel();
-        let abort = self.task.abort_handle();
-        if tokio::time::timeout(budget, self.task).await.is_err() {
-            abort.abort();
-            tracing::warn!("link writer did not finish within {budget:?}; queued links were lost");
+        if tokio::time::timeout_at(deadline, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            let _ = (&mut self.task).await;
+            tracing::warn!(
+                "the link writer did not finish before the shutdown deadline; queued and held links were lost"
+            );
         }
     }
+}
+
+/// Links waiting for the store to come back, merged per message.
+struct Held {
+    links: HashMap<String, LinkRecord>,
+    cap: usize,
+    metrics: Arc<Metrics>,
+    /// The bound was hit in this outage (logged once per outage).
+    full_logged: bool,
+}
+
+impl Held {
+    fn new(cap: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            links: HashMap::new(),
+            cap,
+            metrics,
+            full_logged: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Adds `link`, merging it into a held link of the same message by the store's rules (see
+    /// [`LinkRecord`]); gives it up when the buffer is full.
+    fn push(&mut self, link: LinkRecord) {
+        if let Some(old) = self.links.get_mut(&link.message_id) {
+            if old.user_id == link.user_id {
+                merge(old, link);
+            } else {
+                // The store would ignore it too: a message belongs to the first user linked.
+                self.metrics.links_given_up.inc();
+                tracing::warn!(message_id = %link.message_id, "a held link of this message belongs to another user; the new link is not recorded");
+            }
+            return;
+        }
+        if self.links.len() >= self.cap {
+            self.give_up(&link);
+            return;
+        }
+        self.links.insert(link.message_id.clone(), link);
+        self.metrics.links_held.set(self.links.len() as i64);
+    }
+
+    fn give_up(&mut self, link: &LinkRecord) {
+        self.metrics.links_given_up.inc();
+        if !self.full_logged {
+            self.full_logged = true;
+            tracing::error!(
+                held = self.links.len(),
+                message_id = %link.message_id,
+                "the store is still unavailable and agent.link_buffer is full; links of further answers are given up until the store is back (their votes are resolved through the client request id where there is one)"
+            );
+        }
+    }
+
+    /// Takes up to `n` held links.
+    fn take(&mut self, n: usize) -> Vec<LinkRecord> {
+        let keys: Vec<String> = self.links.keys().take(n).cloned().collect();
+        keys.iter().filter_map(|k| self.links.remove(k)).collect()
+    }
+
+    /// Puts back links taken with [`Held::take`] whose write failed.
+    fn put_back(&mut self, links: Vec<LinkRecord>) {
+        for l in links {
+            self.links.insert(l.message_id.clone(), l);
+        }
+    }
+
+    fn written(&mut self) {
+        self.metrics.links_held.set(self.links.len() as i64);
+        if self.links.is_empty() {
+            self.full_logged = false;
+        }
+    }
+}
+
+/// Merges a later write for the same message and user into an earlier one, as the store does.
+fn merge(old: &mut LinkRecord, new: LinkRecord) {
+    if new.chat_id.is_some() {
+        old.chat_id = new.chat_id;
+    }
+    if new.trace_id.is_some() {
+        old.trace_id = new.trace_id;
+    }
+    if new.client_request_id.is_some() {
+        old.client_request_id = new.client_request_id;
+    }
+    old.open = new.open;
+}
+
+/// How a flush of the held links ended.
+enum Flush {
+    /// Everything held was written (or isolated and dropped).
+    Done,
+    /// The store failed; what was not written is still held.
+    Failed(StoreError),
 }
 
 async fn writer(
     store: SharedStore,
     mut rx: mpsc::Receiver<LinkRecord>,
+    mut held: Held,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut stopping = false;
+    // While the store fails: when to try again, the backoff, and refused writes in a row.
+    let mut retry_at: Option<Instant> = None;
+    let mut delay = RETRY_FIRST;
+    let mut refused = 0u32;
+    let mut outage_since: Option<Instant> = None;
     loop {
-        let n = if stopping {
-            rx.recv_many(&mut batch, BATCH).await
-        } else {
-            tokio::select! {
-                n = rx.recv_many(&mut batch, BATCH) => n,
-                () = stop.cancelled() => {
-                    // Refuse new links; what is already queued is still delivered below.
-                    rx.close();
-                    stopping = true;
-                    continue;
+        let far = Instant::now() + Duration::from_secs(86_400);
+        let wake = tokio::select! {
+            biased;
+            () = stop.cancelled(), if !stopping => {
+                // Refuse new links; what is already queued or held is still written below.
+                rx.close();
+                stopping = true;
+                continue;
+            }
+            // Before new links: under a steady flow of links a due retry must not starve.
+            () = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => Wake::Retry,
+            n = rx.recv_many(&mut batch, BATCH) => if n == 0 { Wake::Closed } else { Wake::Links },
+        };
+        if let Wake::Closed = wake {
+            // The queue is closed and drained: one last attempt for what is held.
+            if !held.is_empty() {
+                if let Flush::Failed(e) = flush(&store, &mut held, &metrics, &mut refused).await {
+                    let lost = held.len();
+                    metrics.link_errors.inc_by(lost as u64);
+                    metrics.links_held.set(0);
+                    tracing::error!(error = %e, links = lost, "the store is unavailable at shutdown; held message links were not recorded");
                 }
             }
-        };
-        if n == 0 {
             break;
         }
-        if n < BATCH && !stopping {
-            tokio::time::sleep(LINGER).await;
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(l) => batch.push(l),
-                    Err(_) => break,
+        if let Wake::Links = wake {
+            if held.is_empty() {
+                // The usual case: the store is up, write the batch at once.
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(l) => batch.push(l),
+                        Err(_) => break,
+                    }
+                }
+                match store.record_links(&batch).await {
+                    Ok(()) => {
+                        metrics.links_recorded.inc_by(batch.len() as u64);
+                        batch.clear();
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, links = batch.len(), "recording links failed; holding them until the store answers");
+                        outage_since = Some(Instant::now());
+                        if !matches!(e, StoreError::Unavailable(_)) {
+                            refused += 1;
+                        }
+                        delay = RETRY_FIRST;
+                        retry_at = Some(Instant::now() + delay);
+                    }
                 }
             }
+            // Held links are older: these join them (merged per message) rather than overtake.
+            for l in batch.drain(..) {
+                held.push(l);
+            }
+            continue;
         }
-        let attempts = if stopping { 1 } else { ATTEMPTS };
-        let mut delay = Duration::from_millis(100);
-        for attempt in 1..=attempts {
-            match store.record_links(&batch).await {
-                Ok(()) => {
-                    metrics.links_recorded.inc_by(batch.len() as u64);
-                    break;
+        // Time to retry what is held.
+        match flush(&store, &mut held, &metrics, &mut refused).await {
+            Flush::Done => {
+                if let Some(since) = outage_since.take() {
+                    tracing::info!(
+                        after_ms = since.elapsed().as_millis() as u64,
+                        "the store answers again; held message links were written"
+                    );
                 }
-                Err(e) if attempt < attempts => {
-                    tracing::warn!(error = %e, links = batch.len(), attempt, "recording links failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 4;
-                }
-                Err(e) => {
-                    metrics.link_errors.inc_by(batch.len() as u64);
-                    let first = batch.first().map(|l| l.message_id.as_str()).unwrap_or("");
-                    tracing::error!(error = %e, links = batch.len(), first_message_id = first, "recording links failed; dropping them");
-                }
+                retry_at = None;
+            }
+            Flush::Failed(e) => {
+                delay = (delay * 2).min(RETRY_MAX);
+                tracing::debug!(error = %e, held = held.len(), retry_in = ?delay, "the store still fails; links stay held");
+                retry_at = Some(Instant::now() + delay);
             }
         }
-        batch.clear();
+    }
+}
+
+/// What woke the writer.
+enum Wake {
+    /// Links arrived (in `batch`).
+    Links,
+    /// The queue is closed and empty.
+    Closed,
+    /// The retry of held links is due.
+    Retry,
+}
+
+/// Writes the held links in batches. A refused batch (not an outage) is retried on later
+/// flushes; after [`ATTEMPTS`] refusals in a row its links are written one by one and those the
+/// store still refuses are dropped and counted.
+async fn flush(
+    store: &SharedStore,
+    held: &mut Held,
+    metrics: &Metrics,
+    refused: &mut u32,
+) -> Flush {
+    while !held.is_empty() {
+        let chunk = held.take(BATCH);
+        match store.record_links(&chunk).await {
+            Ok(()) => {
+                *refused = 0;
+                metrics.links_recorded.inc_by(chunk.len() as u64);
+                held.written();
+            }
+            Err(e @ StoreError::Unavailable(_)) => {
+                *refused = 0;
+                held.put_back(chunk);
+                return Flush::Failed(e);
+            }
+            Err(e) if *refused + 1 < ATTEMPTS => {
+                *refused += 1;
+                held.put_back(chunk);
+                return Flush::Failed(e);
+            }
+            Err(_) => {
+                *refused = 0;
+                let mut rest = chunk.into_iter();
+                while let Some(link) = rest.next() {
+                    match store.record_links(std::slice::from_ref(&link)).await {
+                        Ok(()) => {
+                            metrics.links_recorded.inc();
+                        }
+                        Err(e @ StoreError::Unavailable(_)) => {
+                            held.put_back(std::iter::once(link).chain(rest).collect());
+                            return Flush::Failed(e);
+                        }
+                        Err(e) => {
+                            metrics.link_errors.inc();
+                            tracing::error!(error = %e, message_id = %link.message_id, "the store refuses this message link; dropping it");
+                        }
+                    }
+                }
+                held.written();
+            }
+        }
+    }
+    Flush::Done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(id: &str, user: &str) -> LinkRecord {
+        LinkRecord {
+            message_id: id.into(),
+            chat_id: None,
+            user_id: user.into(),
+            trace_id: None,
+            client_request_id: None,
+            open: true,
+        }
+    }
+
+    #[test]
+    fn held_links_merge_per_message_and_stop_at_the_cap() {
+        let metrics = Arc::new(Metrics::new());
+        let mut held = Held::new(2, metrics.clone());
+        held.push(LinkRecord {
+            chat_id: Some("c".into()),
+            client_request_id: Some("req-1".into()),
+            ..link("m1", "u")
+        });
+        held.push(LinkRecord {
+            trace_id: Some("tr-1".into()),
+            open: false,
+            ..link("m1", "u")
+        });
+        held.push(link("m2", "u"));
+        // Full: a third message is given up, another user's write to m1 too.
+        held.push(link("m3", "u"));
+        held.push(link("m1", "mallory"));
+        assert_eq!(held.len(), 2);
+        assert_eq!(metrics.links_given_up.get(), 2);
+        assert_eq!(metrics.links_held.get(), 2);
+        let m1 = &held.links["m1"];
+        assert_eq!(m1.chat_id.as_deref(), Some("c"));
+        assert_eq!(m1.trace_id.as_deref(), Some("tr-1"));
+        assert_eq!(m1.client_request_id.as_deref(), Some("req-1"));
+        assert_eq!(m1.user_id, "u");
+        assert!(!m1.open);
+        let taken = held.take(10);
+        assert_eq!(taken.len(), 2);
+        held.written();
+        assert_eq!(metrics.links_held.get(), 0);
+        assert!(!held.full_logged);
     }
 }

@@ -34,9 +34,23 @@ pub fn mint_message_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// A new client request id, the `req-…` shape of seed 001.
-pub fn mint_client_request_id() -> String {
-    format!("req-{}", uuid::Uuid::new_v4().simple())
+/// Namespace of the client request ids (a fixed, random UUID).
+const CLIENT_REQUEST_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x8e2d_41b7_c39a_4c0e_9f15_6a7b_0d2e_c4a9);
+
+/// The client request id of `user`'s answer `message_id`, in the `req-…` shape of seed 001.
+///
+/// Derived (UUID v5) from the message id AND the user rather than random, so that the proxy can
+/// find the answer's trace again when its link was lost (a store outage): a vote by `user` on
+/// `message_id` searches for exactly this id, and one user's vote can never compute the id of
+/// another user's answer. A client cannot set it either: the proxy replaces any client-sent
+/// `x-client-request-id` and `custom_inputs.client_request_id` on routes that send it.
+pub fn client_request_id_for(message_id: &str, user: &str) -> String {
+    let name = format!("{message_id}\u{0}{user}");
+    format!(
+        "req-{}",
+        uuid::Uuid::new_v5(&CLIENT_REQUEST_ID_NAMESPACE, name.as_bytes()).simple()
+    )
 }
 
 #[derive(Deserialize, Default)]
@@ -198,6 +212,16 @@ mod tests {
         assert!(!valid_id(""));
         assert!(!valid_id("a b"));
         assert!(!valid_id(&"x".repeat(129)));
-        assert!(mint_client_request_id().starts_with("req-"));
+        let crid = client_request_id_for("m-1", "alice@example.com");
+        assert!(crid.starts_with("req-") && crid.len() == 36, "{crid}");
+        assert!(valid_id(&crid));
+        assert_eq!(crid, client_request_id_for("m-1", "alice@example.com"));
+        assert_ne!(crid, client_request_id_for("m-1", "bob@example.com"));
+        assert_ne!(crid, client_request_id_for("m-2", "alice@example.com"));
+        // The separator keeps (message, user) pairs apart.
+        assert_ne!(
+            client_request_id_for("m-1a", "b"),
+            client_request_id_for("m-1", "ab")
+        );
     }
 }

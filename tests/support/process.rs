@@ -51,6 +51,11 @@ impl ProxyProcess {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// The SQLite file of the proxy's store.
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("fp.db")
+    }
+
     /// Everything the process printed so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
