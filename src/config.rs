@@ -288,6 +288,11 @@ pub struct AgentConfig {
     pub http2: bool,
     /// Capacity of the queue of message links waiting to be written to the store.
     pub link_queue: usize,
+    /// How long a chat with a client-chosen message id waits for the store to confirm the id
+    /// is free or the caller's before the agent is called; past it (or on a store error) the
+    /// client's id is kept and ownership is settled when the link is written.
+    #[serde(serialize_with = "ser_duration")]
+    pub claim_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1114,6 +1119,11 @@ impl Validator {
         if link_queue == 0 {
             self.problem("agent.link_queue", "must be greater than zero");
         }
+        let claim_timeout =
+            self.duration("agent.claim_timeout", raw.claim_timeout.as_deref(), "250ms");
+        if claim_timeout < Duration::from_millis(1) {
+            self.problem("agent.claim_timeout", "must be at least 1ms");
+        }
         AgentConfig {
             url,
             routes,
@@ -1141,6 +1151,7 @@ impl Validator {
             // Off by default: see `client::ClientOptions::http2` and config/example.toml.
             http2: raw.http2.unwrap_or(false),
             link_queue,
+            claim_timeout,
         }
     }
 

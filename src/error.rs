@@ -54,6 +54,9 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A vote names a message the proxy has no link for (never streamed, or not recorded yet).
+    #[error("{0}")]
+    UnknownMessage(String),
 }
 
 impl Error {
@@ -87,6 +90,7 @@ impl Error {
             }
             Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::UnknownMessage(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -104,6 +108,7 @@ impl Error {
             Self::Auth { .. } => "UPSTREAM_AUTH_FAILED",
             Self::Store(_) => "STORE_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
+            Self::UnknownMessage(_) => "UNKNOWN_MESSAGE",
         }
     }
 
