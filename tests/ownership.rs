@@ -326,6 +326,28 @@ async fn allow_connections(db: &TestDb, allow: bool) {
         ));
     }
     admin.batch_execute(&sql).await.unwrap();
+    if !allow {
+        // Terminating is asynchronous: the outage starts once the proxy's sessions are gone.
+        let name = db.name.clone();
+        support::pg::wait_until(
+            "the proxy's sessions to end",
+            Duration::from_secs(10),
+            || {
+                let (admin, name) = (&admin, name.clone());
+                async move {
+                    let row = admin
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                            &[&name],
+                        )
+                        .await
+                        .unwrap();
+                    row.get::<_, i64>(0) == 0
+                }
+            },
+        )
+        .await;
+    }
 }
 
 /// The store is down while a chat with a client-chosen id starts: the id is kept (the response
