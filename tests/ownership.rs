@@ -327,7 +327,9 @@ async fn allow_connections(db: &TestDb, allow: bool) {
     }
     admin.batch_execute(&sql).await.unwrap();
     if !allow {
-        // Terminating is asynchronous: the outage starts once the proxy's sessions are gone.
+        // Terminating is asynchronous, and a session that was already past its connection
+        // check when the database closed shows up only afterwards: terminate until none is
+        // left; the outage starts then.
         let name = db.name.clone();
         support::pg::wait_until(
             "the proxy's sessions to end",
@@ -337,7 +339,8 @@ async fn allow_connections(db: &TestDb, allow: bool) {
                 async move {
                     let row = admin
                         .query_one(
-                            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                            WHERE datname = $1 AND pid <> pg_backend_pid()",
                             &[&name],
                         )
                         .await
