@@ -297,6 +297,11 @@ pub struct AgentConfig {
     /// Most messages whose links are held in memory while the store is unavailable (past it,
     /// links of further answers are given up and counted).
     pub link_buffer: usize,
+    /// How long a chat with a client-chosen message id waits for the store to confirm the id
+    /// is free or the caller's before the agent is called; past it (or on a store error) the
+    /// client's id is kept and ownership is settled when the link is written.
+    #[serde(serialize_with = "ser_duration")]
+    pub claim_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1161,6 +1166,11 @@ impl Validator {
         if link_buffer == 0 {
             self.problem("agent.link_buffer", "must be greater than zero");
         }
+        let claim_timeout =
+            self.duration("agent.claim_timeout", raw.claim_timeout.as_deref(), "250ms");
+        if claim_timeout < Duration::from_millis(1) {
+            self.problem("agent.claim_timeout", "must be at least 1ms");
+        }
         AgentConfig {
             url,
             routes,
@@ -1190,6 +1200,7 @@ impl Validator {
             link_queue,
             max_concurrent_per_user: raw.max_concurrent_per_user.unwrap_or(32),
             link_buffer,
+            claim_timeout,
         }
     }
 

@@ -70,6 +70,9 @@ pub enum Error {
         "too many agent requests open at once for this user (limit {limit}); retry when one has finished"
     )]
     TooManyConcurrent { limit: usize },
+    /// A vote names a message the proxy has no link for (never streamed, or not recorded yet).
+    #[error("{0}")]
+    UnknownMessage(String),
 }
 
 impl Error {
@@ -106,6 +109,7 @@ impl Error {
             Self::RouteMethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyConcurrent { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::UnknownMessage(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -126,6 +130,7 @@ impl Error {
             Self::RouteMethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             Self::RequestBodyTimeout { .. } => "REQUEST_TIMEOUT",
             Self::TooManyConcurrent { .. } => "TOO_MANY_CONCURRENT_REQUESTS",
+            Self::UnknownMessage(_) => "UNKNOWN_MESSAGE",
         }
     }
 

@@ -9,7 +9,9 @@
 //! Abuse: POST and DELETE need `content-type: application/json` (a cross-site form cannot send
 //! it without a CORS preflight, so a user's platform session cannot be used to vote from another
 //! site); there are no CORS headers unless `feedback.cors_origins` lists the origin; each user
-//! has a token-bucket rate limit; a vote on a message streamed to another user is refused.
+//! has a token-bucket rate limit; a vote on a message streamed to another user is refused (403),
+//! and one on a message that has no link at all is refused too (404 `UNKNOWN_MESSAGE`), so that
+//! no vote can sit on an id before its owner streams it.
 
 pub mod delivery;
 pub mod input;
@@ -140,42 +142,58 @@ impl Feedback {
         let body = read_body(req, self.config.max_body_bytes).await?;
         let vote = input::parse_vote(&body, &self.config)?;
 
-        let link = self.store.get_link(&vote.message_id).await?;
-        if let Some(link) = &link {
-            if link.user_id != user {
-                return Err(Error::Forbidden(format!(
-                    "message {} belongs to another user",
-                    vote.message_id
-                )));
+        // Ownership: a vote is stored only on a message whose link names the voter. Links never
+        // change owner once written (the store's invariant), so this check cannot be raced by
+        // another request on this replica or any other. A message with no link is unknown: a
+        // vote on it would squat an id somebody else may stream later, so nothing is stored.
+        //
+        // One exception keeps a vote from being stranded when its link was lost (given up during
+        // a long store outage): the proxy sent the answer with a client request id derived from
+        // the message id and this voter, so MLflow can be asked for it. Only a trace made for
+        // this voter is taken, and the link it yields is owned by the voter.
+        let mut link = self.store.get_link(&vote.message_id).await?;
+        if link.is_none() {
+            let key = VoteKey {
+                message_id: vote.message_id.clone(),
+                user_id: user.clone(),
+                name: vote.name.clone(),
+            };
+            if self.deliverer.recover_link(&key, &vote.chat_id).await {
+                link = self.store.get_link(&vote.message_id).await?;
             }
-            if let Some(chat) = &link.chat_id {
-                if *chat != vote.chat_id {
-                    return Err(Error::bad_request(
-                        "CHAT_MISMATCH",
-                        format!("chatId: message {} belongs to chat {chat}", vote.message_id),
-                    ));
-                }
+        }
+        let Some(link) = link else {
+            return Err(Error::UnknownMessage(format!(
+                "message {} is not known: vote with the x-message-id of an answer you received \
+                 (if it has just ended, its link may not be recorded yet: retry shortly)",
+                vote.message_id
+            )));
+        };
+        if link.user_id != user {
+            return Err(Error::Forbidden(format!(
+                "message {} belongs to another user",
+                vote.message_id
+            )));
+        }
+        if let Some(chat) = &link.chat_id {
+            if *chat != vote.chat_id {
+                return Err(Error::bad_request(
+                    "CHAT_MISMATCH",
+                    format!("chatId: message {} belongs to chat {chat}", vote.message_id),
+                ));
             }
         }
         let enqueue = if !self.deliverer.enabled() {
             Enqueue::Waiting {
                 reason: NO_EXPERIMENT_ID.into(),
             }
+        } else if link.trace_id.is_some() || link.client_request_id.is_some() || link.open {
+            Enqueue::Inline {
+                hold: self.deliverer.inline_hold(),
+            }
         } else {
-            match &link {
-                // No link at all (lost, e.g. given up during a store outage): the attempt looks
-                // for the voter's answer by the client request id the proxy gave it.
-                None => Enqueue::Inline {
-                    hold: self.deliverer.inline_hold(),
-                },
-                Some(l) if l.trace_id.is_some() || l.client_request_id.is_some() || l.open => {
-                    Enqueue::Inline {
-                        hold: self.deliverer.inline_hold(),
-                    }
-                }
-                _ => Enqueue::Waiting {
-                    reason: NO_TRACE_ID.into(),
-                },
+            Enqueue::Waiting {
+                reason: NO_TRACE_ID.into(),
             }
         };
         let key = VoteKey {
@@ -206,7 +224,7 @@ impl Feedback {
             .trace_id()
             .map(str::to_owned)
             .or(delivery.trace_id)
-            .or_else(|| link.and_then(|l| l.trace_id));
+            .or(link.trace_id);
         let mut out = Map::new();
         out.insert("success".into(), Value::Bool(true));
         if let FeedbackValue::Bool(b) = vote.value {

@@ -226,7 +226,7 @@ impl Proxy {
         let chat_id = header_ids.chat_id.or(body_ids.chat_id);
         let (message_id, claimed) = self
             .message_id(
-                header_ids.message_id.or(body_ids.message_id),
+                header_ids.message_id.or(body_ids.message_id.clone()),
                 &chat_id,
                 &fwd.user,
             )
@@ -234,10 +234,17 @@ impl Proxy {
         let client_request_id = route
             .client_request_id
             .then(|| request::client_request_id_for(&message_id, &fwd.user));
+        // A `messageId` the body carries must name the settled id too (the agent must never
+        // see an id that was refused for this user).
+        let body_message_id = body_ids
+            .message_id
+            .as_deref()
+            .filter(|b| *b != message_id)
+            .map(|_| message_id.as_str());
 
         let body = match (buffered, incoming) {
             (Some(bytes), _) => {
-                let rewritten = if rewrite {
+                let rewritten = if rewrite || body_message_id.is_some() {
                     request::rewrite(
                         &bytes,
                         Rewrite {
@@ -245,6 +252,7 @@ impl Proxy {
                             chat_id: chat_id.as_deref(),
                             user: &fwd.user,
                             client_request_id: client_request_id.as_deref(),
+                            message_id: body_message_id,
                         },
                     )
                 } else {
@@ -281,6 +289,10 @@ impl Proxy {
                     "the user id contains characters that cannot be sent in a header",
                 ));
             }
+        }
+        // The agent learns the id the proxy settled on, never a client's refused one.
+        if let Ok(v) = HeaderValue::from_str(&message_id) {
+            headers.insert(X_MESSAGE_ID, v);
         }
         headers.insert(X_MLFLOW_RETURN_TRACE_ID, HeaderValue::from_static("true"));
         headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
@@ -400,8 +412,17 @@ impl Proxy {
         Ok(Response::from_parts(rparts, Body::Proxied(Box::new(body))))
     }
 
-    /// The message id for this exchange: the client's if it is free or already theirs,
-    /// otherwise a fresh one. Returns whether the link was already written (claimed).
+    /// The message id for this exchange and whether its open link is already written.
+    ///
+    /// A client-chosen id is confirmed with the store BEFORE the agent is called, because the
+    /// agent must receive the id the proxy settles on: the client's if it is free or already
+    /// theirs, otherwise (it belongs to another user) a fresh one. If the store fails or has
+    /// not answered within `agent.claim_timeout`, the client's id is kept (the UI must be able
+    /// to vote with the id it chose) and ownership is settled when the link is written: links
+    /// never change owner, the first user linked to an id owns it, and only a vote by the
+    /// link's owner is accepted, so a kept id can at worst turn out not to be votable by this
+    /// user; it can never let anyone else vote on this answer. A minted id needs no store
+    /// round trip here: nobody else can hold it.
     async fn message_id(
         &self,
         candidate: Option<String>,
@@ -419,17 +440,21 @@ impl Proxy {
             client_request_id: None,
             open: true,
         };
-        match self.store.claim_message(&link).await {
-            Ok(Claim::Created | Claim::Owned) => (id, true),
-            Ok(Claim::OtherUser) => {
+        let timeout = self.config.claim_timeout;
+        match tokio::time::timeout(timeout, self.store.claim_message(&link)).await {
+            Ok(Ok(Claim::Created | Claim::Owned)) => (id, true),
+            Ok(Ok(Claim::OtherUser)) => {
                 let fresh = request::mint_message_id();
                 tracing::warn!(client_message_id = %id, message_id = %fresh, "client message id belongs to another user; minted a fresh one");
                 (fresh, false)
             }
-            Err(e) => {
-                let fresh = request::mint_message_id();
-                tracing::warn!(error = %e, client_message_id = %id, message_id = %fresh, "cannot check the client message id; minted a fresh one");
-                (fresh, false)
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, message_id = %id, "cannot confirm the client message id; keeping it (ownership is settled when the link is written)");
+                (id, false)
+            }
+            Err(_) => {
+                tracing::warn!(message_id = %id, timeout = ?timeout, "the store did not confirm the client message id in time (agent.claim_timeout); keeping it (ownership is settled when the link is written)");
+                (id, false)
             }
         }
     }

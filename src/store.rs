@@ -18,6 +18,15 @@
 //! the MLflow assessment (its id, or that it is gone) is recorded regardless, so the next attempt
 //! PATCHes or re-creates instead of duplicating.
 //!
+//! ## Ownership
+//!
+//! A message link's `user_id` never changes once written: [`Store::claim_message`] and
+//! [`Store::record_links`] never overwrite another user's link (the first writer of a new
+//! message owns it, however many replicas race), and links are never deleted. The feedback API
+//! stores a vote only on a message whose link names the voter, so its read-then-write check
+//! cannot be raced; links wake only their owner's waiting deliveries (a vote stored by another
+//! user before this rule, or by any path that skipped the check, is never woken by them).
+//!
 //! States: `pending` (due at `next_attempt_at`), `waiting` (parked until something changes:
 //! the message has no trace id yet, or MLflow is not configured; recording a link with a trace
 //! id or client request id wakes the message's waiting deliveries), `done`, `dead` (gave up;
@@ -213,8 +222,9 @@ pub enum Enqueue {
 }
 
 /// Deliveries parked (`waiting`) with a reason starting with this wait for their message's
-/// trace: recording a link that carries a trace id or client request id wakes them, and
-/// [`Store::upsert_vote`] enqueues them as `pending` at once if the link already has one. A
+/// trace: recording a link that carries a trace id or client request id wakes them (the link
+/// owner's only), and [`Store::upsert_vote`] enqueues them as `pending` at once if the voter's
+/// link already has one. A
 /// delivery held for any other reason (e.g. `no_experiment_id`: MLflow is not configured)
 /// stays `waiting` until it is released with [`Store::requeue_held`] (the delivery worker does
 /// so for `no_experiment_id` when it starts with MLflow configured) or an operator requeues it
@@ -408,7 +418,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies link writes in order, in as few transactions as the backend likes (see
     /// [`LinkRecord`] for the merge rules). For every link that ends up with a trace id or a
-    /// client request id, the message's `waiting` deliveries become `pending`, due now, with
+    /// client request id, the `waiting` deliveries of the message's OWNER (the link's user;
+    /// other users' deliveries on it are left alone) become `pending`, due now, with
     /// `attempts = 0`, `enqueued_at = now` and `last_error = NULL` (like [`Store::requeue`]:
     /// time spent parked does not count against the retry horizon).
     async fn record_links(&self, links: &[LinkRecord]) -> Result<(), StoreError>;
@@ -426,9 +437,10 @@ pub trait Store: Send + Sync + 'static {
     /// as stored.
     ///
     /// `Enqueue::Waiting` is a decision the caller made from a link it read BEFORE this call;
-    /// if by the time the vote commits the message's link has a trace id or a client request
-    /// id (a concurrent [`Store::record_links`] already ran its wake-up), the delivery is
-    /// stored `pending` instead, so that it can never stay parked past its wake-up. Backends
+    /// if by the time the vote commits the message's link is the voter's and has a trace id or
+    /// a client request id (a concurrent [`Store::record_links`] already ran its wake-up), the
+    /// delivery is stored `pending` instead, so that it can never stay parked past its wake-up.
+    /// Backends
     /// serialize this check with `record_links` per message.
     async fn upsert_vote(&self, vote: &NewVote, enqueue: &Enqueue) -> Result<Delivery, StoreError>;
 

@@ -341,15 +341,23 @@ async fn without_mlflow_the_vote_is_kept_and_delivered_once_mlflow_is_configured
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_message_answers_no_trace_id_and_lands_once_it_is_linked() {
+async fn an_unknown_message_is_404_and_an_untraced_one_is_parked_until_its_trace_arrives() {
     let proxy = TestProxy::start(&config(as_ref(&shared_mlflow()), None, FAST_DELIVERY)).await;
     let message_id = uuid::Uuid::now_v7().to_string();
-    let (status, v) = vote(
-        &proxy,
-        ALICE,
-        json!({"chatId": "c-u", "messageId": message_id, "isUpvoted": true}),
-    )
-    .await;
+    let body = json!({"chatId": "c-u", "messageId": message_id, "isUpvoted": true});
+    // Nobody streamed it: refused, nothing stored (ownership, tests/ownership.rs).
+    let (status, v) = vote(&proxy, ALICE, body.clone()).await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(v["code"], "UNKNOWN_MESSAGE");
+    assert!(
+        votes_of(&proxy, ALICE, "c-u").await["votes"]
+            .get(&message_id)
+            .is_none()
+    );
+
+    // Alice's answer ended without a trace id: her vote is stored and parked.
+    link(&proxy, &message_id, ALICE, "c-u", None, None).await;
+    let (status, v) = vote(&proxy, ALICE, body).await;
     assert_eq!(status, 200);
     assert_eq!(v["mlflowStatus"], "no_trace_id");
     assert_eq!(
@@ -357,7 +365,8 @@ async fn an_unknown_message_answers_no_trace_id_and_lands_once_it_is_linked() {
         true
     );
 
-    // The link shows up later (e.g. written by another replica): the parked vote is delivered.
+    // The trace id shows up later (e.g. written by another replica): the parked vote is
+    // delivered.
     let trace_id = ask_agent(&agent_url(), "late link", None, Some(ALICE))
         .await
         .trace_id
@@ -920,6 +929,7 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_is_off_unless_configured() {
     let proxy = TestProxy::start(&config(None, None, "")).await;
+    link(&proxy, "m", ALICE, "c", None, None).await;
     let res = send(
         &h1(),
         Request::post(proxy.url("/api/feedback"))

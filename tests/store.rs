@@ -109,6 +109,8 @@ on_both_backends!(
     concurrent_claimers_never_share_a_delivery,
     concurrent_stale_finish_never_marks_newer_vote_done,
     waiting_votes_racing_links_are_never_stranded,
+    racing_owners_leave_one_owner_for_good,
+    links_wake_only_their_owners_deliveries,
 );
 
 mod suite {
@@ -426,7 +428,10 @@ mod suite {
     }
 
     pub async fn waiting_delivery_is_woken_by_a_trace_id(store: SharedStore) {
-        store.record_links(&[link("m1", "alice")]).await.unwrap();
+        store
+            .record_links(&[link("m1", "alice@example.com")])
+            .await
+            .unwrap();
         let d = store
             .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &waiting())
             .await
@@ -436,7 +441,7 @@ mod suite {
         assert!(store.claim_due(10, LEASE).await.unwrap().is_empty());
         assert_eq!(store.claim(&key("m1"), 1, LEASE).await.unwrap(), None);
 
-        let mut traced = link("m1", "alice");
+        let mut traced = link("m1", "alice@example.com");
         traced.trace_id = Some("tr-1".into());
         traced.open = false;
         store.record_links(&[traced]).await.unwrap();
@@ -463,7 +468,7 @@ mod suite {
             delivery_of(&store, &key("m1")).await.state,
             DeliveryState::Waiting
         );
-        let mut l = link("m1", "alice");
+        let mut l = link("m1", "alice@example.com");
         l.client_request_id = Some("req-1".into());
         store.record_links(&[l]).await.unwrap();
         assert_eq!(
@@ -521,8 +526,11 @@ mod suite {
     /// before a trace id arrived, and `record_links` (with its wake-up) committed before the
     /// vote did. The vote must not be parked past its wake-up.
     pub async fn waiting_vote_after_the_wake_is_pending(store: SharedStore) {
-        store.record_links(&[link("m1", "alice")]).await.unwrap();
-        let mut traced = link("m1", "alice");
+        store
+            .record_links(&[link("m1", "alice@example.com")])
+            .await
+            .unwrap();
+        let mut traced = link("m1", "alice@example.com");
         traced.trace_id = Some("tr-1".into());
         store.record_links(&[traced]).await.unwrap();
         let d = store
@@ -1551,5 +1559,109 @@ mod suite {
             .collect();
         assert!(stranded.is_empty(), "parked forever: {stranded:?}");
         assert_eq!(store.delivery_stats().await.unwrap().pending, N as u64);
+    }
+    /// Ownership (store.rs, "Ownership"): however many users (replicas) race to claim or link
+    /// one new message, exactly one owns it, and no later claim or link by anyone else changes
+    /// the owner or anything the owner recorded.
+    pub async fn racing_owners_leave_one_owner_for_good(store: SharedStore) {
+        const USERS: usize = 8;
+        for round in 0..5 {
+            let m = format!("contested-{round}");
+            let barrier = Arc::new(tokio::sync::Barrier::new(USERS));
+            let mut tasks = Vec::new();
+            for u in 0..USERS {
+                let (s, b, m) = (store.clone(), barrier.clone(), m.clone());
+                tasks.push(tokio::spawn(async move {
+                    let user = format!("user-{u}@example.com");
+                    b.wait().await;
+                    // Half claim (a client-chosen id), half link (a stream's record).
+                    if u % 2 == 0 {
+                        let c = s.claim_message(&link(&m, &user)).await.unwrap();
+                        (user, Some(c))
+                    } else {
+                        let mut l = link(&m, &user);
+                        l.trace_id = Some(format!("tr-{u}"));
+                        s.record_links(&[l]).await.unwrap();
+                        (user, None)
+                    }
+                }));
+            }
+            let mut results = Vec::new();
+            for t in tasks {
+                results.push(t.await.unwrap());
+            }
+            let owner = store.get_link(&m).await.unwrap().unwrap();
+            for (user, claim) in &results {
+                if let Some(c) = claim {
+                    let expected = if *user == owner.user_id {
+                        Claim::Created
+                    } else {
+                        Claim::OtherUser
+                    };
+                    assert_eq!(*c, expected, "{user} on {m} (owner {})", owner.user_id);
+                }
+            }
+            let created = results
+                .iter()
+                .filter(|(_, c)| *c == Some(Claim::Created))
+                .count();
+            assert!(created <= 1, "{created} claims of {m} were told Created");
+            // Whoever won, the others can no longer change the link.
+            for (user, _) in &results {
+                if *user != owner.user_id {
+                    assert_eq!(
+                        store.claim_message(&link(&m, user)).await.unwrap(),
+                        Claim::OtherUser
+                    );
+                    let mut l = link(&m, user);
+                    l.trace_id = Some("tr-stolen".into());
+                    l.open = false;
+                    store.record_links(&[l]).await.unwrap();
+                }
+            }
+            let after = store.get_link(&m).await.unwrap().unwrap();
+            assert_eq!(after.user_id, owner.user_id);
+            assert_eq!(after.trace_id, owner.trace_id);
+            assert_eq!(after.open, owner.open);
+        }
+    }
+
+    /// A link wakes (and a waiting vote is promoted by) only its owner's deliveries: a vote
+    /// another user got stored on the message (before ownership was enforced by the feedback
+    /// API, or by any path that skipped it) never follows the owner's trace.
+    pub async fn links_wake_only_their_owners_deliveries(store: SharedStore) {
+        let bob = VoteKey {
+            user_id: "bob@example.com".to_owned(),
+            ..key("m1")
+        };
+        let bobs = NewVote {
+            key: bob.clone(),
+            ..vote("m1", FeedbackValue::Bool(false))
+        };
+        store.upsert_vote(&bobs, &waiting()).await.unwrap();
+        store
+            .upsert_vote(&vote("m1", FeedbackValue::Bool(true)), &waiting())
+            .await
+            .unwrap();
+        let mut traced = link("m1", "alice@example.com");
+        traced.trace_id = Some("tr-1".into());
+        traced.open = false;
+        store.record_links(&[traced]).await.unwrap();
+        assert_eq!(
+            delivery_of(&store, &key("m1")).await.state,
+            DeliveryState::Pending
+        );
+        let d = delivery_of(&store, &bob).await;
+        assert_eq!(d.state, DeliveryState::Waiting);
+        assert_eq!(d.last_error.as_deref(), Some("no_trace_id"));
+
+        // Bob votes again after the owner's trace arrived: still not promoted.
+        let d = store.upsert_vote(&bobs, &waiting()).await.unwrap();
+        assert_eq!(d.state, DeliveryState::Waiting);
+        let claimed = store.claim_due(10, LEASE).await.unwrap();
+        assert_eq!(
+            claimed.iter().map(|d| d.key.clone()).collect::<Vec<_>>(),
+            vec![key("m1")]
+        );
     }
 }

@@ -80,6 +80,7 @@ pub struct RawAgent {
     pub link_queue: Option<usize>,
     pub max_concurrent_per_user: Option<usize>,
     pub link_buffer: Option<usize>,
+    pub claim_timeout: Option<String>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
 }

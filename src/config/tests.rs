@@ -12,6 +12,7 @@ fn minimal_config_has_sane_defaults() {
     assert_eq!(c.listen, "127.0.0.1:8000".parse().unwrap());
     assert_eq!(c.shutdown_grace, Duration::from_secs(10));
     assert_eq!(c.agent.response_header_timeout, Duration::from_secs(120));
+    assert_eq!(c.agent.claim_timeout, Duration::from_millis(250));
     let paths: Vec<_> = c.agent.routes.iter().map(|r| r.path.as_str()).collect();
     assert_eq!(paths, ["/invocations", "/responses"]);
     assert!(!c.identity.trust_forwarded_headers);
@@ -60,6 +61,7 @@ fn bad_values_are_named() {
             "agent.max_rewrite_bytes",
         ),
         ("[agent]\npaths = [\"invocations\"]\n", "agent.paths[0]"),
+        ("[agent]\nclaim_timeout = \"0s\"\n", "agent.claim_timeout"),
         ("[agent]\npaths = [\"/api/feedback\"]\n", "agent.routes"),
         ("[store]\nurl = \"mysql://x\"\n", "store.url"),
         (

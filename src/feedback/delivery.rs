@@ -589,6 +589,28 @@ impl Deliverer {
         Ok(Some(info.trace_id))
     }
 
+    /// For a vote on a message the store has no link for: looks for the voter's answer by the
+    /// client request id derived from message and voter, within the inline deadline, and links
+    /// it when found. Whether a link was recorded.
+    pub async fn recover_link(&self, key: &VoteKey, chat_id: &str) -> bool {
+        let Some(mlflow) = &self.mlflow else {
+            return false;
+        };
+        match tokio::time::timeout(
+            self.config.inline_deadline,
+            self.find_unlinked(mlflow, key, chat_id, None),
+        )
+        .await
+        {
+            Ok(Ok(found)) => found.is_some(),
+            Ok(Err(e)) => {
+                tracing::debug!(%key, error = %e.short(), "cannot look for an unlinked message's trace");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     /// One round of the worker's trace lookup: votes waiting without a trace id (newest first,
     /// at most [`LOOKUP_BATCH`], enqueued within `delivery.max_age`) whose message has no trace
     /// are searched for by client request id; those found are linked, which makes them due.

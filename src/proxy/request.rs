@@ -94,6 +94,9 @@ pub struct Rewrite<'a> {
     pub chat_id: Option<&'a str>,
     pub user: &'a str,
     pub client_request_id: Option<&'a str>,
+    /// Replaces the body's `messageId` (when it has one) with this id: the one the proxy
+    /// settled on, when it is not the client's.
+    pub message_id: Option<&'a str>,
 }
 
 /// Applies the route's body options. Returns `None` when the body is not a JSON object (it is
@@ -114,6 +117,11 @@ pub fn rewrite(body: &[u8], rw: Rewrite<'_>) -> Option<Bytes> {
         }
         // Always ours: a client must not attribute its request to someone else.
         ctx.insert("user_id".into(), Value::String(rw.user.to_owned()));
+    }
+    if let Some(m) = rw.message_id {
+        if let Some(slot) = obj.get_mut("messageId") {
+            *slot = Value::String(m.to_owned());
+        }
     }
     if let Some(crid) = rw.client_request_id {
         let ci = object_entry(&mut obj, "custom_inputs");
@@ -178,6 +186,7 @@ mod tests {
                 chat_id: Some("ours"),
                 user: "alice@example.com",
                 client_request_id: Some("req-1"),
+                message_id: None,
             },
         )
         .unwrap();
@@ -193,6 +202,24 @@ mod tests {
     }
 
     #[test]
+    fn a_settled_message_id_replaces_the_bodys_only_where_it_was() {
+        let r = route(false, false, false);
+        let rw = |m| Rewrite {
+            route: &r,
+            chat_id: None,
+            user: "u",
+            client_request_id: None,
+            message_id: m,
+        };
+        let out = rewrite(br#"{"messageId": "theirs", "input": []}"#, rw(Some("ours"))).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, json!({"messageId": "ours", "input": []}));
+        let out = rewrite(br#"{"input": []}"#, rw(Some("ours"))).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, json!({"input": []}));
+    }
+
+    #[test]
     fn non_objects_are_left_alone() {
         let r = route(true, false, false);
         let rw = Rewrite {
@@ -200,6 +227,7 @@ mod tests {
             chat_id: None,
             user: "u",
             client_request_id: None,
+            message_id: None,
         };
         assert!(rewrite(b"[1,2]", rw).is_none());
         assert!(rewrite(b"{oops", rw).is_none());

@@ -125,7 +125,7 @@ pub(super) async fn record_links(store: &PgStore, links: &[LinkRecord]) -> Resul
         FROM message_links AS l
         WHERE d.state = 'waiting' AND d.message_id = ANY($1::text[])
             AND d.last_error LIKE 'no_trace_id%' -- store::AWAITING_TRACE
-            AND l.message_id = d.message_id
+            AND l.message_id = d.message_id AND l.user_id = d.user_id
             AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL)";
     if links.is_empty() {
         return Ok(());

@@ -19,7 +19,7 @@ pub(super) async fn upsert_vote(
     // statement's snapshot is taken when it starts, so one that also took the lock would not
     // see a `record_links` committed while it waited.
     const LINKED: &str = "SELECT EXISTS (SELECT 1 FROM message_links WHERE message_id = $1
-            AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))";
+            AND user_id = $2 AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))";
     const VOTE: &str =
         "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at)
         VALUES ($1, $2, $3, $4, $5, $6, now())
@@ -55,7 +55,7 @@ pub(super) async fn upsert_vote(
         lock_messages(&tx, &mut c.statements, &[k.message_id.as_str()]).await?;
         let linked = c.statements.get(&tx, LINKED).await?;
         let row = tx
-            .query_one(&linked, &[&k.message_id])
+            .query_one(&linked, &[&k.message_id, &k.user_id])
             .await
             .map_err(query_error)?;
         if row.try_get::<_, bool>(0).map_err(query_error)? {

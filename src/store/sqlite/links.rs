@@ -108,6 +108,7 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
                 WHERE state = 'waiting' AND message_id = ?1
                     AND last_error LIKE 'no_trace_id%' -- store::AWAITING_TRACE
                     AND EXISTS (SELECT 1 FROM message_links AS l WHERE l.message_id = ?1
+                        AND l.user_id = deliveries.user_id
                         AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL))",
             )
             .map_err(sql_error)?;

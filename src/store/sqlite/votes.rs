@@ -24,9 +24,9 @@ pub(super) fn upsert_vote(
         let linked: bool = tx
             .prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM message_links WHERE message_id = ?1
-                    AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))",
+                    AND user_id = ?2 AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))",
             )
-            .and_then(|mut s| s.query_row([&k.message_id], |r| r.get(0)))
+            .and_then(|mut s| s.query_row([&k.message_id, &k.user_id], |r| r.get(0)))
             .map_err(sql_error)?;
         if linked {
             state = DeliveryState::Pending;
