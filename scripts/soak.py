@@ -773,7 +773,8 @@ def render(r: dict[str, Any]) -> str:
         f"  RSS: {kib(rss.get('min'))} .. {kib(rss.get('max'))}, end {kib(rss.get('end'))}; slope over the "
         f"second half {rss.get('slope_per_min', '?')} KiB/min",
         f"  open fds: {fds.get('min')} .. {fds.get('max')}, end {fds.get('end')}; slope over the second half "
-        f"{fds.get('slope_per_min', '?')} /min ({r['samples']} samples)",
+        f"{fds.get('slope_per_min', '?')} /min ({r['samples']} samples"
+        + ("; too short a run for the slopes to mean much)" if r["seconds"] < 600 else ")"),
         "  result: " + ("PASS" if r["ok"] else "FAIL: " + "; ".join(r["failures"])),
     ]
     if r["details"]:
