@@ -89,13 +89,17 @@ class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.rng = random.Random(env_num("SOAK_SEED", 14, int))
-        self.rate = env_num("SOAK_RATE", 5.0)
+        # What one single-worker `mlflow server` on SQLite ingests, with room to catch up after
+        # a flap, on a busy 2-core machine: about 3.5 traces/s at best there.
+        self.rate = env_num("SOAK_RATE", 2.0)
         self.users = [f"soak-user-{i}@example.com" for i in range(env_num("SOAK_USERS", 8, int))]
         self.seconds = args.seconds
         self.drain_limit = env_num("SOAK_DRAIN_SECONDS", 300.0)
         self.sample_every = env_num("SOAK_SAMPLE_SECONDS", 2.0)
         short = self.seconds < 300
-        self.flaps = env_num("SOAK_FLAPS", max(1, round(self.seconds / 150)), int)
+        # One flap per 5 minutes: an outage (20-40 s down plus its restart) and the catch-up after
+        # it must fit before the next one, or the backlog only grows.
+        self.flaps = env_num("SOAK_FLAPS", max(1, round(self.seconds / 300)), int)
         self.pg_restarts = env_num("SOAK_PG_RESTARTS", 1 if short else 2, int)
         # MLflow's time down per flap (before the start command; its start-up adds to it).
         self.flap_down = (5.0, 5.0) if short else (20.0, 40.0)
@@ -254,10 +258,12 @@ class Soak:
         key = self.key(msg, NAME)
         up = self.rng.random() < 0.7
         await self.pause(0.0, 1.5)
-        await self.perform(key, ("post", up, self.comment()))
+        if not await self.perform(key, ("post", up, self.comment())):
+            return
         if self.rng.random() < 0.3:
             await self.pause(0.5, 8.0)
-            await self.perform(key, ("post", not up, self.comment()))
+            if not await self.perform(key, ("post", not up, self.comment())):
+                return
         if self.rng.random() < 0.15:
             await self.pause(0.5, 8.0)
             await self.perform(key, ("retract",))
@@ -265,13 +271,15 @@ class Soak:
     async def rating_script(self, msg: Message) -> None:
         key = self.key(msg, RATING)
         await self.pause(0.0, 3.0)
-        await self.perform(key, ("post", self.rng.randint(1, 5), None))
+        if not await self.perform(key, ("post", self.rng.randint(1, 5), None)):
+            return
         if self.rng.random() < 0.3:
             await self.pause(0.5, 8.0)
             await self.perform(key, ("post", self.rng.randint(1, 5), None))
 
-    async def perform(self, key: Key, action: tuple) -> None:
-        """Sends `action` until it is accepted (bounded by the settle deadline)."""
+    async def perform(self, key: Key, action: tuple) -> bool:
+        """Sends `action` until it is accepted (bounded by the settle deadline); whether it
+        was. A script stops at an action that was not: what follows would build on it."""
         assert self.client is not None
         msg = key.message
         headers = {"x-forwarded-email": msg.user, "content-type": "application/json"}
@@ -314,23 +322,23 @@ class Soak:
                 key.expected = ABSENT if action[0] == "retract" else (action[1], action[2])
                 key.accepted += 1
                 key.settled = True
-                return
+                return True
             if status == 404 and action[0] == "retract" and uncertain:
                 # An earlier attempt's outcome was unknown and it did retract the vote.
                 key.expected = ABSENT
                 key.settled = True
-                return
+                return True
             if status is not None and 400 <= status < 500 and status != 429:
                 # Nothing was stored, and sending it again cannot change that.
                 self.unexpected.append(
                     f"{action[0]} on {msg.message_id} ({key.name}) by {msg.user}: {status} {r.text[:200]}"
                 )
                 key.settled = key.settled and not uncertain
-                return
+                return False
             uncertain = True
             key.settled = False
             if self.now() > deadline:
-                return
+                return False
             retry_after = r.headers.get("retry-after") if status == 429 else None
             await asyncio.sleep(float(retry_after) if retry_after and retry_after.isdigit() else wait)
             wait = min(wait * 2, 5.0)
@@ -507,7 +515,9 @@ class Soak:
                     details.append(f"trace {trace}: MLflow unreachable")
                     return
             if r.status_code == 404:
+                # The agent never got the trace to MLflow: its votes cannot have been delivered.
                 counts["trace_missing_in_mlflow"] += len(keys)
+                counts["checked"] += len(keys)
                 for k in keys:
                     if k.expected is not ABSENT:
                         counts["lost"] += 1
@@ -692,6 +702,15 @@ class Soak:
             out["second_half_samples"] = len(half)
         return out
 
+    def agent_discarded(self) -> int:
+        """Traces the example agent itself dropped (its export queue overflowed): votes on
+        them cannot be delivered, and that is the stand-in agent's failure, not the proxy's."""
+        try:
+            with open(self.args.agent_log, errors="replace") as f:
+                return sum("trace will be discarded" in line for line in f)
+        except OSError:
+            return 0
+
     def report(self, stats, drain_s, result, metrics) -> int:
         c = result["counts"]
         accepted = sum(k.accepted for k in self.keys.values())
@@ -731,6 +750,7 @@ class Soak:
             "fds": self.slope("fds"),
             "samples": len(self.samples),
             "metrics": metrics,
+            "agent_discarded_traces": self.agent_discarded(),
             "unexpected_answers": self.unexpected[:50],
             "details": result["details"],
         }
@@ -769,7 +789,13 @@ def render(r: dict[str, Any]) -> str:
         f"unexpected {c['unexpected_assessments']}, unsettled {c['unsettled']}",
         f"  votes without a trace id in the stream: {c['no_trace_id']} (not checkable), "
         f"{c['trace_id_from_proxy_only']} checked with the proxy's trace id; traces missing in MLflow: "
-        f"{c['trace_missing_in_mlflow']}",
+        f"{c['trace_missing_in_mlflow']}"
+        + (f"; the AGENT discarded {r['agent_discarded_traces']} traces (its export queue was full:"
+           " lower SOAK_RATE)" if r["agent_discarded_traces"] else ""),
+        "  message links: recorded {:.0f}, dropped {:.0f}, failed {:.0f} (the proxy's counters)".format(
+            *(r["metrics"].get(f"feedback_proxy_links_{k}_total", float("nan"))
+              for k in ("recorded", "dropped")),
+            r["metrics"].get("feedback_proxy_link_errors_total", float("nan"))),
         f"  RSS: {kib(rss.get('min'))} .. {kib(rss.get('max'))}, end {kib(rss.get('end'))}; slope over the "
         f"second half {rss.get('slope_per_min', '?')} KiB/min",
         f"  open fds: {fds.get('min')} .. {fds.get('max')}, end {fds.get('end')}; slope over the second half "
@@ -805,6 +831,7 @@ def main() -> int:
     p.add_argument("--ctl", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--setup-seconds", type=int, default=0)
+    p.add_argument("--agent-log", default="")
     p.add_argument("--profile", default="?")
     args = p.parse_args()
     for url in (args.proxy, args.mlflow):

@@ -23,7 +23,7 @@
 # Results: DIR/report.txt, DIR/report.json, DIR/samples.jsonl and the logs of every service
 # (default DIR: target/soak/<date>-<seconds>s).
 # Environment: SOAK_SECONDS (default 1800), SOAK_PROFILE (release | debug), SOAK_RATE (chats/s,
-# default 5), SOAK_USERS (default 8), SOAK_SEED, SOAK_DRAIN_SECONDS (default 300), and the test
+# default 2), SOAK_USERS (default 8), SOAK_SEED, SOAK_DRAIN_SECONDS (default 300), and the test
 # setup's FP_VENV / FP_TEST_PYTHON (the venv with mlflow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -194,12 +194,14 @@ done
 MLFLOW_URL="http://127.0.0.1:$SOAK_MLFLOW_PORT"
 EXPERIMENT=$(fp_create_experiment "$MLFLOW_URL" "feedback-proxy-soak")
 cleanup_hooks+=("cat '$SOAK_MLFLOW_DIR/mlflow-earlier.log' '$SOAK_MLFLOW_DIR/mlflow.log' >'$OUT/mlflow.log' 2>/dev/null || true")
-# The agent's trace export retries while MLflow is down (MLflow's HTTP client: 7 retries,
-# backoff factor 2, i.e. up to ~4 min). Factor 1 with 9 retries covers outages as long (~8 min)
-# but retries sooner once MLflow is back, so the traces of chats made during a flap land, and
-# the votes on them drain, within seconds instead of a minute: the agent is the test's stand-in,
-# the proxy is what is measured.
+# The agent is the test's stand-in; the proxy is what is measured, so the agent must not lose
+# traces on its own: its trace export retries while MLflow is down (MLflow's HTTP client: 7
+# retries, backoff factor 2, up to ~4 min). Factor 1 with 9 retries covers outages as long (~8
+# min) but retries sooner once MLflow is back, so the traces of chats made during a flap land,
+# and the votes on them drain, within seconds instead of a minute; and its export queue (1000 by
+# default, then traces are discarded) holds a whole flap's backlog.
 MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1 MLFLOW_HTTP_REQUEST_MAX_RETRIES=9 \
+  MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE=100000 \
   fp_start_agent_anywhere "$MLFLOW_URL" "$EXPERIMENT" "$RUN/agent"
 cleanup_hooks+=("cp '$RUN/agent/agent.log' '$OUT/agent.log' 2>/dev/null || true")
 AGENT_URL="http://127.0.0.1:$FP_AGENT_PORT"
@@ -267,6 +269,7 @@ soak_log "services ready after $((SECONDS - T0)) s; driving for $SECONDS_WANTED 
   --mlflow "$MLFLOW_URL" \
   --bin "$BIN" --config "$CONFIG" \
   --ctl "$ROOT/scripts/soak.sh" \
+  --agent-log "$RUN/agent/agent.log" \
   --out "$OUT" \
   --setup-seconds "$((SECONDS - T0))" \
   --profile "$PROFILE"
