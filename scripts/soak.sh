@@ -23,8 +23,10 @@
 # Results: DIR/report.txt, DIR/report.json, DIR/samples.jsonl and the logs of every service
 # (default DIR: target/soak/<date>-<seconds>s).
 # Environment: SOAK_SECONDS (default 1800), SOAK_PROFILE (release | debug), SOAK_RATE (chats/s,
-# default 2), SOAK_USERS (default 8), SOAK_SEED, SOAK_DRAIN_SECONDS (default 300), and the test
-# setup's FP_VENV / FP_TEST_PYTHON (the venv with mlflow).
+# default 2), SOAK_USERS (default 8), SOAK_SEED, SOAK_DRAIN_SECONDS (default 300), SOAK_BIN (a
+# prebuilt feedback-proxy to soak instead of building one), SOAK_SELF_TEST=1 (tamper with MLflow
+# before the check, which must then count exactly that), and the test setup's FP_VENV /
+# FP_TEST_PYTHON (the venv with mlflow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -175,11 +177,18 @@ PSQL=$(fp_pg_bin psql) || { echo "soak: psql not found" >&2; exit 1; }
 export SOAK_STORE_URL="${PG_URL%/*}/$DB?sslmode=require&application_name=feedback-proxy-soak"
 
 # ---------------------------------------------------------------- the build
-flag=()
-[ "$PROFILE" = release ] && flag=(--release)
-soak_log "building feedback-proxy ($PROFILE)…"
-cargo build -q "${flag[@]}" --bin feedback-proxy
-BIN="$ROOT/target/$PROFILE/feedback-proxy"
+if [ -n "${SOAK_BIN:-}" ]; then
+  # A binary built elsewhere (another commit, another machine's build): nothing is compiled.
+  BIN=$(realpath "$SOAK_BIN")
+  [ -x "$BIN" ] || { echo "soak: SOAK_BIN=$SOAK_BIN is not an executable" >&2; exit 2; }
+  soak_log "using $BIN"
+else
+  flag=()
+  [ "$PROFILE" = release ] && flag=(--release)
+  soak_log "building feedback-proxy ($PROFILE)…"
+  cargo build -q "${flag[@]}" --bin feedback-proxy
+  BIN="$ROOT/target/$PROFILE/feedback-proxy"
+fi
 
 # ---------------------------------------------------------------- MLflow (answering) and the agent
 for attempt in 1 2 3; do
