@@ -1,5 +1,5 @@
 # The two commands of the quick start, plus development helpers.
-.PHONY: test demo bench bench-smoke fmt lint
+.PHONY: test demo bench bench-smoke soak fmt lint
 
 test:        ## the whole test suite (installs what it needs)
 	bash scripts/test.sh
@@ -12,6 +12,10 @@ bench:       ## benchmarks: direct vs proxy vs nginx (several minutes)
 
 bench-smoke: ## a seconds-long run of the benchmark harness
 	bash bench/run.sh --smoke
+
+SOAK_SECONDS ?= 1800
+soak:        ## soak: chats and votes for SOAK_SECONDS (default 30 min) while MLflow flaps and Postgres restarts
+	bash scripts/soak.sh --seconds $(SOAK_SECONDS)
 
 fmt:
 	cargo fmt --all
