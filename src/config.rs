@@ -288,6 +288,10 @@ pub struct AgentConfig {
     pub http2: bool,
     /// Capacity of the queue of message links waiting to be written to the store.
     pub link_queue: usize,
+    /// Agent response headers passed to the browser although the proxy drops them by default
+    /// (`set-cookie`, `access-control-*`, `strict-transport-security`, identity headers).
+    #[serde(serialize_with = "ser_headers")]
+    pub pass_response_headers: Vec<HeaderName>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1110,6 +1114,24 @@ impl Validator {
                 ),
             }
         }
+        let mut pass_response_headers = Vec::new();
+        for (i, h) in raw
+            .pass_response_headers
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(n) => pass_response_headers.push(n),
+                Err(_) => self.problem(
+                    &format!("agent.pass_response_headers[{i}]"),
+                    format!(
+                        "\"{}\" is not a valid header name",
+                        crate::error::one_line(h, 64)
+                    ),
+                ),
+            }
+        }
         let link_queue = raw.link_queue.unwrap_or(16_384);
         if link_queue == 0 {
             self.problem("agent.link_queue", "must be greater than zero");
@@ -1141,6 +1163,7 @@ impl Validator {
             // Off by default: see `client::ClientOptions::http2` and config/example.toml.
             http2: raw.http2.unwrap_or(false),
             link_queue,
+            pass_response_headers,
         }
     }
 

@@ -555,3 +555,175 @@ async fn paths_map_onto_the_agents_base_path_with_the_query_kept() {
     let expected: Vec<&str> = cases.iter().map(|(_, want)| *want).collect();
     assert_eq!(seen, expected);
 }
+
+/// Finding 5 of issue 12: in trusted mode the identity is exactly one clean value; anything
+/// else is a 400 that never reaches the agent (or the feedback API), and underscore header
+/// names never reach the agent.
+#[tokio::test]
+async fn trusted_identity_must_be_exactly_one_clean_value() {
+    let upstream = Upstream::start(|_r| async { full(200, "application/json", "{}") }).await;
+    let proxy = TestProxy::start(&format!(
+        "[identity]\ntrust_forwarded_headers = true\n[agent]\nurl = \"{}\"\n",
+        upstream.url()
+    ))
+    .await;
+    let long = format!("{}@example.com", "a".repeat(255 - 12));
+    let cases: Vec<(&str, Vec<(&str, Vec<u8>)>, &str)> = vec![
+        (
+            "a repeated header",
+            vec![
+                ("x-forwarded-email", b"alice@example.com".to_vec()),
+                ("x-forwarded-email", b"mallory@example.com".to_vec()),
+            ],
+            "AMBIGUOUS_IDENTITY",
+        ),
+        (
+            "a repeated lower-preference header",
+            vec![
+                ("x-forwarded-email", b"alice@example.com".to_vec()),
+                ("x-forwarded-user", b"1".to_vec()),
+                ("x-forwarded-user", b"2".to_vec()),
+            ],
+            "AMBIGUOUS_IDENTITY",
+        ),
+        (
+            "a comma list",
+            vec![(
+                "x-forwarded-email",
+                b"alice@example.com, mallory@example.com".to_vec(),
+            )],
+            "INVALID_IDENTITY",
+        ),
+        (
+            "a bidi override",
+            vec![(
+                "x-forwarded-email",
+                "alice\u{202E}moc.elpmaxe@".as_bytes().to_vec(),
+            )],
+            "INVALID_IDENTITY",
+        ),
+        (
+            "a zero-width space",
+            vec![(
+                "x-forwarded-email",
+                "ali\u{200B}ce@example.com".as_bytes().to_vec(),
+            )],
+            "INVALID_IDENTITY",
+        ),
+        (
+            "255 bytes",
+            vec![("x-forwarded-email", long.into_bytes())],
+            "INVALID_IDENTITY",
+        ),
+        (
+            "a blank preferred header is not skipped",
+            vec![
+                ("x-forwarded-email", b"".to_vec()),
+                ("x-forwarded-user", b"bob".to_vec()),
+            ],
+            "INVALID_IDENTITY",
+        ),
+    ];
+    for (what, headers, code) in cases {
+        for path in ["/invocations", "/api/feedback"] {
+            let mut req = post(&proxy.url(path));
+            for (k, v) in &headers {
+                req = req.header(*k, http::HeaderValue::from_bytes(v).unwrap());
+            }
+            let res = send(
+                &h1(),
+                req,
+                r#"{"chatId":"c","messageId":"m","isUpvoted":true}"#,
+            )
+            .await;
+            assert_eq!(res.status(), 400, "{what} on {path}");
+            let v = body_json(res).await;
+            assert_eq!(v["code"], code, "{what} on {path}: {v}");
+            assert!(!v["error"].as_str().unwrap().contains("mallory"), "{v}");
+        }
+    }
+    assert_eq!(upstream.count(), 0, "no refused request reached the agent");
+
+    // One clean value passes; underscore names (a CGI server reads x_app_user_email as
+    // x-app-user-email) are dropped on the way.
+    let res = send(
+        &h1(),
+        post(&proxy.url("/invocations"))
+            .header("x-forwarded-email", "alice@example.com")
+            .header("x_app_user_email", "mallory@example.com")
+            .header("x_forwarded_email", "mallory@example.com")
+            .header("x-custom_thing", "1"),
+        "{}",
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let got = &upstream.received()[0];
+    assert_eq!(got.headers["x-app-user-email"], "alice@example.com");
+    let underscored: Vec<&str> = got
+        .headers
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.contains('_'))
+        .collect();
+    assert!(underscored.is_empty(), "{underscored:?} reached the agent");
+}
+
+/// Finding 7 of issue 12: the agent is another origin; its cookies, CORS grants, HSTS policy,
+/// identity and proxy-owned headers do not reach the browser unless allowlisted.
+#[tokio::test]
+async fn agent_response_headers_for_the_proxys_origin_are_dropped() {
+    let upstream = Upstream::start(|_r| async {
+        let mut res = full(200, "application/json", "{}");
+        let h = res.headers_mut();
+        for (k, v) in [
+            ("set-cookie", "agent_session=1; Path=/"),
+            ("access-control-allow-origin", "*"),
+            ("access-control-allow-credentials", "true"),
+            ("strict-transport-security", "max-age=0"),
+            ("x-app-user-email", "someone@else.example"),
+            ("x-forwarded-email", "someone@else.example"),
+            ("x-message-id", "agent-chosen"),
+            ("x-request-id", "agent-chosen"),
+            ("x-agent-note", "kept"),
+        ] {
+            h.append(k, http::HeaderValue::from_static(v));
+        }
+        res
+    })
+    .await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let res = send(
+        &h1(),
+        post(&proxy.url("/invocations")).header("x-request-id", "req-mine"),
+        "{}",
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let h = res.headers();
+    for gone in [
+        "set-cookie",
+        "access-control-allow-origin",
+        "access-control-allow-credentials",
+        "strict-transport-security",
+        "x-app-user-email",
+        "x-forwarded-email",
+    ] {
+        assert!(!h.contains_key(gone), "{gone} reached the browser");
+    }
+    assert_eq!(h.get_all("x-message-id").iter().count(), 1);
+    assert_ne!(h["x-message-id"], "agent-chosen");
+    assert_eq!(h.get_all("x-request-id").iter().count(), 1);
+    assert_eq!(h["x-request-id"], "req-mine");
+    assert_eq!(h["x-agent-note"], "kept");
+
+    // An allowlisted name passes; the rest is still dropped.
+    let proxy = TestProxy::start(&config(
+        &upstream.url(),
+        "pass_response_headers = [\"set-cookie\"]\n",
+    ))
+    .await;
+    let res = send(&h1(), post(&proxy.url("/invocations")), "{}").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["set-cookie"], "agent_session=1; Path=/");
+    assert!(!res.headers().contains_key("access-control-allow-origin"));
+}

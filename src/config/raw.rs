@@ -76,6 +76,7 @@ pub struct RawAgent {
     pub pool_max_idle_per_host: Option<usize>,
     pub http2: Option<bool>,
     pub link_queue: Option<usize>,
+    pub pass_response_headers: Option<Vec<String>>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
 }
