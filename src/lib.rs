@@ -167,12 +167,20 @@ impl App {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
         let metrics_task = metrics_listener.map(|l| {
-            let metrics = self.state.metrics.clone();
+            let state = self.state.clone();
             let mut rx = stop_rx.clone();
             tokio::spawn(async move {
-                let handler = move |_req| {
-                    let metrics = metrics.clone();
-                    async move { app::metrics_response(&metrics) }
+                // `/readyz` here is the detailed readiness (checks, delivery counts) that the
+                // public port no longer shows; every other path is the metrics.
+                let handler = move |req: http::Request<hyper::body::Incoming>| {
+                    let state = state.clone();
+                    async move {
+                        if req.uri().path() == "/readyz" {
+                            app::ready_detailed(&state).await
+                        } else {
+                            app::metrics_response(&state.metrics)
+                        }
+                    }
                 };
                 server::serve(
                     l,

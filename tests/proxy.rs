@@ -284,18 +284,32 @@ async fn client_disconnect_cancels_the_upstream_request() {
     }
 }
 
+/// Issue 12 finding 8: the body says what failed and gives the request id; where (the agent's
+/// address) and why (the connect error) are in the log under that id.
 #[tokio::test]
-async fn unreachable_agent_is_502_json_naming_it() {
+async fn unreachable_agent_is_502_json_naming_it_only_in_the_log() {
+    logs();
     let addr = closed_port().await;
     let proxy = TestProxy::start(&config(&format!("http://{addr}"), "")).await;
-    let res = send(&h1(), post(&proxy.url("/invocations")), "{}").await;
+    let res = send(
+        &h1(),
+        post(&proxy.url("/invocations")).header("x-request-id", "req-unreachable-1"),
+        "{}",
+    )
+    .await;
     assert_eq!(res.status(), 502);
     let v = body_json(res).await;
     assert_eq!(v["code"], "UPSTREAM_UNREACHABLE");
-    assert!(
-        v["error"].as_str().unwrap().contains(&addr.to_string()),
-        "{v}"
-    );
+    assert_eq!(v["requestId"], "req-unreachable-1");
+    let error = v["error"].as_str().unwrap();
+    assert!(!error.contains(&addr.port().to_string()), "{v}");
+    assert!(!error.contains("127.0.0.1"), "{v}");
+    eventually("the error log", Duration::from_secs(2), || {
+        log_text()
+            .lines()
+            .any(|l| l.contains("req-unreachable-1") && l.contains(&addr.to_string()))
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -314,9 +328,10 @@ async fn silent_agent_is_504_after_the_header_timeout() {
     let v = body_json(res).await;
     assert_eq!(v["code"], "UPSTREAM_TIMEOUT");
     assert!(
-        v["error"].as_str().unwrap().contains(&addr.to_string()),
-        "{v}"
+        !v["error"].as_str().unwrap().contains(&addr.to_string()),
+        "the agent's address is for the log only: {v}"
     );
+    assert!(v["requestId"].is_string(), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,6 +360,14 @@ async fn a_stream_that_breaks_ends_with_an_error_event_and_the_proxy_keeps_servi
     let data: serde_json::Value =
         serde_json::from_str(last.trim_start_matches("event: error\ndata: ")).unwrap();
     assert_eq!(data["code"], "UPSTREAM_STREAM_BROKEN");
+    assert!(
+        !data["error"]
+            .as_str()
+            .unwrap()
+            .contains(&upstream.addr.to_string()),
+        "{data}"
+    );
+    assert!(data["requestId"].is_string(), "{data}");
 
     // Still serving.
     let res = send(&h1(), post(&proxy.url("/invocations")), "{}").await;
@@ -467,7 +490,7 @@ async fn oauth_one_token_request_for_a_burst_and_refresh_before_expiry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oauth_rejection_is_a_clear_502_and_an_error_log_without_the_secret() {
+async fn oauth_rejection_is_a_quiet_502_and_an_error_log_without_the_secret() {
     logs();
     let agent = Upstream::start(|_r| async { full(200, "application/json", "{}") }).await;
     let (tokens, count) = token_endpoint(3600, true).await;
@@ -488,11 +511,14 @@ async fn oauth_rejection_is_a_clear_502_and_an_error_log_without_the_secret() {
         assert_eq!(status, 502);
         assert_eq!(v["code"], "UPSTREAM_AUTH_FAILED");
         let msg = v["error"].as_str().unwrap();
+        // The identity provider's answer and the token endpoint are for the log only.
         assert!(
-            msg.contains("401") && msg.contains("invalid_client"),
+            !msg.contains("invalid_client") && !msg.contains("oidc"),
             "{msg}"
         );
+        assert!(!msg.contains(&tokens.addr.to_string()), "{msg}");
         assert!(!msg.contains("sp-SECRET-value"));
+        assert!(v["requestId"].is_string(), "{v}");
     }
     // The failure is shared by the burst instead of being retried per caller.
     assert_eq!(count.load(Ordering::SeqCst), 1);
@@ -726,4 +752,59 @@ async fn agent_response_headers_for_the_proxys_origin_are_dropped() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["set-cookie"], "agent_session=1; Path=/");
     assert!(!res.headers().contains_key("access-control-allow-origin"));
+}
+
+/// Issue 12 finding 8: the public port's `/readyz` says ready or not and nothing else; the
+/// checks (hosts, connect errors, delivery counts) are on the metrics listener and, when not
+/// ready, in the log.
+#[tokio::test]
+async fn readyz_is_quiet_on_the_public_port_and_detailed_on_the_metrics_listener() {
+    logs();
+    let addr = closed_port().await;
+    let proxy =
+        TestProxy::start_with_metrics_listener(&config(&format!("http://{addr}"), "")).await;
+    let res = send(&h1(), Request::get(proxy.url("/readyz")), "").await;
+    assert_eq!(res.status(), 503);
+    let text = String::from_utf8(body_bytes(res).await.to_vec()).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+        serde_json::json!({"status": "not_ready"}),
+        "{text}"
+    );
+    eventually("the not-ready warning", Duration::from_secs(2), || {
+        log_text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("not ready") && l.contains(&addr.to_string()))
+    })
+    .await;
+
+    let res = send(&h1(), Request::get(proxy.metrics_url("/readyz")), "").await;
+    assert_eq!(res.status(), 503);
+    let v = body_json(res).await;
+    assert_eq!(v["status"], "not_ready");
+    assert_eq!(v["checks"]["agent"]["ok"], false);
+    assert!(
+        v["checks"]["agent"]["error"]
+            .as_str()
+            .unwrap()
+            .contains(&addr.to_string()),
+        "{v}"
+    );
+    assert_eq!(v["checks"]["store"]["ok"], true, "{v}");
+    assert!(v["deliveries"].is_object(), "{v}");
+    // The metrics listener still serves the metrics.
+    let res = send(&h1(), Request::get(proxy.metrics_url("/metrics")), "").await;
+    assert_eq!(res.status(), 200);
+    assert!(
+        String::from_utf8(body_bytes(res).await.to_vec())
+            .unwrap()
+            .contains("feedback_proxy_")
+    );
+
+    // Ready: the same two words, no checks.
+    let upstream = Upstream::start(|_r| async { full(200, "application/json", "{}") }).await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let res = send(&h1(), Request::get(proxy.url("/readyz")), "").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(body_json(res).await, serde_json::json!({"status": "ready"}));
 }
