@@ -36,7 +36,7 @@ use sse::Inspector;
 use trace::HeaderId;
 
 use crate::auth::TokenSource;
-use crate::body::{Body, CollectError, collect_limited};
+use crate::body::{Body, ClientBodyError, CollectError, collect_limited};
 use crate::client::{ClientOptions, HttpClient};
 use crate::config::{AgentConfig, AgentRoute};
 use crate::error::{Error, UpstreamError, chain};
@@ -276,6 +276,14 @@ impl Proxy {
             }
             Ok(Err(e)) => {
                 let reason = chain(&e);
+                if let Some(body) = ClientBodyError::find(&e) {
+                    // The request body from the client broke (bad chunked framing, cut
+                    // short): a 400 and a client error, not an agent failure.
+                    return Err(Error::bad_request(
+                        "BODY_READ_FAILED",
+                        format!("reading the request body failed: {}", chain(&body.0)),
+                    ));
+                }
                 return Err(if e.is_connect() {
                     self.count_error("unreachable");
                     UpstreamError::Unreachable {

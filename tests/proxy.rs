@@ -808,3 +808,57 @@ async fn readyz_is_quiet_on_the_public_port_and_detailed_on_the_metrics_listener
     assert_eq!(res.status(), 200);
     assert_eq!(body_json(res).await, serde_json::json!({"status": "ready"}));
 }
+
+/// Issue 12 finding 10: a client whose chunked request body is malformed gets a 400, counted
+/// as a client error, not a 502 counted against the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_request_body_is_the_clients_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    logs();
+    let upstream = Upstream::start(|_r| async { full(200, "application/json", "{}") }).await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    for content_type in ["application/octet-stream", "application/json"] {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        // A first chunk the proxy streams on, then a chunk-size line that is not hex.
+        tcp.write_all(
+            format!(
+                "POST /invocations HTTP/1.1\r\nhost: proxy\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+                if got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}") {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "no answer within 10s");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 400"), "{content_type}: {text}");
+        assert!(text.contains("BODY_READ_FAILED"), "{text}");
+    }
+    let metrics = proxy.state.metrics.encode();
+    assert!(
+        metrics.contains(r#"feedback_proxy_http_requests_total{route="agent",status="400"} 2"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"status="502""#), "{metrics}");
+    assert!(
+        !metrics.contains(r#"feedback_proxy_upstream_errors_total{kind="protocol"}"#),
+        "{metrics}"
+    );
+    assert!(
+        !log_text().contains("UPSTREAM_ERROR"),
+        "logged as an agent failure"
+    );
+}
