@@ -1318,3 +1318,23 @@ async fn echoed_values_in_errors_are_cut_short() {
         "{v}"
     );
 }
+
+/// Issue 12: a key given twice in a vote body is ambiguous (serde_json would keep the last,
+/// another reader the first): 400 DUPLICATE_KEY naming the key, and nothing is stored.
+#[tokio::test]
+async fn a_vote_body_with_a_duplicate_key_is_400() {
+    let proxy = TestProxy::start(&config(None, None, "")).await;
+    let res = send(
+        &h1(),
+        Request::post(proxy.url("/api/feedback"))
+            .header("content-type", "application/json")
+            .header("x-forwarded-email", ALICE),
+        r#"{"chatId":"c-dup","messageId":"m-dup","isUpvoted":true,"isUpvoted":false}"#,
+    )
+    .await;
+    assert_eq!(res.status(), 400);
+    let v = body_json(res).await;
+    assert_eq!(v["code"], "DUPLICATE_KEY", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("isUpvoted"), "{v}");
+    assert_eq!(votes_of(&proxy, ALICE, "c-dup").await["votes"], json!({}));
+}
