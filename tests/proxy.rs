@@ -594,7 +594,9 @@ async fn trusted_identity_must_be_exactly_one_clean_value() {
     ))
     .await;
     let long = format!("{}@example.com", "a".repeat(255 - 12));
-    let cases: Vec<(&str, Vec<(&str, Vec<u8>)>, &str)> = vec![
+    // (what, headers, expected code)
+    type Case = (&'static str, Vec<(&'static str, Vec<u8>)>, &'static str);
+    let cases: Vec<Case> = vec![
         (
             "a repeated header",
             vec![
