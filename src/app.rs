@@ -46,12 +46,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
     let result = dispatch(&state, route, req, &request_id, start).await;
     let mut res = match result {
         Ok(res) => res,
-        Err(err) => {
-            if err.is_server_side() {
-                tracing::error!(request_id = ?request_id, route = label, error = %err, "request failed");
-            }
-            err.into_response()
-        }
+        Err(err) => err.respond(&request_id, label),
     };
     res.headers_mut().insert(X_REQUEST_ID, request_id.clone());
 
@@ -120,7 +115,7 @@ async fn dispatch(
         Route::FeedbackSubmit
         | Route::FeedbackList { .. }
         | Route::FeedbackRetract { .. }
-        | Route::FeedbackPreflight => state.feedback.handle(route, req).await,
+        | Route::FeedbackPreflight => state.feedback.handle(route, req, request_id).await,
         Route::FeedbackMethodNotAllowed { allowed } => {
             let mut res = Error::MethodNotAllowed {
                 method: req.method().clone(),
@@ -148,8 +143,8 @@ async fn dispatch(
         Route::Ui => state.ui.serve(req.method(), req.uri().path()).await,
         Route::NotFound => Err(Error::NotFound(format!(
             "no route for {} {}",
-            req.method(),
-            req.uri().path()
+            crate::error::echo(req.method().as_str()),
+            crate::error::echo(req.uri().path())
         ))),
     }
 }
@@ -216,9 +211,37 @@ fn metrics_response(metrics: &Metrics) -> Response<Body> {
     res
 }
 
+/// Readiness on the public port: ready or not, nothing else (the checks name internal hosts
+/// and carry connection errors). When not ready, the failing checks are logged at warn; the
+/// detailed answer is served on the metrics listener ([`ready_detailed`]).
+async fn ready(state: &AppState) -> Response<Body> {
+    let (ok, details) = readiness(state).await;
+    if ok {
+        json_response(StatusCode::OK, &json!({"status": "ready"}))
+    } else {
+        tracing::warn!(checks = %details, "not ready");
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "not_ready"}),
+        )
+    }
+}
+
+/// Readiness with every check and the delivery counts, for the metrics listener (an
+/// operator's port, not the app's public one).
+pub async fn ready_detailed(state: &AppState) -> Response<Body> {
+    let (ok, details) = readiness(state).await;
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, &details)
+}
+
 /// Readiness: the store answers and the agent accepts connections. MLflow is reported but does
 /// not fail readiness: feedback is queued while it is down, by design.
-async fn ready(state: &AppState) -> Response<Body> {
+async fn readiness(state: &AppState) -> (bool, serde_json::Value) {
     const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
     let store_check = async {
         let t = Instant::now();
@@ -252,13 +275,9 @@ async fn ready(state: &AppState) -> Response<Body> {
     let (store, agent, mlflow, deliveries) =
         tokio::join!(store_check, agent_check, mlflow_check, stats);
     let ok = store["ok"] == true && agent["ok"] == true;
-    json_response(
-        if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        &json!({
+    (
+        ok,
+        json!({
             "status": if ok { "ready" } else { "not_ready" },
             "checks": {"store": store, "agent": agent, "mlflow": mlflow},
             "deliveries": deliveries,

@@ -60,7 +60,11 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Self::Incoming(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            // Tagged, so that a request the agent client gives up on because of this body is
+            // blamed on the client, not the agent (the box is the one `Into<BoxError>` made).
+            Self::Incoming(inner) => Pin::new(inner)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(ClientBodyError(e)) as BoxError),
             Self::Proxied(inner) => Pin::new(inner.as_mut()).poll_frame(cx),
         }
     }
@@ -81,6 +85,27 @@ impl http_body::Body for Body {
             Self::Incoming(inner) => inner.size_hint(),
             Self::Proxied(inner) => inner.size_hint(),
         }
+    }
+}
+
+/// A client's request body failed while it was streamed on (malformed chunked framing, a body
+/// shorter than its length, a client that went away mid-body): the client's fault.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyError(#[source] pub BoxError);
+
+impl ClientBodyError {
+    /// The `ClientBodyError` in `err`'s source chain, if there is one (an outbound client
+    /// wraps the body's error in its own).
+    pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a ClientBodyError> {
+        let mut cur = Some(err);
+        while let Some(e) = cur {
+            if let Some(found) = e.downcast_ref::<ClientBodyError>() {
+                return Some(found);
+            }
+            cur = e.source();
+        }
+        None
     }
 }
 

@@ -302,6 +302,10 @@ pub struct AgentConfig {
     /// client's id is kept and ownership is settled when the link is written.
     #[serde(serialize_with = "ser_duration")]
     pub claim_timeout: Duration,
+    /// Agent response headers passed to the browser although the proxy drops them by default
+    /// (`set-cookie`, `access-control-*`, `strict-transport-security`, identity headers).
+    #[serde(serialize_with = "ser_headers")]
+    pub pass_response_headers: Vec<HeaderName>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -994,7 +998,10 @@ impl Validator {
                 if u.query().is_some() || u.fragment().is_some() {
                     self.problem(
                         key,
-                        format!("URL \"{text}\" must not have a query or fragment"),
+                        format!(
+                            "URL \"{}\" must not have a query or fragment",
+                            redact_url_text(text)
+                        ),
                     );
                     return None;
                 }
@@ -1010,12 +1017,18 @@ impl Validator {
             Ok(_) => {
                 self.problem(
                     key,
-                    format!("invalid URL \"{text}\" (expected http:// or https:// with a host)"),
+                    format!(
+                        "invalid URL \"{}\" (expected http:// or https:// with a host)",
+                        redact_url_text(text)
+                    ),
                 );
                 None
             }
             Err(e) => {
-                self.problem(key, format!("invalid URL \"{text}\" ({e})"));
+                self.problem(
+                    key,
+                    format!("invalid URL \"{}\" ({e})", redact_url_text(text)),
+                );
                 None
             }
         }
@@ -1157,6 +1170,24 @@ impl Validator {
                 ),
             }
         }
+        let mut pass_response_headers = Vec::new();
+        for (i, h) in raw
+            .pass_response_headers
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(n) => pass_response_headers.push(n),
+                Err(_) => self.problem(
+                    &format!("agent.pass_response_headers[{i}]"),
+                    format!(
+                        "\"{}\" is not a valid header name",
+                        crate::error::one_line(h, 64)
+                    ),
+                ),
+            }
+        }
         let link_queue = raw.link_queue.unwrap_or(16_384);
         if link_queue == 0 {
             self.problem("agent.link_queue", "must be greater than zero");
@@ -1201,6 +1232,7 @@ impl Validator {
             max_concurrent_per_user: raw.max_concurrent_per_user.unwrap_or(32),
             link_buffer,
             claim_timeout,
+            pass_response_headers,
         }
     }
 
@@ -1722,6 +1754,78 @@ fn redact_url(u: &str) -> String {
         Ok(url) => url.to_string(),
         Err(_) => "<unparseable URL>".to_owned(),
     }
+}
+
+/// `text` fit to quote in an error message: a userinfo password and the values of query
+/// parameters named like credentials become `<redacted>`. Written by hand rather than with
+/// `url`: the text is quoted back precisely when it does not parse (a password with a raw `/`,
+/// `@` or `?` is a common reason), so it is read leniently and redacts too much rather than too
+/// little: everything between the first `:` after the scheme and the last `@` counts as the
+/// password.
+fn redact_url_text(text: &str) -> String {
+    const REDACTED: &str = "<redacted>";
+    let (scheme, rest) = match text.find("://") {
+        Some(i) => text.split_at(i + 3),
+        None => ("", text),
+    };
+    let mut out = String::with_capacity(text.len() + REDACTED.len());
+    out.push_str(scheme);
+    let rest = match rest.rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..=colon]);
+                    out.push_str(REDACTED);
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push('@');
+            &rest[at + 1..]
+        }
+        None => rest,
+    };
+    let Some(q) = rest.find('?') else {
+        out.push_str(rest);
+        return out;
+    };
+    out.push_str(&rest[..=q]);
+    let (query, fragment) = match rest[q + 1..].find('#') {
+        Some(h) => rest[q + 1..].split_at(h),
+        None => (&rest[q + 1..], ""),
+    };
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((k, _)) if credential_name(k) => {
+                out.push_str(k);
+                out.push('=');
+                out.push_str(REDACTED);
+            }
+            _ => out.push_str(pair),
+        }
+    }
+    out.push_str(fragment);
+    out
+}
+
+/// Whether a query parameter name looks like it carries a credential.
+fn credential_name(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "token",
+        "secret",
+        "pass",
+        "pwd",
+        "key",
+        "auth",
+        "credential",
+        "sig",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
 }
 
 /// Segment-aware prefix test: `/a` is a prefix of `/a` and `/a/b`, not of `/ab`.

@@ -2,8 +2,10 @@
 //!
 //! Errors are tagged by who is at fault: the client (4xx), an upstream hop such as the agent or a
 //! token endpoint (502/504), a dependency we need to answer at all such as the store (503), or
-//! ourselves (500). Response bodies are `{"error": "<human sentence>", "code": "<SNAKE_CASE>"}`:
-//! never a `Debug` dump, never a secret.
+//! ourselves (500). Response bodies are `{"error": "<human sentence>", "code": "<SNAKE_CASE>",
+//! "requestId": "…"}`: never a `Debug` dump, never a secret. The sentence a client sees
+//! ([`Error::public_message`]) names no internal URL, host, third-party error text, principal or
+//! path; the detailed `Display` goes to the log under the request id ([`Error::respond`]).
 
 use std::time::Duration;
 
@@ -140,13 +142,60 @@ impl Error {
         self.status().is_server_error()
     }
 
-    /// The response for this error. The single mapping from errors to HTTP.
+    /// The one sentence a client is shown. Client errors say what was wrong with the request
+    /// (values they echo are cut to [`ECHO_MAX_CHARS`] where they are built); upstream,
+    /// dependency and internal errors say only what failed, never where or why in detail.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::BadRequest { message, .. } => message.clone(),
+            Self::Forbidden(m) | Self::NotFound(m) => m.clone(),
+            Self::MethodNotAllowed { allowed, .. } => {
+                format!("this method is not allowed here (allowed: {allowed})")
+            }
+            Self::Unauthenticated
+            | Self::PayloadTooLarge { .. }
+            | Self::UnsupportedMediaType
+            | Self::RateLimited { .. } => self.to_string(),
+            Self::Upstream(e) => e.public_message().to_owned(),
+            Self::Auth { hop, .. } => format!("the proxy cannot authenticate to {hop}"),
+            Self::Store(_) => "the vote store is unavailable; try again later".to_owned(),
+            Self::Internal(_) => "internal error".to_owned(),
+            Self::RouteMethodNotAllowed { allowed, .. } => {
+                format!("this method is not allowed on this route (allowed: {allowed})")
+            }
+            Self::RequestBodyTimeout { .. }
+            | Self::TooManyConcurrent { .. }
+            | Self::UnknownMessage(_) => self.to_string(),
+        }
+    }
+
+    /// The response for this error, with the request id in the body. The details (the full
+    /// `Display`, with upstream URLs and third-party text) are logged here, once: at error
+    /// level for server-side failures, at debug for client mistakes (the access log records
+    /// their status).
+    pub fn respond(self, request_id: &HeaderValue, route: &'static str) -> Response<Body> {
+        let rid = request_id.to_str().unwrap_or("");
+        if self.is_server_side() {
+            tracing::error!(request_id = rid, route, code = self.code(), error = %self, "request failed");
+        } else {
+            tracing::debug!(request_id = rid, route, code = self.code(), error = %self, "request refused");
+        }
+        self.response(Some(rid))
+    }
+
+    /// The response for this error without a request id (see [`Error::respond`]). The single
+    /// mapping from errors to HTTP.
     pub fn into_response(self) -> Response<Body> {
+        self.response(None)
+    }
+
+    fn response(self, request_id: Option<&str>) -> Response<Body> {
         let status = self.status();
-        let mut res = json_response(
-            status,
-            &json!({ "error": self.to_string(), "code": self.code() }),
-        );
+        let mut body = json!({ "error": self.public_message(), "code": self.code() });
+        if let Some(rid) = request_id {
+            body["requestId"] = json!(rid);
+        }
+        let mut res = json_response(status, &body);
         if let Self::RateLimited { retry_after } = &self {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             res.headers_mut()
@@ -187,6 +236,15 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// What a client is told: which kind of failure, not where or why.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            Self::Unreachable { .. } => "the agent is unreachable",
+            Self::HeaderTimeout { .. } => "the agent did not answer in time",
+            Self::Protocol { .. } => "the agent failed to answer",
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::HeaderTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -217,6 +275,15 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
         cur = e.source();
     }
     out
+}
+
+/// Longest client-supplied value echoed in an error message, in characters.
+pub const ECHO_MAX_CHARS: usize = 64;
+
+/// A client-supplied value fit to echo in an error message: one line, at most
+/// [`ECHO_MAX_CHARS`] characters (an ellipsis marks a cut).
+pub fn echo(s: &str) -> String {
+    one_line(s, ECHO_MAX_CHARS)
 }
 
 /// One line: control characters become spaces, runs of whitespace collapse, at most `max`
@@ -301,6 +368,23 @@ mod tests {
         assert_eq!(res.status(), 408);
         assert_eq!(res.headers()[CONNECTION], "close");
         assert_eq!(body_json(res).await["code"], "REQUEST_TIMEOUT");
+    }
+
+    #[tokio::test]
+    async fn server_side_details_stay_out_of_the_body() {
+        let rid = HeaderValue::from_static("req-42");
+        let e = Error::from(UpstreamError::Unreachable {
+            upstream: "http://10.1.2.3:8000".into(),
+            reason: "connection refused".into(),
+        });
+        let v = body_json(e.respond(&rid, "agent")).await;
+        assert_eq!(v["code"], "UPSTREAM_UNREACHABLE");
+        assert_eq!(v["error"], "the agent is unreachable");
+        assert_eq!(v["requestId"], "req-42");
+        let v =
+            body_json(Error::Internal("cannot read /srv/secret".into()).respond(&rid, "ui")).await;
+        assert_eq!(v["error"], "internal error");
+        assert_eq!(echo(&"x".repeat(100)).chars().count(), ECHO_MAX_CHARS);
     }
 
     #[test]

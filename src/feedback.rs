@@ -92,11 +92,13 @@ impl Feedback {
         &self,
         route: Route<'_>,
         req: Request<Incoming>,
+        request_id: &HeaderValue,
     ) -> Result<Response<Body>, Error> {
+        let label = route.label();
         let cors = self.cors_origin(req.headers());
         let mut res = match route {
             Route::FeedbackPreflight => return self.preflight(req.headers()),
-            Route::FeedbackSubmit => self.submit(req).await,
+            Route::FeedbackSubmit => self.submit(req, request_id).await,
             Route::FeedbackList { chat_id } => {
                 let chat_id = decode_segment("chatId", chat_id)?;
                 self.list(req.headers(), &chat_id).await
@@ -107,11 +109,11 @@ impl Feedback {
             } => {
                 let chat_id = decode_segment("chatId", chat_id)?;
                 let message_id = decode_segment("messageId", message_id)?;
-                self.retract(req, &chat_id, &message_id).await
+                self.retract(req, &chat_id, &message_id, request_id).await
             }
             _ => Err(Error::NotFound("no such feedback route".into())),
         }
-        .unwrap_or_else(Error::into_response);
+        .unwrap_or_else(|e| e.respond(request_id, label));
         if let Some(origin) = cors {
             let h = res.headers_mut();
             h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -136,7 +138,11 @@ impl Feedback {
         Ok(user)
     }
 
-    async fn submit(&self, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    async fn submit(
+        &self,
+        req: Request<Incoming>,
+        request_id: &HeaderValue,
+    ) -> Result<Response<Body>, Error> {
         require_json(req.headers())?;
         let user = self.user(req.headers())?;
         let body = read_body(req, self.config.max_body_bytes).await?;
@@ -232,7 +238,7 @@ impl Feedback {
         }
         out.insert("name".into(), Value::String(vote.name));
         out.insert("value".into(), vote.value.to_json());
-        self.status_fields(&mut out, &status, trace_id);
+        self.status_fields(&mut out, &status, trace_id, request_id);
         Ok(json_response(StatusCode::OK, &Value::Object(out)))
     }
 
@@ -241,6 +247,7 @@ impl Feedback {
         out: &mut Map<String, Value>,
         status: &Status,
         trace_id: Option<String>,
+        request_id: &HeaderValue,
     ) {
         self.metrics
             .feedback_responses
@@ -255,7 +262,14 @@ impl Feedback {
         if let Some(a) = status.assessment_id() {
             out.insert("assessmentId".into(), Value::String(a.to_owned()));
         }
-        if let Status::Error { reason, .. } = status {
+        if let Status::Error { reason, detail, .. } = status {
+            // The client sees the short public reason; MLflow's own words (principal ids,
+            // experiment paths) go to the log under the request id.
+            tracing::warn!(
+                request_id = request_id.to_str().unwrap_or(""),
+                error = %detail,
+                "feedback delivery to MLflow failed permanently"
+            );
             out.insert("mlflowError".into(), Value::String(reason.clone()));
         }
     }
@@ -297,6 +311,7 @@ impl Feedback {
         req: Request<Incoming>,
         chat_id: &str,
         message_id: &str,
+        request_id: &HeaderValue,
     ) -> Result<Response<Body>, Error> {
         require_json(req.headers())?;
         let user = self.user(req.headers())?;
@@ -307,7 +322,10 @@ impl Feedback {
         if !self.config.names.contains_key(&name) {
             return Err(Error::bad_request(
                 "UNKNOWN_NAME",
-                format!("name: \"{name}\" is not an accepted assessment name"),
+                format!(
+                    "name: \"{}\" is not an accepted assessment name",
+                    crate::error::echo(&name)
+                ),
             ));
         }
         let key = VoteKey {
@@ -338,7 +356,7 @@ impl Feedback {
         let mut out = Map::new();
         out.insert("success".into(), Value::Bool(true));
         let trace_id = status.trace_id().map(str::to_owned).or(delivery.trace_id);
-        self.status_fields(&mut out, &status, trace_id);
+        self.status_fields(&mut out, &status, trace_id, request_id);
         Ok(json_response(StatusCode::OK, &Value::Object(out)))
     }
 

@@ -175,9 +175,17 @@ impl App {
             let limits = self.state.config.server.clone();
             let mut rx = stop_rx.clone();
             tokio::spawn(async move {
-                let handler = move |_req| {
+                // `/readyz` here is the detailed readiness (checks, delivery counts) that the
+                // public port no longer shows; every other path is the metrics.
+                let handler = move |req: http::Request<hyper::body::Incoming>| {
                     let state = state.clone();
-                    async move { app::scrape(&state).await }
+                    async move {
+                        if req.uri().path() == "/readyz" {
+                            app::ready_detailed(&state).await
+                        } else {
+                            app::scrape(&state).await
+                        }
+                    }
                 };
                 server::serve(
                     l,

@@ -24,7 +24,8 @@ use std::time::Instant;
 use http::header::{
     ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE,
     COOKIE, HOST, HeaderMap, HeaderName, HeaderValue, ORIGIN, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    PROXY_AUTHORIZATION, SET_COOKIE, STRICT_TRANSPORT_SECURITY, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
@@ -39,7 +40,7 @@ use sse::Inspector;
 use trace::HeaderId;
 
 use crate::auth::TokenSource;
-use crate::body::{Body, CollectError, body_timeout_in, collect_limited};
+use crate::body::{Body, ClientBodyError, CollectError, body_timeout_in, collect_limited};
 use crate::client::{ClientOptions, HttpClient};
 use crate::config::{AgentConfig, AgentRoute};
 use crate::error::{Error, UpstreamError, chain};
@@ -326,6 +327,17 @@ impl Proxy {
                     return Err(Error::RequestBodyTimeout { after });
                 }
                 let reason = chain(&e);
+                if let Some(body) = ClientBodyError::find(&e) {
+                    // The request body from the client broke (bad chunked framing, cut
+                    // short): a 400 and a client error, not an agent failure.
+                    return Err(Error::bad_request(
+                        "BODY_READ_FAILED",
+                        format!(
+                            "reading the request body failed: {}",
+                            chain(body.0.as_ref())
+                        ),
+                    ));
+                }
                 return Err(if e.is_connect() {
                     self.count_error("unreachable");
                     UpstreamError::Unreachable {
@@ -346,6 +358,7 @@ impl Proxy {
 
         let (mut rparts, rbody) = res.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
+        strip_agent_only(&mut rparts.headers, &self.config.pass_response_headers);
         let sse = is_event_stream(&rparts.headers);
         if sse {
             rparts.headers.insert(
@@ -577,6 +590,10 @@ fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap) {
             || IDENTITY_HEADERS.contains(name)
             || name == CONTENT_LENGTH
             || listed.contains(name)
+            // As nginx does by default (`underscores_in_headers off`): a CGI-style server maps
+            // `x_app_user_email` and `x-app-user-email` to the same variable, so an underscore
+            // name could smuggle an identity header past the rules above.
+            || name.as_str().contains('_')
         {
             continue;
         }
@@ -599,9 +616,68 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether an agent response header must not reach the browser. The agent is another origin
+/// behind the proxy's: a cookie, CORS grant or HSTS policy it sends would be taken by the
+/// browser as the proxy's own, and identity and proxy-owned headers are stated by the proxy
+/// alone.
+fn agent_must_not_set(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    *name == SET_COOKIE
+        || n == "set-cookie2"
+        || *name == STRICT_TRANSPORT_SECURITY
+        || n.starts_with("access-control-")
+        || n.starts_with("x-forwarded-")
+        || *name == APP_USER_EMAIL
+        || *name == X_MESSAGE_ID
+        || *name == X_REQUEST_ID
+}
+
+/// Removes what [`agent_must_not_set`] names, except the names in `allow`
+/// (`agent.pass_response_headers`).
+fn strip_agent_only(headers: &mut HeaderMap, allow: &[HeaderName]) {
+    // `HeaderMap` has no `retain` and cannot be changed while iterated, so one name is found
+    // and removed at a time. An agent sends a handful of headers and usually none of these:
+    // the common case is one scan, no clone, no allocation.
+    while let Some(name) = headers
+        .keys()
+        .find(|n| agent_must_not_set(n) && !allow.contains(n))
+        .cloned()
+    {
+        headers.remove(&name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_only_response_headers_are_dropped_unless_allowed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+            ("access-control-allow-origin", "*"),
+            ("access-control-allow-credentials", "true"),
+            ("strict-transport-security", "max-age=0"),
+            ("x-app-user-email", "someone@else"),
+            ("x-forwarded-email", "someone@else"),
+            ("x-message-id", "agent-chosen"),
+            ("x-request-id", "agent-chosen"),
+            ("content-type", "text/event-stream"),
+            ("x-mlflow-trace-id", "tr-1"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        let mut allowed = h.clone();
+        strip_agent_only(&mut h, &[]);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-mlflow-trace-id"]);
+        strip_agent_only(&mut allowed, &[SET_COOKIE]);
+        assert_eq!(allowed.get_all(SET_COOKIE).iter().count(), 2);
+        assert!(!allowed.contains_key("access-control-allow-origin"));
+    }
 
     #[test]
     fn request_header_rules() {

@@ -514,6 +514,41 @@ fn check_config_reports_an_unknown_key_or_a_bad_url_in_one_line() {
     }
 }
 
+/// Issue 12 finding 8: a malformed URL is quoted back without its password or credential-like
+/// query values.
+#[test]
+fn check_config_never_prints_credentials_from_a_bad_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            "[agent]\nurl = \"http://svc:hunter2@agent:notaport\"\n",
+            "agent.url",
+            "hunter2",
+        ),
+        (
+            "[agent]\nurl = \"http://agent.internal/x?token=abc123\"\n",
+            "agent.url",
+            "abc123",
+        ),
+        (
+            "[agent]\nurl = \"http://127.0.0.1:5056\"\n[mlflow]\ntracking_uri = \"ftp://svc:hunter2@mlflow\"\n",
+            "mlflow.tracking_uri",
+            "hunter2",
+        ),
+    ];
+    for (i, (toml_text, key, secret)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("case{i}.toml"));
+        std::fs::write(&path, toml_text).expect("write");
+        let path = path.to_str().expect("utf-8 path");
+        let out = run(&["check-config", "--config", path], &BTreeMap::new());
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(!out.status.success(), "{toml_text}");
+        assert!(all.contains(key), "{all}");
+        assert!(all.contains("<redacted>"), "{all}");
+        assert!(!all.contains(secret), "{secret} printed: {all}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // healthcheck
 

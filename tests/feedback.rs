@@ -1284,3 +1284,121 @@ async fn with_honoured_client_ids_a_lost_create_is_caught_by_its_id() {
     // Vote 0: one create. Vote 1: the lost create and its repeat (answered "already exists").
     assert_eq!(creates.load(Ordering::SeqCst), 3);
 }
+
+/// Issue 12 finding 8: `mlflowError` says status and MLflow's error code, never MLflow's
+/// message (it names the service principal and the experiment); that goes to the log under the
+/// request id. Uses a stand-in MLflow, no real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlflow_error_is_short_and_generic_and_the_details_are_logged() {
+    support::proxy::logs();
+    let fake = support::upstream::Upstream::start(move |req| async move {
+        if req.method == http::Method::GET {
+            return support::upstream::full(200, "application/json", r#"{"trace":{"trace_info":{"trace_id":"tr-00000000000000000000000000000abc","assessments":[]}}}"#);
+        }
+        support::upstream::full(403, "application/json", r#"{"error_code":"PERMISSION_DENIED","message":"Principal 7f3c1e2a-sp-secret-id does not have CAN_EDIT on /Users/owner@example.com/secret-experiment"}"#)
+    })
+    .await;
+    let proxy = TestProxy::start(&config(Some((&fake.url(), "1")), None, FAST_DELIVERY)).await;
+    link(
+        &proxy,
+        "m-403",
+        ALICE,
+        "c",
+        Some("tr-00000000000000000000000000000abc"),
+        None,
+    )
+    .await;
+    let res = send(
+        &h1(),
+        Request::post(proxy.url("/api/feedback"))
+            .header("content-type", "application/json")
+            .header("x-forwarded-email", ALICE)
+            .header("x-request-id", "req-mlflow-403"),
+        json!({"chatId": "c", "messageId": "m-403", "isUpvoted": true}).to_string(),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let v = body_json(res).await;
+    assert_eq!(v["mlflowStatus"], "mlflow_error", "{v}");
+    let e = v["mlflowError"].as_str().unwrap();
+    assert!(e.contains("403") && e.contains("PERMISSION_DENIED"), "{v}");
+    for secret in [
+        "7f3c1e2a",
+        "secret-experiment",
+        "owner@example.com",
+        "CAN_EDIT",
+    ] {
+        assert!(!e.contains(secret), "{secret} in {v}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !support::proxy::log_text()
+        .lines()
+        .any(|l| l.contains("req-mlflow-403") && l.contains("secret-experiment"))
+    {
+        assert!(Instant::now() < deadline, "the details are not in the log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 12 finding 8: values a client sends are echoed at most 64 characters long.
+#[tokio::test]
+async fn echoed_values_in_errors_are_cut_short() {
+    let proxy = TestProxy::start(&config(None, None, "")).await;
+    let long = "n".repeat(5000);
+    let res = send(
+        &h1(),
+        Request::delete(proxy.url(&format!("/api/feedback/c/m?name={long}")))
+            .header("content-type", "application/json")
+            .header("x-forwarded-email", ALICE),
+        "",
+    )
+    .await;
+    assert_eq!(res.status(), 400);
+    let v = body_json(res).await;
+    assert_eq!(v["code"], "UNKNOWN_NAME", "{v}");
+    let e = v["error"].as_str().unwrap();
+    assert!(e.contains('…') && !e.contains(&"n".repeat(65)), "{e}");
+    let (status, v) = vote(
+        &proxy,
+        ALICE,
+        json!({"chatId": "c", "messageId": "m", "isUpvoted": true, "name": long}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        !v["error"].as_str().unwrap().contains(&"n".repeat(65)),
+        "{v}"
+    );
+    let res = send(
+        &h1(),
+        Request::get(proxy.url(&format!("/{long}"))).header("x-forwarded-email", ALICE),
+        "",
+    )
+    .await;
+    assert_eq!(res.status(), 404);
+    let v = body_json(res).await;
+    assert!(
+        !v["error"].as_str().unwrap().contains(&"n".repeat(65)),
+        "{v}"
+    );
+}
+
+/// Issue 12: a key given twice in a vote body is ambiguous (serde_json would keep the last,
+/// another reader the first): 400 DUPLICATE_KEY naming the key, and nothing is stored.
+#[tokio::test]
+async fn a_vote_body_with_a_duplicate_key_is_400() {
+    let proxy = TestProxy::start(&config(None, None, "")).await;
+    let res = send(
+        &h1(),
+        Request::post(proxy.url("/api/feedback"))
+            .header("content-type", "application/json")
+            .header("x-forwarded-email", ALICE),
+        r#"{"chatId":"c-dup","messageId":"m-dup","isUpvoted":true,"isUpvoted":false}"#,
+    )
+    .await;
+    assert_eq!(res.status(), 400);
+    let v = body_json(res).await;
+    assert_eq!(v["code"], "DUPLICATE_KEY", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("isUpvoted"), "{v}");
+    assert_eq!(votes_of(&proxy, ALICE, "c-dup").await["votes"], json!({}));
+}

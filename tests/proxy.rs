@@ -281,18 +281,32 @@ async fn client_disconnect_cancels_the_upstream_request() {
     }
 }
 
+/// Issue 12 finding 8: the body says what failed and gives the request id; where (the agent's
+/// address) and why (the connect error) are in the log under that id.
 #[tokio::test]
-async fn unreachable_agent_is_502_json_naming_it() {
+async fn unreachable_agent_is_502_json_naming_it_only_in_the_log() {
+    logs();
     let addr = closed_port().await;
     let proxy = TestProxy::start(&config(&format!("http://{addr}"), "")).await;
-    let res = send(&h1(), post(&proxy.url("/invocations")), "{}").await;
+    let res = send(
+        &h1(),
+        post(&proxy.url("/invocations")).header("x-request-id", "req-unreachable-1"),
+        "{}",
+    )
+    .await;
     assert_eq!(res.status(), 502);
     let v = body_json(res).await;
     assert_eq!(v["code"], "UPSTREAM_UNREACHABLE");
-    assert!(
-        v["error"].as_str().unwrap().contains(&addr.to_string()),
-        "{v}"
-    );
+    assert_eq!(v["requestId"], "req-unreachable-1");
+    let error = v["error"].as_str().unwrap();
+    assert!(!error.contains(&addr.port().to_string()), "{v}");
+    assert!(!error.contains("127.0.0.1"), "{v}");
+    eventually("the error log", Duration::from_secs(2), || {
+        log_text()
+            .lines()
+            .any(|l| l.contains("req-unreachable-1") && l.contains(&addr.to_string()))
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -311,9 +325,10 @@ async fn silent_agent_is_504_after_the_header_timeout() {
     let v = body_json(res).await;
     assert_eq!(v["code"], "UPSTREAM_TIMEOUT");
     assert!(
-        v["error"].as_str().unwrap().contains(&addr.to_string()),
-        "{v}"
+        !v["error"].as_str().unwrap().contains(&addr.to_string()),
+        "the agent's address is for the log only: {v}"
     );
+    assert!(v["requestId"].is_string(), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,6 +357,14 @@ async fn a_stream_that_breaks_ends_with_an_error_event_and_the_proxy_keeps_servi
     let data: serde_json::Value =
         serde_json::from_str(last.trim_start_matches("event: error\ndata: ")).unwrap();
     assert_eq!(data["code"], "UPSTREAM_STREAM_BROKEN");
+    assert!(
+        !data["error"]
+            .as_str()
+            .unwrap()
+            .contains(&upstream.addr.to_string()),
+        "{data}"
+    );
+    assert!(data["requestId"].is_string(), "{data}");
 
     // Still serving.
     let res = send(&h1(), post(&proxy.url("/invocations")), "{}").await;
@@ -469,7 +492,7 @@ async fn oauth_one_token_request_for_a_burst_and_refresh_before_expiry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oauth_rejection_is_a_clear_502_and_an_error_log_without_the_secret() {
+async fn oauth_rejection_is_a_quiet_502_and_an_error_log_without_the_secret() {
     logs();
     let agent = Upstream::start(|_r| async { full(200, "application/json", "{}") }).await;
     let (tokens, count) = token_endpoint(3600, true).await;
@@ -490,11 +513,14 @@ async fn oauth_rejection_is_a_clear_502_and_an_error_log_without_the_secret() {
         assert_eq!(status, 502);
         assert_eq!(v["code"], "UPSTREAM_AUTH_FAILED");
         let msg = v["error"].as_str().unwrap();
+        // The identity provider's answer and the token endpoint are for the log only.
         assert!(
-            msg.contains("401") && msg.contains("invalid_client"),
+            !msg.contains("invalid_client") && !msg.contains("oidc"),
             "{msg}"
         );
+        assert!(!msg.contains(&tokens.addr.to_string()), "{msg}");
         assert!(!msg.contains("sp-SECRET-value"));
+        assert!(v["requestId"].is_string(), "{v}");
     }
     // The failure is shared by the burst instead of being retried per caller.
     assert_eq!(count.load(Ordering::SeqCst), 1);
@@ -556,4 +582,289 @@ async fn paths_map_onto_the_agents_base_path_with_the_query_kept() {
         .collect();
     let expected: Vec<&str> = cases.iter().map(|(_, want)| *want).collect();
     assert_eq!(seen, expected);
+}
+
+/// Finding 5 of issue 12: in trusted mode the identity is exactly one clean value; anything
+/// else is a 400 that never reaches the agent (or the feedback API), and underscore header
+/// names never reach the agent.
+#[tokio::test]
+async fn trusted_identity_must_be_exactly_one_clean_value() {
+    let upstream = Upstream::start(|_r| async { full(200, "application/json", "{}") }).await;
+    let proxy = TestProxy::start(&format!(
+        "[identity]\ntrust_forwarded_headers = true\n[agent]\nurl = \"{}\"\n",
+        upstream.url()
+    ))
+    .await;
+    let long = format!("{}@example.com", "a".repeat(255 - 12));
+    // (what, headers, expected code)
+    type Case = (&'static str, Vec<(&'static str, Vec<u8>)>, &'static str);
+    let cases: Vec<Case> = vec![
+        (
+            "a repeated header",
+            vec![
+                ("x-forwarded-email", b"alice@example.com".to_vec()),
+                ("x-forwarded-email", b"mallory@example.com".to_vec()),
+            ],
+            "AMBIGUOUS_IDENTITY",
+        ),
+        (
+            "a repeated lower-preference header",
+            vec![
+                ("x-forwarded-email", b"alice@example.com".to_vec()),
+                ("x-forwarded-user", b"1".to_vec()),
+                ("x-forwarded-user", b"2".to_vec()),
+            ],
+            "AMBIGUOUS_IDENTITY",
+        ),
+        (
+            "a comma list",
+            vec![(
+                "x-forwarded-email",
+                b"alice@example.com, mallory@example.com".to_vec(),
+            )],
+            "INVALID_IDENTITY",
+        ),
+        (
+            "a bidi override",
+            vec![(
+                "x-forwarded-email",
+                "alice\u{202E}moc.elpmaxe@".as_bytes().to_vec(),
+            )],
+            "INVALID_IDENTITY",
+        ),
+        (
+            "a zero-width space",
+            vec![(
+                "x-forwarded-email",
+                "ali\u{200B}ce@example.com".as_bytes().to_vec(),
+            )],
+            "INVALID_IDENTITY",
+        ),
+        (
+            "255 bytes",
+            vec![("x-forwarded-email", long.into_bytes())],
+            "INVALID_IDENTITY",
+        ),
+        (
+            "a blank preferred header is not skipped",
+            vec![
+                ("x-forwarded-email", b"".to_vec()),
+                ("x-forwarded-user", b"bob".to_vec()),
+            ],
+            "INVALID_IDENTITY",
+        ),
+    ];
+    for (what, headers, code) in cases {
+        for path in ["/invocations", "/api/feedback"] {
+            let mut req = post(&proxy.url(path));
+            for (k, v) in &headers {
+                req = req.header(*k, http::HeaderValue::from_bytes(v).unwrap());
+            }
+            let res = send(
+                &h1(),
+                req,
+                r#"{"chatId":"c","messageId":"m","isUpvoted":true}"#,
+            )
+            .await;
+            assert_eq!(res.status(), 400, "{what} on {path}");
+            let v = body_json(res).await;
+            assert_eq!(v["code"], code, "{what} on {path}: {v}");
+            assert!(!v["error"].as_str().unwrap().contains("mallory"), "{v}");
+        }
+    }
+    assert_eq!(upstream.count(), 0, "no refused request reached the agent");
+
+    // One clean value passes; underscore names (a CGI server reads x_app_user_email as
+    // x-app-user-email) are dropped on the way.
+    let res = send(
+        &h1(),
+        post(&proxy.url("/invocations"))
+            .header("x-forwarded-email", "alice@example.com")
+            .header("x_app_user_email", "mallory@example.com")
+            .header("x_forwarded_email", "mallory@example.com")
+            .header("x-custom_thing", "1"),
+        "{}",
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let got = &upstream.received()[0];
+    assert_eq!(got.headers["x-app-user-email"], "alice@example.com");
+    let underscored: Vec<&str> = got
+        .headers
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.contains('_'))
+        .collect();
+    assert!(underscored.is_empty(), "{underscored:?} reached the agent");
+}
+
+/// Finding 7 of issue 12: the agent is another origin; its cookies, CORS grants, HSTS policy,
+/// identity and proxy-owned headers do not reach the browser unless allowlisted.
+#[tokio::test]
+async fn agent_response_headers_for_the_proxys_origin_are_dropped() {
+    let upstream = Upstream::start(|_r| async {
+        let mut res = full(200, "application/json", "{}");
+        let h = res.headers_mut();
+        for (k, v) in [
+            ("set-cookie", "agent_session=1; Path=/"),
+            ("access-control-allow-origin", "*"),
+            ("access-control-allow-credentials", "true"),
+            ("strict-transport-security", "max-age=0"),
+            ("x-app-user-email", "someone@else.example"),
+            ("x-forwarded-email", "someone@else.example"),
+            ("x-message-id", "agent-chosen"),
+            ("x-request-id", "agent-chosen"),
+            ("x-agent-note", "kept"),
+        ] {
+            h.append(k, http::HeaderValue::from_static(v));
+        }
+        res
+    })
+    .await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let res = send(
+        &h1(),
+        post(&proxy.url("/invocations")).header("x-request-id", "req-mine"),
+        "{}",
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let h = res.headers();
+    for gone in [
+        "set-cookie",
+        "access-control-allow-origin",
+        "access-control-allow-credentials",
+        "strict-transport-security",
+        "x-app-user-email",
+        "x-forwarded-email",
+    ] {
+        assert!(!h.contains_key(gone), "{gone} reached the browser");
+    }
+    assert_eq!(h.get_all("x-message-id").iter().count(), 1);
+    assert_ne!(h["x-message-id"], "agent-chosen");
+    assert_eq!(h.get_all("x-request-id").iter().count(), 1);
+    assert_eq!(h["x-request-id"], "req-mine");
+    assert_eq!(h["x-agent-note"], "kept");
+
+    // An allowlisted name passes; the rest is still dropped.
+    let proxy = TestProxy::start(&config(
+        &upstream.url(),
+        "pass_response_headers = [\"set-cookie\"]\n",
+    ))
+    .await;
+    let res = send(&h1(), post(&proxy.url("/invocations")), "{}").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["set-cookie"], "agent_session=1; Path=/");
+    assert!(!res.headers().contains_key("access-control-allow-origin"));
+}
+
+/// Issue 12 finding 8: the public port's `/readyz` says ready or not and nothing else; the
+/// checks (hosts, connect errors, delivery counts) are on the metrics listener and, when not
+/// ready, in the log.
+#[tokio::test]
+async fn readyz_is_quiet_on_the_public_port_and_detailed_on_the_metrics_listener() {
+    logs();
+    let addr = closed_port().await;
+    let proxy =
+        TestProxy::start_with_metrics_listener(&config(&format!("http://{addr}"), "")).await;
+    let res = send(&h1(), Request::get(proxy.url("/readyz")), "").await;
+    assert_eq!(res.status(), 503);
+    let text = String::from_utf8(body_bytes(res).await.to_vec()).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+        serde_json::json!({"status": "not_ready"}),
+        "{text}"
+    );
+    eventually("the not-ready warning", Duration::from_secs(2), || {
+        log_text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("not ready") && l.contains(&addr.to_string()))
+    })
+    .await;
+
+    let res = send(&h1(), Request::get(proxy.metrics_url("/readyz")), "").await;
+    assert_eq!(res.status(), 503);
+    let v = body_json(res).await;
+    assert_eq!(v["status"], "not_ready");
+    assert_eq!(v["checks"]["agent"]["ok"], false);
+    assert!(
+        v["checks"]["agent"]["error"]
+            .as_str()
+            .unwrap()
+            .contains(&addr.to_string()),
+        "{v}"
+    );
+    assert_eq!(v["checks"]["store"]["ok"], true, "{v}");
+    assert!(v["deliveries"].is_object(), "{v}");
+    // The metrics listener still serves the metrics.
+    let res = send(&h1(), Request::get(proxy.metrics_url("/metrics")), "").await;
+    assert_eq!(res.status(), 200);
+    assert!(
+        String::from_utf8(body_bytes(res).await.to_vec())
+            .unwrap()
+            .contains("feedback_proxy_")
+    );
+
+    // Ready: the same two words, no checks.
+    let upstream = Upstream::start(|_r| async { full(200, "application/json", "{}") }).await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    let res = send(&h1(), Request::get(proxy.url("/readyz")), "").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(body_json(res).await, serde_json::json!({"status": "ready"}));
+}
+
+/// Issue 12 finding 10: a client whose chunked request body is malformed gets a 400, counted
+/// as a client error, not a 502 counted against the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_request_body_is_the_clients_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    logs();
+    let upstream = Upstream::start(|_r| async { full(200, "application/json", "{}") }).await;
+    let proxy = TestProxy::start(&config(&upstream.url(), "")).await;
+    // JSON (what agent routes accept) of unknown length: streamed on, never read for a peek.
+    // Twice, so that a second client on a fresh connection is served the same way.
+    for content_type in ["application/json", "application/json; charset=utf-8"] {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        // A first chunk the proxy streams on, then a chunk-size line that is not hex.
+        tcp.write_all(
+            format!(
+                "POST /invocations HTTP/1.1\r\nhost: proxy\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+                if got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}") {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "no answer within 10s");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 400"), "{content_type}: {text}");
+        assert!(text.contains("BODY_READ_FAILED"), "{text}");
+    }
+    let metrics = proxy.state.metrics.encode();
+    assert!(
+        metrics.contains(r#"feedback_proxy_http_requests_total{route="agent",status="400"} 2"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"status="502""#), "{metrics}");
+    assert!(
+        !metrics.contains(r#"feedback_proxy_upstream_errors_total{kind="protocol"}"#),
+        "{metrics}"
+    );
+    assert!(
+        !log_text().contains("UPSTREAM_ERROR"),
+        "logged as an agent failure"
+    );
 }

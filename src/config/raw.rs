@@ -81,6 +81,7 @@ pub struct RawAgent {
     pub max_concurrent_per_user: Option<usize>,
     pub link_buffer: Option<usize>,
     pub claim_timeout: Option<String>,
+    pub pass_response_headers: Option<Vec<String>>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
 }

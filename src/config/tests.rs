@@ -368,3 +368,24 @@ fn server_limits_have_defaults_and_are_validated() {
         assert!(err.keys().any(|k| k == key), "{text}: {err}");
     }
 }
+
+#[test]
+fn credentials_in_urls_never_appear_in_config_errors() {
+    for (url, secret) in [
+        ("http://svc:hunter2@agent:notaport", "hunter2"),
+        ("http://svc:hun/ter@2@agent", "ter@2"),
+        ("http://agent.internal/x?token=abc123&mode=1", "abc123"),
+        ("http://agent.internal/x?api_key=abc123", "abc123"),
+        ("ftp://svc:hunter2@agent", "hunter2"),
+    ] {
+        let err = Config::from_toml_str(&format!("[agent]\nurl = \"{url}\"\n"), &Env::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent.url"), "{err}");
+        assert!(!err.contains(secret), "{url}: {err}");
+    }
+    assert_eq!(
+        super::redact_url_text("http://u:p@h/x?Password=1&a=2#f"),
+        "http://u:<redacted>@h/x?Password=<redacted>&a=2#f"
+    );
+}

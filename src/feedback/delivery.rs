@@ -83,10 +83,12 @@ pub enum Status {
     NoTraceId,
     /// MLflow delivery is not configured.
     NoExperimentId,
-    /// Delivery gave up; the reason is short and safe to show.
+    /// Delivery gave up. `reason` is short and safe to show (status and MLflow's error code,
+    /// never the server's message); `detail` is for the log and the dead letter.
     Error {
         trace_id: Option<String>,
         reason: String,
+        detail: String,
     },
 }
 
@@ -515,6 +517,7 @@ impl Deliverer {
                 Status::Error {
                     trace_id: None,
                     reason: "the message belongs to another user".into(),
+                    detail: "the message belongs to another user".into(),
                 },
             ));
         }
@@ -890,7 +893,8 @@ impl Deliverer {
             },
             Status::Error {
                 trace_id: trace,
-                reason,
+                reason: e.public(),
+                detail: reason,
             },
         )
         .with_signal(signal)

@@ -2,8 +2,13 @@
 //! field and say what was expected.
 //!
 //! Unknown fields are ignored (clients may send more than we need); known fields must have the
-//! right type. Nothing here touches the store.
+//! right type. A key given twice in one object is refused (`DUPLICATE_KEY`): serde_json keeps
+//! the last silently, and another reader of the same body may keep the first. Nothing here
+//! touches the store.
 
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::config::{FeedbackConfig, ValueKinds};
@@ -50,11 +55,103 @@ fn required_id(obj: &Map<String, Value>, field: &str) -> Result<String, Error> {
     }
 }
 
+/// A JSON value parsed like `serde_json::Value`, except that an object with a key given twice is
+/// an error. serde_json has no option for this; a visitor that builds the `Value` itself checks
+/// each key as it inserts it, so there is no second pass and no extra allocation.
+struct Strict(Value);
+
+/// Prefix of the error a [`Strict`] parse fails with on a duplicate key.
+const DUPLICATE: &str = "duplicate key ";
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        Strict::deserialize(d).map(|s| s.0)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(format_args!(
+                    "{DUPLICATE}\"{}\"",
+                    crate::error::echo(&key)
+                )));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// Parses JSON, refusing duplicate keys at any depth.
+fn parse_strict(body: &[u8]) -> Result<Value, Error> {
+    match serde_json::from_slice::<Strict>(body) {
+        Ok(Strict(v)) => Ok(v),
+        // A data error can only be ours (a `Value` accepts any well-formed JSON).
+        Err(e) if e.is_data() => {
+            let msg = e.to_string();
+            let what = msg.strip_prefix(DUPLICATE).unwrap_or(&msg);
+            // serde_json appends " at line L column C"; the key is what matters.
+            let key = what.rsplit_once(" at line ").map_or(what, |(k, _)| k);
+            Err(Error::bad_request(
+                "DUPLICATE_KEY",
+                format!("the body gives the key {key} more than once"),
+            ))
+        }
+        Err(e) => Err(Error::bad_request(
+            "INVALID_JSON",
+            format!("the body is not valid JSON: {e}"),
+        )),
+    }
+}
+
 /// Parses and validates a vote body.
 pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, Error> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        Error::bad_request("INVALID_JSON", format!("the body is not valid JSON: {e}"))
-    })?;
+    let value = parse_strict(body)?;
     let Value::Object(obj) = value else {
         return Err(Error::bad_request(
             "INVALID_JSON",
@@ -285,6 +382,33 @@ mod tests {
             assert_eq!(got_code, want_code, "{body}: {text}");
             assert!(text.contains(want_text), "{body}: {text}");
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_naming_the_key() {
+        let (c, text) =
+            code(r#"{"chatId":"c","messageId":"m","isUpvoted":true,"isUpvoted":false}"#);
+        assert_eq!(c, "DUPLICATE_KEY");
+        assert!(text.contains("\"isUpvoted\""), "{text}");
+        let (c, text) =
+            code(r#"{"chatId":"c","messageId":"m","isUpvoted":true,"x":{"a":1,"a":2}}"#);
+        assert_eq!(c, "DUPLICATE_KEY");
+        assert!(text.contains("\"a\""), "{text}");
+        let long = "k".repeat(500);
+        let (c, text) = code(&format!(r#"{{"{long}":1,"{long}":2}}"#));
+        assert_eq!(c, "DUPLICATE_KEY");
+        assert!(text.len() < 160, "{text}");
+        // Equal values do not make a duplicate acceptable; distinct keys are fine.
+        assert_eq!(
+            code(r#"{"chatId":"c","chatId":"c","messageId":"m","isUpvoted":true}"#).0,
+            "DUPLICATE_KEY"
+        );
+        let v = parse_vote(
+            br#"{"chatId":"c","messageId":"m","isUpvoted":true,"extra":[{"a":1},{"a":2}],"n":1.5,"z":null}"#,
+            &cfg(),
+        )
+        .unwrap();
+        assert_eq!(v.value, FeedbackValue::Bool(true));
     }
 
     #[test]

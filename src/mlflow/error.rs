@@ -153,6 +153,24 @@ impl MlflowError {
         one_line(&line, SHORT_MAX_CHARS)
     }
 
+    /// What a client may be shown (`mlflowError`): the kind of failure, the HTTP status and
+    /// MLflow's error code when it is a plain code. Never the server's message: it names
+    /// service principals, experiment paths and trace ids.
+    pub fn public(&self) -> String {
+        let code = self.error_code.as_deref().filter(|c| {
+            !c.is_empty()
+                && c.len() <= 64
+                && c.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        });
+        match (self.status, code) {
+            (Some(s), Some(c)) => format!("MLflow refused the assessment (HTTP {s} {c})"),
+            (Some(s), None) => format!("MLflow refused the assessment (HTTP {s})"),
+            (None, Some(c)) => format!("MLflow could not be reached ({} {c})", self.kind.label()),
+            (None, None) => format!("MLflow could not be reached ({})", self.kind.label()),
+        }
+    }
+
     /// A transport failure of [`crate::client::HttpClient::exchange`].
     pub(crate) fn from_exchange(err: &ExchangeError) -> Self {
         let kind = match err {

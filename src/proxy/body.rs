@@ -369,7 +369,21 @@ impl ResponseBody {
 
     /// Ends with an error: SSE clients get a final `event: error`; other bodies fail (the client
     /// sees a truncated response, which is the honest signal for a non-event body).
-    fn fail(&mut self, reason: EndReason, code: &str, message: String) -> Option<BoxError> {
+    ///
+    /// The client's event carries `public` (no agent URL, no transport text) and the request
+    /// id; `message`, with the details, goes to the log.
+    fn fail(
+        &mut self,
+        reason: EndReason,
+        code: &str,
+        public: &str,
+        message: String,
+    ) -> Option<BoxError> {
+        let request_id = self
+            .end
+            .as_ref()
+            .map(|e| e.request_id.clone())
+            .unwrap_or_default();
         if reason == EndReason::Shutdown {
             // Not an upstream failure: no error count, no "ended early" warning.
             self.finish(reason, None);
@@ -380,7 +394,8 @@ impl ResponseBody {
         if self.sse {
             // Two newlines first: if the upstream died mid-event, this terminates the partial
             // line and event; at a clean boundary they are empty lines that dispatch nothing.
-            let payload = serde_json::json!({ "error": message, "code": code });
+            let payload =
+                serde_json::json!({ "error": public, "code": code, "requestId": request_id });
             let mut ev = b"\n\n".to_vec();
             ev.extend_from_slice(&sse_event("error", &payload));
             self.queue.push_back(Bytes::from(ev));
@@ -436,6 +451,7 @@ impl http_body::Body for ResponseBody {
                 if let Some(err) = this.fail(
                     EndReason::Shutdown,
                     "SHUTTING_DOWN",
+                    SHUTTING_DOWN,
                     SHUTTING_DOWN.to_owned(),
                 ) {
                     return Poll::Ready(Some(Err(err)));
@@ -466,9 +482,12 @@ impl http_body::Body for ResponseBody {
                         this.upstream_name(),
                         crate::error::chain(&e)
                     );
-                    if let Some(err) =
-                        this.fail(EndReason::UpstreamError, "UPSTREAM_STREAM_BROKEN", msg)
-                    {
+                    if let Some(err) = this.fail(
+                        EndReason::UpstreamError,
+                        "UPSTREAM_STREAM_BROKEN",
+                        "the agent's answer broke off",
+                        msg,
+                    ) {
                         return Poll::Ready(Some(Err(err)));
                     }
                 }
@@ -494,9 +513,12 @@ impl http_body::Body for ResponseBody {
                             this.upstream_name(),
                             humantime::format_duration(this.idle_timeout)
                         );
-                        if let Some(err) =
-                            this.fail(EndReason::IdleTimeout, "UPSTREAM_IDLE_TIMEOUT", msg)
-                        {
+                        if let Some(err) = this.fail(
+                            EndReason::IdleTimeout,
+                            "UPSTREAM_IDLE_TIMEOUT",
+                            "the agent stopped sending",
+                            msg,
+                        ) {
                             return Poll::Ready(Some(Err(err)));
                         }
                         break;

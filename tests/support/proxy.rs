@@ -21,6 +21,8 @@ pub struct TestProxy {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     pub dir: tempfile::TempDir,
+    /// The separate metrics listener, when started with one.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl TestProxy {
@@ -31,6 +33,22 @@ impl TestProxy {
     }
 
     pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_inner(config, env, false).await
+    }
+
+    /// The same with a separate metrics listener on 127.0.0.1:0 ([`TestProxy::metrics_url`]).
+    pub async fn start_with_metrics_listener(config: &str) -> Self {
+        Self::start_inner(config, &[], true).await
+    }
+
+    pub fn metrics_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.metrics_addr.expect("no metrics listener")
+        )
+    }
+
+    async fn start_inner(config: &str, env: &[(&str, &str)], metrics: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut text = config.to_owned();
         if !text.contains("[store]") {
@@ -43,11 +61,17 @@ impl TestProxy {
             .unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics_listener = if metrics {
+            Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        } else {
+            None
+        };
+        let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr().unwrap());
         let app = feedback_proxy::App::build(config).await.unwrap();
         let state = app.state().clone();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            app.serve(listener, None, async {
+            app.serve(listener, metrics_listener, async {
                 let _ = rx.await;
             })
             .await;
@@ -58,6 +82,7 @@ impl TestProxy {
             stop: Some(tx),
             task: Some(task),
             dir,
+            metrics_addr,
         }
     }
 
