@@ -226,7 +226,7 @@ async fn stalled_body_is_timed_out(head: &str, partial: &str, marker: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_content_length_body_gets_408_and_aborts_the_agent_request() {
     stalled_body_is_timed_out(
-        "POST /invocations HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/octet-stream\r\ncontent-length: 100\r\n\r\n",
+        "POST /invocations HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\nx-message-id: stall-length\r\nx-chat-id: stall\r\ncontent-length: 100\r\n\r\n",
         "0123456789",
         "0123456789",
     )
@@ -237,7 +237,7 @@ async fn a_stalled_content_length_body_gets_408_and_aborts_the_agent_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_body_without_end_gets_408_and_aborts_the_agent_request() {
     stalled_body_is_timed_out(
-        "POST /invocations HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+        "POST /invocations HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\nx-message-id: stall-chunked\r\nx-chat-id: stall\r\ntransfer-encoding: chunked\r\n\r\n",
         "5\r\nhello\r\n",
         "hello",
     )
@@ -448,7 +448,10 @@ async fn paced_h2_resets_get_goaway_and_a_bounded_number_of_agent_requests() {
                 }
             };
             client = ready;
-            let req = Request::post(uri.as_str()).body(()).unwrap();
+            let req = Request::post(uri.as_str())
+                .header("content-type", "application/json")
+                .body(())
+                .unwrap();
             match client.send_request(req, true) {
                 Ok((response, stream)) => {
                     open.push((response, stream));
