@@ -38,7 +38,8 @@ def make_traces(n):
             span.set_inputs({"q": i})
             span.set_outputs({"a": i})
         ids.append(span.trace_id)
-    mlflow.flush_trace_async_logging() if hasattr(mlflow, "flush_trace_async_logging") else None
+    if hasattr(mlflow, "flush_trace_async_logging"):
+        mlflow.flush_trace_async_logging()
     return ids
 
 
@@ -56,7 +57,7 @@ def assessment_body(trace_id, user, value):
 async def wait_traces(client, base, ids):
     for t in ids:
         for _ in range(600):
-            r = await client.get(f"{base}/api/3.0/mlflow/traces/{t}/info")
+            r = await client.get(f"{base}/api/3.0/mlflow/traces/{t}")
             if r.status_code == 200:
                 break
             await asyncio.sleep(0.05)
