@@ -114,7 +114,10 @@ def proxy_config(path, store, port, mlflow_url=None, experiment=None, extra=""):
 
 def start_proxy(binary, config, log):
     out = open(log, "ab")
-    return subprocess.Popen([binary, "serve", "--config", config], stdout=out, stderr=out, start_new_session=True)
+    # The MLflow client sets MLFLOW_TRACKING_URI in this process's environment, and the proxy
+    # reads MLFLOW_* as defaults: keep them from it, so that the first phase has no MLflow.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.Popen([binary, "serve", "--config", config], stdout=out, stderr=out, env=env, start_new_session=True)
 
 
 def stop(p):
