@@ -151,17 +151,15 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     res
 }
 
-/// How long a request body may go without progress (`server.request_body_timeout`). The server
-/// attaches it to every request's extensions; whoever reads a body wraps it with [`timed`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BodyTimeout(pub Duration);
-
 /// A request body as read by the handlers: the client's body under the progress timeout.
 pub type RequestBody = TimedBody<Incoming>;
 
-/// `body` under the progress timeout found in `extensions` (none if the server set none).
-pub fn timed(body: Incoming, extensions: &http::Extensions) -> RequestBody {
-    TimedBody::new(body, extensions.get::<BodyTimeout>().map(|t| t.0))
+/// `body` under the progress timeout `after` (`server.request_body_timeout`; `None`: none).
+/// Whoever reads a request body wraps it with this. (Handed to the handlers by their
+/// constructors rather than in each request's extensions: a first extension allocates a map
+/// per request.)
+pub fn timed(body: Incoming, after: Option<Duration>) -> RequestBody {
+    TimedBody::new(body, after)
 }
 
 /// The error a [`TimedBody`] fails with when the client stops sending.

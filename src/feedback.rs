@@ -49,6 +49,8 @@ pub struct Feedback {
     deliverer: Arc<Deliverer>,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     metrics: Arc<Metrics>,
+    /// `server.request_body_timeout`, for the votes' bodies.
+    body_timeout: Duration,
 }
 
 impl Feedback {
@@ -58,6 +60,7 @@ impl Feedback {
         store: SharedStore,
         deliverer: Arc<Deliverer>,
         metrics: Arc<Metrics>,
+        body_timeout: Duration,
     ) -> Self {
         let limiter = config.rate_limit.and_then(|rl| {
             let burst = NonZeroU32::new(rl.burst)?;
@@ -72,6 +75,7 @@ impl Feedback {
             deliverer,
             limiter,
             metrics,
+            body_timeout,
         }
     }
 
@@ -145,7 +149,7 @@ impl Feedback {
     ) -> Result<Response<Body>, Error> {
         require_json(req.headers())?;
         let user = self.user(req.headers())?;
-        let body = read_body(req, self.config.max_body_bytes).await?;
+        let body = read_body(req, self.config.max_body_bytes, self.body_timeout).await?;
         let vote = input::parse_vote(&body, &self.config)?;
 
         // Ownership: a vote is stored only on a message whose link names the voter. Links never
@@ -405,9 +409,12 @@ fn require_json(headers: &HeaderMap) -> Result<(), Error> {
 }
 
 /// The body of `req` (under `server.request_body_timeout`), at most `limit` bytes.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<bytes::Bytes, Error> {
-    let (parts, body) = req.into_parts();
-    let body = crate::body::timed(body, &parts.extensions);
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<bytes::Bytes, Error> {
+    let body = crate::body::timed(req.into_body(), Some(timeout));
     collect_limited(body, limit).await.map_err(|e| match e {
         CollectError::TooLarge { limit } => Error::PayloadTooLarge { limit },
         CollectError::Read(e) => match crate::body::body_timeout_in(e.as_ref()) {

@@ -105,6 +105,7 @@ impl App {
             store.clone(),
             links,
             metrics.clone(),
+            config.server.request_body_timeout,
         );
         let mlflow = config.mlflow.tracking_uri.clone().map(|base| {
             mlflow::MlflowClient::new(
@@ -128,6 +129,7 @@ impl App {
             store.clone(),
             deliverer.clone(),
             metrics.clone(),
+            config.server.request_body_timeout,
         );
         let ui = ui::Ui::new(&config.ui);
         let state = Arc::new(AppState {

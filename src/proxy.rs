@@ -19,7 +19,7 @@ pub mod streams;
 pub mod trace;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{
     ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE,
@@ -111,6 +111,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Open agent requests per user (`agent.max_concurrent_per_user`).
     limiter: UserLimiter,
+    /// `server.request_body_timeout`, for the request bodies forwarded.
+    body_timeout: Duration,
     /// Open response bodies, for shutdown to cut.
     streams: Arc<streams::OpenStreams>,
 }
@@ -122,6 +124,7 @@ impl Proxy {
         store: SharedStore,
         links: LinkRecorder,
         metrics: Arc<Metrics>,
+        body_timeout: Duration,
     ) -> Self {
         let client = HttpClient::new(&ClientOptions {
             connect_timeout: config.connect_timeout,
@@ -141,6 +144,7 @@ impl Proxy {
         });
         let limiter = UserLimiter::new(config.max_concurrent_per_user);
         Self {
+            body_timeout,
             limiter,
             client,
             config,
@@ -185,7 +189,7 @@ impl Proxy {
                 limit: self.limiter.limit(),
             })?;
         let (parts, incoming) = req.into_parts();
-        let incoming = crate::body::timed(incoming, &parts.extensions);
+        let incoming = crate::body::timed(incoming, Some(self.body_timeout));
         let route = fwd.route;
         let cap = self.config.max_rewrite_bytes;
 
@@ -359,7 +363,10 @@ impl Proxy {
         let (mut rparts, rbody) = res.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
         strip_agent_only(&mut rparts.headers, &self.config.pass_response_headers);
-        let sse = is_event_stream(&rparts.headers);
+        // One look at the media type serves both questions below.
+        let media = media_type(&rparts.headers);
+        let sse = media.is_some_and(is_event_stream_type);
+        let json_response = !sse && media.is_some_and(is_json_type);
         if sse {
             rparts.headers.insert(
                 CACHE_CONTROL,
@@ -384,9 +391,7 @@ impl Proxy {
         let inspector = match (&header_trace, sse) {
             (Some(_), _) => None,
             (None, true) => Some(Inspector::sse(self.config.max_inspect_bytes)),
-            (None, false) if is_json(&rparts.headers) => {
-                Some(Inspector::json(self.config.max_inspect_bytes))
-            }
+            (None, false) if json_response => Some(Inspector::json(self.config.max_inspect_bytes)),
             (None, false) => None,
         };
         let end = StreamEnd {
@@ -546,14 +551,24 @@ fn body_len(body: &Body) -> Option<u64> {
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
-    media_type(headers).is_some_and(|m| {
-        m.eq_ignore_ascii_case("application/json")
-            || (m.len() > 5 && m[m.len() - 5..].eq_ignore_ascii_case("+json"))
-    })
+    media_type(headers).is_some_and(is_json_type)
 }
 
+/// `application/json` or any `+json` type, given a media type without parameters.
+fn is_json_type(m: &str) -> bool {
+    m.eq_ignore_ascii_case("application/json")
+        || (m.len() > 5
+            && m.is_char_boundary(m.len() - 5)
+            && m[m.len() - 5..].eq_ignore_ascii_case("+json"))
+}
+
+#[cfg(test)]
 fn is_event_stream(headers: &HeaderMap) -> bool {
-    media_type(headers).is_some_and(|m| m.eq_ignore_ascii_case("text/event-stream"))
+    media_type(headers).is_some_and(is_event_stream_type)
+}
+
+fn is_event_stream_type(m: &str) -> bool {
+    m.eq_ignore_ascii_case("text/event-stream")
 }
 
 /// The media type of `content-type`, without parameters.
@@ -606,6 +621,11 @@ fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap) {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One scan of the few headers a response has, instead of nine hashed lookups: most
+    // responses carry none of these.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         for name in connection_listed(headers) {
             headers.remove(name);

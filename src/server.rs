@@ -10,7 +10,8 @@
 //! - no request in flight, on HTTP/1.1 and HTTP/2 alike: `idle_timeout`. Activity is an open
 //!   request or response, counted by the service, not bytes: answered HTTP/2 pings keep no
 //!   connection alive, and an open stream (a long SSE answer) always does;
-//! - a request body that stops arriving: `request_body_timeout` (408; see [`crate::body`]).
+//! - a request body that stops arriving: `request_body_timeout` (408; applied by the handlers
+//!   that read bodies, see [`crate::body::timed`]).
 //!
 //! At most `max_connections` are open per listener: at the cap the loop stops accepting, so new
 //! connections wait in the kernel's backlog and are served in order as soon as one closes (a
@@ -28,35 +29,32 @@
 //! after `cut_budget`, dropped. [`serve_with_cut`] returns only once every connection task has
 //! ended, so that nothing a connection does (its access line, its message link) happens later.
 
+mod track;
+
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use atomic_waker::AtomicWaker;
+use governor::Quota;
 use http::{Request, Response};
-use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{Body, BodyTimeout, BoxError};
+use crate::body::Body;
 use crate::config::ServerConfig;
+use track::{Tracked, Tracker, Watched};
 
-/// The HTTP/2 connection preface; a connection has identified itself once this many bytes came.
-const PREFACE_LEN: usize = 24;
 /// How long an idle connection told to go away may take to close before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// The least time between two "connection limit reached" warnings.
@@ -201,7 +199,6 @@ pub async fn serve_with_cut<H, F>(
 struct Lifetimes {
     handshake: Duration,
     idle: Duration,
-    body: Duration,
     reset_quota: Option<Quota>,
     created: Instant,
     /// When the last reset warning was logged, in milliseconds since `created` (0: never).
@@ -218,7 +215,6 @@ impl Lifetimes {
         Self {
             handshake: c.handshake_timeout,
             idle: c.idle_timeout,
-            body: c.request_body_timeout,
             reset_quota,
             created: Instant::now(),
             reset_warned_ms: AtomicU64::new(0),
@@ -240,7 +236,13 @@ impl Lifetimes {
     }
 }
 
-/// Serves one connection and watches its lifetimes; the slot is given back when it ends.
+/// Serves one connection; the slot is given back when it ends.
+///
+/// Its lifetimes are watched by a task of its own ([`watchdog`]) that sleeps until a deadline,
+/// the listener's stop or an abuse report, and tells this one what to do through a [`Signal`]
+/// (an atomic and a waker). The connection's own poll loop thus costs one atomic load per wake,
+/// where a `select!` over the stop token, the abuse notifier and a timer took two locks
+/// (tokio's `Notified` re-registers under its waiter list's mutex on every poll).
 async fn connection<H, F>(
     stream: TcpStream,
     peer: SocketAddr,
@@ -259,10 +261,8 @@ async fn connection<H, F>(
         seen: 0,
         track: track.clone(),
     });
-    let body_timeout = BodyTimeout(lifetimes.body);
     let service_track = track.clone();
-    let service = service_fn(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(body_timeout);
+    let service = service_fn(move |req: Request<Incoming>| {
         // Taken before the handler runs and moved into the response body: it counts the
         // request as in flight until the body ends, and as abandoned if dropped before that.
         let guard = service_track.begin();
@@ -275,6 +275,72 @@ async fn connection<H, F>(
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
 
+    let signal = Arc::new(Signal::default());
+    // Ends with the connection (dropped here, or with this task when the cut aborts it).
+    let _watchdog = AbortOnDrop(tokio::spawn(watchdog(
+        track,
+        lifetimes,
+        stop,
+        signal.clone(),
+        peer,
+    )));
+    let mut told_to_go = false;
+    let ended = std::future::poll_fn(|cx| {
+        signal.waker.register(cx.waker());
+        let told = signal.state.load(Ordering::Acquire);
+        if told & Signal::CLOSE != 0 {
+            return Poll::Ready(None);
+        }
+        if told & Signal::GO_AWAY != 0 && !told_to_go {
+            told_to_go = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        conn.as_mut().poll(cx).map(Some)
+    })
+    .await;
+    if let Some(Err(e)) = ended {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// What a connection's [`watchdog`] tells the connection: a bit set, then a wake-up.
+#[derive(Default)]
+struct Signal {
+    state: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    /// Finish what is in flight and close (HTTP/1.1: no keep-alive; HTTP/2: GOAWAY).
+    const GO_AWAY: u8 = 1;
+    /// Drop the connection now.
+    const CLOSE: u8 = 2;
+
+    fn tell(&self, what: u8) {
+        self.state.fetch_or(what, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Watches one connection's lifetimes (see the module's documentation) and tells it through
+/// `signal` when to go away or close. Wakes only on its own deadlines, the listener's stop and
+/// abuse reports: nothing per request.
+async fn watchdog(
+    track: Arc<Tracker>,
+    lifetimes: Arc<Lifetimes>,
+    stop: CancellationToken,
+    signal: Arc<Signal>,
+    peer: SocketAddr,
+) {
     let handshake_deadline = track.start + lifetimes.handshake;
     let first_check = handshake_deadline.min(track.start + lifetimes.idle);
     let timer = tokio::time::sleep_until(first_check.into());
@@ -283,37 +349,34 @@ async fn connection<H, F>(
     let mut stopping = false;
     // Set once an idle connection was told to go away: past it, it is dropped.
     let mut close_by: Option<Instant> = None;
+    let go_away = |going_away: &mut bool| {
+        if !*going_away {
+            *going_away = true;
+            signal.tell(Signal::GO_AWAY);
+        }
+    };
 
     loop {
         tokio::select! {
             biased;
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-                return;
-            }
             () = stop.cancelled(), if !stopping => {
                 stopping = true;
-                if !going_away {
-                    going_away = true;
-                    conn.as_mut().graceful_shutdown();
-                }
+                go_away(&mut going_away);
             }
             () = track.abusive.notified(), if !going_away => {
-                going_away = true;
                 const MSG: &str = "the client abandons requests faster than server.reset_rate allows: telling the connection to go away (HTTP/2 GOAWAY)";
                 if lifetimes.may_warn_resets() {
                     tracing::warn!(%peer, "{MSG}");
                 } else {
                     tracing::debug!(%peer, "{MSG}");
                 }
-                conn.as_mut().graceful_shutdown();
+                go_away(&mut going_away);
             }
             () = &mut timer => {
                 let now = Instant::now();
                 if !track.identified.load(Ordering::SeqCst) && now >= handshake_deadline {
                     tracing::debug!(%peer, "closing a connection that did not start HTTP within server.handshake_timeout");
+                    signal.tell(Signal::CLOSE);
                     return;
                 }
                 let idle = track.in_flight.load(Ordering::SeqCst) == 0;
@@ -322,6 +385,7 @@ async fn connection<H, F>(
                     if let Some(by) = close_by {
                         if now >= by {
                             tracing::debug!(%peer, "an idle connection did not close after being told to go away; closing it");
+                            signal.tell(Signal::CLOSE);
                             return;
                         }
                         next = by;
@@ -329,10 +393,7 @@ async fn connection<H, F>(
                         let idle_deadline = track.idle_since() + lifetimes.idle;
                         if now >= idle_deadline {
                             tracing::debug!(%peer, "closing a connection idle for server.idle_timeout");
-                            if !going_away {
-                                going_away = true;
-                                conn.as_mut().graceful_shutdown();
-                            }
+                            go_away(&mut going_away);
                             close_by = Some(now + CLOSE_GRACE);
                             next = now + CLOSE_GRACE;
                         } else {
@@ -346,175 +407,6 @@ async fn connection<H, F>(
                 timer.as_mut().reset(next.into());
             }
         }
-    }
-}
-
-/// What a connection's watchdog knows about it, updated by its IO, its service and its
-/// response bodies (atomics: they run on other tasks for HTTP/2).
-struct Tracker {
-    start: Instant,
-    /// The protocol is known: the HTTP/2 preface (or as many bytes) arrived, or a request
-    /// started.
-    identified: AtomicBool,
-    in_flight: AtomicUsize,
-    /// When the last request ended, in milliseconds since `start`.
-    idle_since_ms: AtomicU64,
-    /// Abandoned requests, as a token bucket (`server.reset_rate`).
-    resets: Option<DefaultDirectRateLimiter>,
-    /// Notified once when the client abandons requests too fast.
-    abusive: Notify,
-    flagged: AtomicBool,
-}
-
-impl Tracker {
-    fn new(reset_quota: Option<Quota>) -> Self {
-        Self {
-            start: Instant::now(),
-            identified: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            resets: reset_quota.map(RateLimiter::direct),
-            abusive: Notify::new(),
-            flagged: AtomicBool::new(false),
-        }
-    }
-
-    fn begin(self: &Arc<Self>) -> RequestGuard {
-        self.identified.store(true, Ordering::SeqCst);
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        RequestGuard {
-            track: self.clone(),
-            completed: false,
-        }
-    }
-
-    fn idle_since(&self) -> Instant {
-        self.start + Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst))
-    }
-
-    fn end(&self, completed: bool) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        // Before the decrement: whoever sees zero in flight also sees when it became idle.
-        self.idle_since_ms.fetch_max(ms, Ordering::SeqCst);
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if !completed {
-            if let Some(limiter) = &self.resets {
-                if limiter.check().is_err() && !self.flagged.swap(true, Ordering::SeqCst) {
-                    self.abusive.notify_one();
-                }
-            }
-        }
-    }
-}
-
-/// One request in flight; dropped when its response body ends or is dropped.
-struct RequestGuard {
-    track: Arc<Tracker>,
-    /// The response was sent in full (or failed on our side): not abandoned by the client.
-    completed: bool,
-}
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        self.track.end(self.completed);
-    }
-}
-
-/// A response body that reports to its connection's [`Tracker`] when it ends. One field check
-/// per frame; nothing allocated or locked.
-struct Tracked {
-    inner: Body,
-    guard: RequestGuard,
-}
-
-impl http_body::Body for Tracked {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            this.guard.completed = true;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        // hyper drops a body without polling it again once it says it has ended.
-        if http_body::Body::is_end_stream(&self.inner) {
-            self.guard.completed = true;
-        }
-    }
-}
-
-/// The connection's socket, noting when the protocol has been identified (the first
-/// [`PREFACE_LEN`] bytes arrived). hyper-util's version detection has no timeout of its own.
-struct Watched {
-    inner: TcpStream,
-    seen: usize,
-    track: Arc<Tracker>,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.seen < PREFACE_LEN {
-            this.seen += buf.filled().len() - before;
-            if this.seen >= PREFACE_LEN {
-                this.track.identified.store(true, Ordering::SeqCst);
-            }
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

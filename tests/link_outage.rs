@@ -182,6 +182,23 @@ async fn chat(proxy: &TestProxy, user: &str, message_id: Option<&str>, text: &st
     id
 }
 
+/// The trace id of `message_id`'s final link, once the link writer has stored it: the end of
+/// the stream hands the link to the writer, which writes it in the background (in batches).
+async fn final_trace_id(proxy: &TestProxy, message_id: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let link = proxy.state.store.get_link(message_id).await.unwrap();
+        if let Some(trace) = link.filter(|l| !l.open).and_then(|l| l.trace_id) {
+            return trace;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no final link with a trace id for {message_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn vote(proxy: &TestProxy, user: &str, message_id: &str) -> Value {
     let res = send(
         &h1(),
@@ -380,14 +397,7 @@ async fn a_vote_without_a_link_is_resolved_by_client_request_id_for_its_own_user
     let mallory = "mallory-crid@example.com";
     let message_id = format!("msg-crid-{:08x}", fastrand::u32(..));
     chat(&streamed_by, alice, Some(&message_id), "find me by my id").await;
-    let link = streamed_by
-        .state
-        .store
-        .get_link(&message_id)
-        .await
-        .unwrap()
-        .unwrap();
-    let trace = link.trace_id.unwrap();
+    let trace = final_trace_id(&streamed_by, &message_id).await;
     let (client, _) = client_with(&mlflow_url(), Duration::from_secs(5));
     wait_for_trace(&client, &trace, Duration::from_secs(20)).await;
     assert!(
@@ -448,15 +458,7 @@ async fn the_worker_resolves_waiting_votes_by_client_request_id() {
     let user = "waiting-crid@example.com";
     let message_id = format!("msg-wait-{:08x}", fastrand::u32(..));
     chat(&streamed_by, user, Some(&message_id), "resolve me later").await;
-    let trace = streamed_by
-        .state
-        .store
-        .get_link(&message_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .trace_id
-        .unwrap();
+    let trace = final_trace_id(&streamed_by, &message_id).await;
     let (client, _) = client_with(&mlflow_url(), Duration::from_secs(5));
     wait_for_trace(&client, &trace, Duration::from_secs(20)).await;
 

@@ -497,7 +497,7 @@ impl http_body::Body for ResponseBody {
                     // check the real silence and re-arm if a frame came in since.
                     loop {
                         if this.idle.as_mut().poll(cx).is_pending() {
-                            if this.cut.as_ref().is_some_and(|c| c.register(cx.waker())) {
+                            if this.cut.as_mut().is_some_and(|c| c.register(cx.waker())) {
                                 // Cut meanwhile: end at the top of the outer loop.
                                 break;
                             }

@@ -31,6 +31,12 @@ use crate::store::{LinkRecord, SharedStore, StoreError};
 const BATCH: usize = 512;
 /// Consecutive refused (not "unavailable") writes before the links are written one by one.
 const ATTEMPTS: u32 = 4;
+/// After the first link of a batch arrives, wait this long for more: a store transaction per
+/// handful of links costs far more than a millisecond's delay in recording them (a vote
+/// arriving in that window is still delivered: linking wakes it). Without it, links at 2,000
+/// requests/s went to the store three at a time (callgrind: ≈ 5 % more instructions per
+/// proxied request than with batches twice that size).
+const LINGER: Duration = Duration::from_millis(1);
 /// Backoff between retries while the store fails: doubles from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -243,7 +249,11 @@ async fn writer(
         }
         if let Wake::Links = wake {
             if held.is_empty() {
-                // The usual case: the store is up, write the batch at once.
+                // The usual case: the store is up; gather what comes within the linger, then
+                // write the batch.
+                if batch.len() < BATCH && !stopping {
+                    tokio::time::sleep(LINGER).await;
+                }
                 while batch.len() < BATCH {
                     match rx.try_recv() {
                         Ok(l) => batch.push(l),

@@ -6,12 +6,15 @@
 //! resolves once none is left.
 //!
 //! Why not a `CancellationToken` or `Notify` per body: polling either takes a lock on every
-//! poll, and a body is polled for every frame. Here a body registers its waker in its own
-//! lock-free [`AtomicWaker`] slot and reads one atomic flag; the registry's mutex is taken only
-//! when a stream starts or ends, and once by the cut.
+//! poll, and a body is polled for every frame. Here a body reads one atomic flag, and counts
+//! itself open with one atomic add. Only a body that has to wait for the agent (one that
+//! returns `Pending`) puts a lock-free [`AtomicWaker`] slot into the registry, once, for the
+//! cut to wake: the registry's mutex is taken when such a stream starts waiting and when it
+//! ends, and once by the cut. Most JSON answers arrive whole and never wait, so they cost
+//! two atomic operations instead of an allocation and two locked map updates.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Waker;
 
@@ -22,8 +25,11 @@ use tokio::sync::Notify;
 #[derive(Debug, Default)]
 pub struct OpenStreams {
     cut: AtomicBool,
+    /// Registered streams, waiting or not.
+    open: AtomicUsize,
     next: AtomicU64,
-    open: Mutex<HashMap<u64, Arc<AtomicWaker>>>,
+    /// The wakers of the streams that have waited at least once.
+    waiting: Mutex<HashMap<u64, Arc<AtomicWaker>>>,
     /// Signalled when the last registered stream ends.
     empty: Notify,
 }
@@ -35,18 +41,17 @@ impl OpenStreams {
 
     /// Registers a stream; it stays registered until the handle is dropped.
     pub fn register(self: &Arc<Self>) -> StreamHandle {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let waker = Arc::new(AtomicWaker::new());
-        self.lock().insert(id, waker.clone());
+        self.open.fetch_add(1, Ordering::SeqCst);
         StreamHandle {
-            id,
-            waker,
+            slot: None,
             streams: self.clone(),
         }
     }
 
     /// Tells every open stream (and every stream opened from now on) to end, and wakes them.
     pub fn cut(&self) {
+        // Before the wakers are read: a stream that puts its waker in after this read sees
+        // the flag when it checks it, right after (see [`StreamHandle::register`]).
         self.cut.store(true, Ordering::SeqCst);
         let wakers: Vec<Arc<AtomicWaker>> = self.lock().values().cloned().collect();
         for w in wakers {
@@ -60,7 +65,7 @@ impl OpenStreams {
 
     /// How many streams are registered.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.open.load(Ordering::SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -82,15 +87,15 @@ impl OpenStreams {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<AtomicWaker>>> {
         // The map stays consistent whatever panicked while holding it.
-        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 /// One stream's registration.
 #[derive(Debug)]
 pub struct StreamHandle {
-    id: u64,
-    waker: Arc<AtomicWaker>,
+    /// The stream's id and waker slot in the registry, once it has waited.
+    slot: Option<(u64, Arc<AtomicWaker>)>,
     streams: Arc<OpenStreams>,
 }
 
@@ -102,20 +107,27 @@ impl StreamHandle {
 
     /// Arranges for `waker` to be woken by a cut; returns whether the cut already happened
     /// (call before returning `Pending`).
-    pub fn register(&self, waker: &Waker) -> bool {
-        self.waker.register(waker);
+    pub fn register(&mut self, waker: &Waker) -> bool {
+        let slot = match &self.slot {
+            Some((_, slot)) => slot,
+            None => {
+                let id = self.streams.next.fetch_add(1, Ordering::Relaxed);
+                let slot = Arc::new(AtomicWaker::new());
+                self.streams.lock().insert(id, slot.clone());
+                &self.slot.insert((id, slot)).1
+            }
+        };
+        slot.register(waker);
         self.is_cut()
     }
 }
 
 impl Drop for StreamHandle {
     fn drop(&mut self) {
-        let empty = {
-            let mut open = self.streams.lock();
-            open.remove(&self.id);
-            open.is_empty()
-        };
-        if empty {
+        if let Some((id, _)) = self.slot.take() {
+            self.streams.lock().remove(&id);
+        }
+        if self.streams.open.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.streams.empty.notify_waiters();
         }
     }
@@ -133,7 +145,7 @@ mod tests {
 
     impl Future for UntilCut {
         type Output = ();
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
             if self.0.is_cut() || self.0.register(cx.waker()) {
                 Poll::Ready(())
             } else {
