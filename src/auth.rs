@@ -285,7 +285,7 @@ async fn fetch_oauth(
         return Err(AuthError::Rejected {
             endpoint: endpoint.to_owned(),
             status: parts.status.as_u16(),
-            reason: crate::error::one_line(&reason, 200),
+            reason: crate::text::one_line(&reason, 200),
         });
     }
     let body: OauthResponse = serde_json::from_slice(&bytes).map_err(|e| AuthError::Invalid {
@@ -336,7 +336,7 @@ async fn fetch_cli(program: &str, args: &[String], timeout: Duration) -> Result<
             reason: format!(
                 "exit status {}: {}",
                 output.status,
-                crate::error::one_line(stderr.trim(), 300)
+                crate::text::one_line(stderr.trim(), 300)
             ),
         });
     }

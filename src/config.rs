@@ -1183,7 +1183,7 @@ impl Validator {
                     &format!("agent.pass_response_headers[{i}]"),
                     format!(
                         "\"{}\" is not a valid header name",
-                        crate::error::one_line(h, 64)
+                        crate::text::one_line(h, 64)
                     ),
                 ),
             }

@@ -39,6 +39,7 @@ pub mod route;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 pub mod ui;
 
 use std::future::Future;

@@ -43,10 +43,11 @@ use crate::auth::TokenSource;
 use crate::body::{Body, ClientBodyError, CollectError, body_timeout_in, collect_limited};
 use crate::client::{ClientOptions, HttpClient};
 use crate::config::{AgentConfig, AgentRoute};
-use crate::error::{Error, UpstreamError, chain};
+use crate::error::{Error, UpstreamError};
 use crate::identity::{APP_USER_EMAIL, FORWARDED_ACCESS_TOKEN, IDENTITY_HEADERS};
 use crate::metrics::{KindLabel, Metrics};
 use crate::store::{Claim, LinkRecord, SharedStore};
+use crate::text::chain;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_MESSAGE_ID: HeaderName = HeaderName::from_static("x-message-id");
@@ -422,7 +423,7 @@ impl Proxy {
             },
             end,
         );
-        Ok(Response::from_parts(rparts, Body::Proxied(Box::new(body))))
+        Ok(Response::from_parts(rparts, Body::Proxied(Box::pin(body))))
     }
 
     /// The message id for this exchange and whether its open link is already written.

@@ -7,7 +7,7 @@
 //! reason. Nothing here ever holds a request body, a header or a token: the message is what the
 //! server or the transport said, cleaned of control characters and bounded in length.
 
-use crate::error::one_line;
+use crate::text::one_line;
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;

@@ -324,7 +324,7 @@ fn error_reason(bytes: &[u8], status: http::StatusCode) -> String {
         }) => m,
         _ => status.canonical_reason().unwrap_or("error").to_owned(),
     };
-    crate::error::one_line(&reason, 300)
+    crate::text::one_line(&reason, 300)
 }
 
 /// RFC 3339 with any UTC offset (humantime alone only takes `Z` / `+00:00`).

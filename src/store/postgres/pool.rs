@@ -21,8 +21,8 @@ use tokio_postgres::{Client, GenericClient, NoTls, Statement};
 use super::credentials::Credentials;
 use super::tls::{self, Tls};
 use crate::config::{Secret, SslMode};
-use crate::error::chain;
 use crate::store::StoreError;
+use crate::text::chain;
 
 /// A connection idle for longer than this is pinged before it is handed out (a closed socket
 /// is noticed without a ping; a silently dead peer is not).
