@@ -29,6 +29,7 @@ pub mod auth;
 pub mod body;
 pub mod client;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod feedback;
 pub mod identity;

@@ -45,8 +45,8 @@ pub use wire::UPDATE_MASK;
 use crate::auth::TokenSource;
 use crate::body::{APPLICATION_JSON, Body};
 use crate::client::HttpClient;
+use crate::domain::FeedbackValue;
 use crate::metrics::{Metrics, OperationLabel, OperationStatus};
-use crate::store::FeedbackValue;
 
 /// Everything but RFC 3986 unreserved characters is escaped in a path segment.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC

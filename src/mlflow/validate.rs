@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use super::MlflowError;
 use crate::config::valid_assessment_name;
-use crate::store::FeedbackValue;
+use crate::domain::FeedbackValue;
 
 /// The server's `assessment_id` column is 50 characters.
 pub const MAX_ASSESSMENT_ID_CHARS: usize = 50;

@@ -42,11 +42,15 @@ use deadpool::Runtime;
 use deadpool::managed::{Object, Pool, PoolError, TimeoutType};
 use url::Url;
 
-use super::*;
+use async_trait::async_trait;
+use std::time::Duration;
+
 use crate::auth::TokenSource;
 use crate::client::HttpClient;
 use crate::config::PgConnect;
+use crate::config::StoreConfig;
 use crate::metrics::{Metrics, OperationLabel};
+use crate::store::api::*;
 use credentials::Credentials;
 use pool::{Manager, Target, query_error};
 

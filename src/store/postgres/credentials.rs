@@ -32,7 +32,7 @@ use crate::auth::TokenSource;
 use crate::body::Body;
 use crate::config::{PasswordSource, PgConnect, Secret};
 use crate::metrics::SourceLabel;
-use crate::store::StoreError;
+use crate::store::api::StoreError;
 
 /// Mint a new credential this long before the cached one expires (a connection opened with
 /// it must still be able to log in; Lakebase tokens live an hour).

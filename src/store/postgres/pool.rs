@@ -21,7 +21,7 @@ use tokio_postgres::{Client, GenericClient, NoTls, Statement};
 use super::credentials::Credentials;
 use super::tls::{self, Tls};
 use crate::config::{Secret, SslMode};
-use crate::store::StoreError;
+use crate::store::api::StoreError;
 use crate::text::chain;
 
 /// A connection idle for longer than this is pinged before it is handed out (a closed socket
