@@ -11,6 +11,8 @@
 //! neither appears in logs or errors. This module does not decide which hop uses which source:
 //! see [`TokenSources`].
 
+pub mod password;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

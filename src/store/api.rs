@@ -430,3 +430,9 @@ pub struct Migrated {
     /// Schema version now (the newest this binary knows).
     pub to: i32,
 }
+
+impl From<crate::auth::password::PasswordError> for StoreError {
+    fn from(e: crate::auth::password::PasswordError) -> Self {
+        Self::Unavailable(e.0)
+    }
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::Row;
 
-use super::PgStore;
+use super::handle::PgStore;
 use super::pool::query_error;
 use crate::store::api::{
     AssessmentFact, Delivery, DeliveryCursor, DeliveryState, DeliveryStats, Finished, Outcome,

@@ -18,8 +18,8 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient, NoTls, Statement};
 
-use super::credentials::Credentials;
 use super::tls::{self, Tls};
+use crate::auth::password::Credentials;
 use crate::config::{Secret, SslMode};
 use crate::store::api::StoreError;
 use crate::text::chain;

@@ -2,9 +2,9 @@
 
 use tokio_postgres::Row;
 
+use super::handle::{PgStore, lock_messages};
 use super::outbox::delivery;
 use super::pool::query_error;
-use super::{PgStore, lock_messages};
 use crate::store::api::{
     AWAITING_TRACE, Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
 };
