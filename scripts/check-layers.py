@@ -110,7 +110,6 @@ def use_tree_paths(code, start):
 
     Returns (paths, end) where each path is (segments, offset)."""
     paths = []
-    i = start
 
     def skip_ws(i):
         while i < len(code) and code[i].isspace():
@@ -157,8 +156,7 @@ def use_tree_paths(code, start):
                 m2 = re.compile(r"\s*as\s+" + IDENT).match(code, j)
                 return m2.end() if m2 else i
 
-    i = tree([], i)
-    return paths, i
+    return paths, tree([], start)
 
 
 class Graph:
@@ -191,7 +189,6 @@ class Graph:
 
     def resolve(self, here, segs):
         """Absolute module a path names, from inline module `here` (a tuple), or None."""
-        file_mod = here
         segs = list(segs)
         if not segs:
             return None
@@ -218,7 +215,6 @@ class Graph:
             if full[:k] in self.files:
                 return full[:k]
         return None
-        del file_mod
 
     def local_children(self, here):
         names = set()
@@ -238,7 +234,7 @@ class Graph:
         self.inline_children = defaultdict(set)
         # First pass: inline module names, so bare paths to them are not mistaken.
         for mod, code in self.code.items():
-            for here, _m in self.walk(mod, code, record=True):
+            for _ in self.walk(mod, code, record=True):
                 pass
         for mod, code in self.code.items():
             path = self.files[mod]
@@ -254,9 +250,8 @@ class Graph:
                         hi = mid - 1
                 return lo + 1
 
-            for here, item in self.walk(mod, code):
-                segs_list = item
-                for segs, off in segs_list:
+            for here, paths in self.walk(mod, code):
+                for segs, off in paths:
                     target = self.resolve(here, segs)
                     if target is None or target == mod:
                         continue
@@ -385,6 +380,11 @@ def main(argv):
             rest.append(a)
     src = rest[0] if rest else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
     src = os.path.normpath(src)
+    root = os.path.dirname(src)
+
+    def show(path):
+        return os.path.relpath(path, root)
+
     g = Graph(src)
     g.load()
     g.scan()
@@ -393,7 +393,7 @@ def main(argv):
         for a in sorted(g.edges):
             for b in sorted(g.edges[a]):
                 f, line = g.edges[a][b]
-                print(f"{name(a)} -> {name(b)}  ({os.path.relpath(f)}:{line})")
+                print(f"{name(a)} -> {name(b)}  ({show(f)}:{line})")
 
     bad = False
     comps = [c for c in sccs(g.files, g.edges) if len(c) > 1]
@@ -404,14 +404,14 @@ def main(argv):
         cyc = shortest_cycle(comp[0], comp, g.edges)
         for a, b in zip(cyc, cyc[1:]):
             f, line = g.edges[a][b]
-            print(f"  {name(a)} -> {name(b)}  ({os.path.relpath(f)}:{line})")
+            print(f"  {name(a)} -> {name(b)}  ({show(f)}:{line})")
         if verbose:
             print("  every edge inside it:")
             for a in comp:
                 for b in sorted(g.edges.get(a, {})):
                     if b in comp:
                         f, line = g.edges[a][b]
-                        print(f"    {name(a)} -> {name(b)}  ({os.path.relpath(f)}:{line})")
+                        print(f"    {name(a)} -> {name(b)}  ({show(f)}:{line})")
 
     for mod in sorted(g.files):
         if mod in g.test_only:
@@ -421,7 +421,7 @@ def main(argv):
             lines = sum(1 for _ in f)
         if lines > limit:
             bad = True
-            print(f"{os.path.relpath(path)}: {lines} lines (limit {limit})")
+            print(f"{show(path)}: {lines} lines (limit {limit})")
 
     if bad:
         return 1

@@ -10,6 +10,10 @@
 //! Tokens are [`Secret`]s and the ready-made `authorization` header value is marked sensitive;
 //! neither appears in logs or errors. This module does not decide which hop uses which source:
 //! see [`TokenSources`].
+//!
+//! [`password`]: the password of each new Postgres connection (static, the app's OAuth token,
+//! or a minted Lakebase credential with its own cache); the store asks it and knows nothing of
+//! Databricks.
 
 pub mod password;
 

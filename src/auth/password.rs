@@ -10,8 +10,8 @@
 //!   `{"endpoint": ENDPOINT}` → `{"token", "expire_time"}`.
 //!
 //! Both Lakebase calls carry the app's OAuth bearer. A minted credential is cached until
-//! [`REFRESH_MARGIN`] before it expires, so a burst of new connections costs one call;
-//! concurrent callers share one fetch, and a failure is shared for [`FAILURE_MEMORY`] so a
+//! `REFRESH_MARGIN` before it expires, so a burst of new connections costs one call;
+//! concurrent callers share one fetch, and a failure is shared for `FAILURE_MEMORY` so a
 //! broken endpoint is not hammered. If minting fails while the current credential can still
 //! log in, that one is used (the endpoint is retried on a later connection); if the server
 //! refuses a cached credential, it is dropped. Postgres checks the password only at login, so

@@ -175,7 +175,7 @@ struct Attempt {
     fact: AssessmentFact,
     outcome: Outcome,
     status: Status,
-    /// What the attempt said about MLflow's capacity (for the worker's [`Pace`]).
+    /// What the attempt said about MLflow's capacity (for the worker's [`Pace`](super::pace::Pace)).
     signal: Signal,
 }
 

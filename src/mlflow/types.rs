@@ -12,7 +12,7 @@ use crate::domain::FeedbackValue;
 pub struct NewAssessment {
     /// A client-chosen id (≤ 50 characters of `[A-Za-z0-9._-]`), honoured by open-source MLflow
     /// and unique across all traces: makes a retried create fail with
-    /// [`MlflowErrorKind::AlreadyExists`] instead of creating a second assessment.
+    /// [`MlflowErrorKind::AlreadyExists`](super::MlflowErrorKind::AlreadyExists) instead of creating a second assessment.
     pub assessment_id: Option<String>,
     pub name: String,
     /// The HUMAN source's id: the user who voted.

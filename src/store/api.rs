@@ -422,7 +422,7 @@ pub trait Store: Send + Sync + 'static {
 /// A shared store handle.
 pub type SharedStore = Arc<dyn Store>;
 
-/// What [`migrate`] did.
+/// What [`migrate`](super::migrate) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Migrated {
     /// Schema version found.

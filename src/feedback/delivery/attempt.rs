@@ -1,6 +1,6 @@
 //! One delivery attempt against MLflow: find the trace (or the message's unlinked trace, by the
 //! proxy's client request id), then create, adopt, PATCH or DELETE the one assessment, and say
-//! what was learnt ([`Attempt`](super::Attempt)). What to do after a failure is `policy`.
+//! what was learnt ([`Attempt`]). What to do after a failure is `policy`.
 
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
