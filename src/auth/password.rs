@@ -46,9 +46,13 @@ pub struct PasswordDeps {
     pub metrics: std::sync::Arc<Metrics>,
 }
 
-/// Why no password could be had; the store reports it as unavailable.
+/// Why no password could be had; the store reports it as [`StoreError::Unavailable`] with the
+/// same text, and it prints as that error did when minting lived in the store (log lines are
+/// unchanged).
+///
+/// [`StoreError::Unavailable`]: crate::store::StoreError::Unavailable
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
+#[error("the store is unavailable: {0}")]
 pub struct PasswordError(pub String);
 
 /// Mint a new credential this long before the cached one expires (a connection opened with
