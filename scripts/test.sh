@@ -37,6 +37,7 @@ step() { printf '\n==> %s\n' "$*"; }
 step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+python3 scripts/check-layers.py
 
 for lib in scripts/lib/*.sh; do
   # shellcheck source=/dev/null

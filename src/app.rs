@@ -143,8 +143,8 @@ async fn dispatch(
         Route::Ui => state.ui.serve(req.method(), req.uri().path()).await,
         Route::NotFound => Err(Error::NotFound(format!(
             "no route for {} {}",
-            crate::error::echo(req.method().as_str()),
-            crate::error::echo(req.uri().path())
+            crate::text::echo(req.method().as_str()),
+            crate::text::echo(req.uri().path())
         ))),
     }
 }

@@ -10,6 +10,12 @@
 //! Tokens are [`Secret`]s and the ready-made `authorization` header value is marked sensitive;
 //! neither appears in logs or errors. This module does not decide which hop uses which source:
 //! see [`TokenSources`].
+//!
+//! [`password`]: the password of each new Postgres connection (static, the app's OAuth token,
+//! or a minted Lakebase credential with its own cache); the store asks it and knows nothing of
+//! Databricks.
+
+pub mod password;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -285,7 +291,7 @@ async fn fetch_oauth(
         return Err(AuthError::Rejected {
             endpoint: endpoint.to_owned(),
             status: parts.status.as_u16(),
-            reason: crate::error::one_line(&reason, 200),
+            reason: crate::text::one_line(&reason, 200),
         });
     }
     let body: OauthResponse = serde_json::from_slice(&bytes).map_err(|e| AuthError::Invalid {
@@ -336,7 +342,7 @@ async fn fetch_cli(program: &str, args: &[String], timeout: Duration) -> Result<
             reason: format!(
                 "exit status {}: {}",
                 output.status,
-                crate::error::one_line(stderr.trim(), 300)
+                crate::text::one_line(stderr.trim(), 300)
             ),
         });
     }

@@ -1,7 +1,10 @@
 //! The one body type used for every request and response the proxy handles.
 //!
-//! An enum rather than a boxed trait object: the streaming variants are polled on the hot path,
-//! and a `match` costs less than a virtual call and needs no allocation per request.
+//! An enum rather than one boxed trait object: the streaming variants are polled on the hot path,
+//! and a `match` costs less than a virtual call and needs no allocation per request. The one
+//! exception is the agent's response stream ([`Body::Proxied`]), boxed already: it is a
+//! [`ProxiedBody`] trait object so that this leaf module names nothing from `proxy` (one
+//! virtual call per frame).
 //! Helpers here build the small JSON answers the proxy produces itself; proxied bodies are never
 //! collected (see `proxy::ResponseBody`), and bodies the proxy must read are collected only under
 //! a cap ([`collect_limited`]).
@@ -18,10 +21,19 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::ResponseBody;
-
 /// Errors carried by a body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A streamed response body behind [`Body::Proxied`] (in practice `proxy::ResponseBody`).
+pub trait ProxiedBody:
+    http_body::Body<Data = Bytes, Error = BoxError> + Send + std::fmt::Debug
+{
+}
+
+impl<B> ProxiedBody for B where
+    B: http_body::Body<Data = Bytes, Error = BoxError> + Send + std::fmt::Debug
+{
+}
 
 /// A request or response body.
 #[derive(Debug, Default)]
@@ -35,7 +47,7 @@ pub enum Body {
     /// progress timeout).
     Incoming(RequestBody),
     /// An agent's response streamed back through the inspector.
-    Proxied(Box<ResponseBody>),
+    Proxied(Pin<Box<dyn ProxiedBody>>),
 }
 
 impl Body {
@@ -65,7 +77,7 @@ impl http_body::Body for Body {
             Self::Incoming(inner) => Pin::new(inner)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(ClientBodyError(e)) as BoxError),
-            Self::Proxied(inner) => Pin::new(inner.as_mut()).poll_frame(cx),
+            Self::Proxied(inner) => inner.as_mut().poll_frame(cx),
         }
     }
 

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{Body, CollectError, collect_limited};
-use crate::error::chain;
+use crate::text::chain;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 

@@ -328,7 +328,7 @@ impl Feedback {
                 "UNKNOWN_NAME",
                 format!(
                     "name: \"{}\" is not an accepted assessment name",
-                    crate::error::echo(&name)
+                    crate::text::echo(&name)
                 ),
             ));
         }

@@ -62,7 +62,7 @@ impl Ui {
 }
 
 fn not_found(path: &str) -> Error {
-    Error::NotFound(format!("no route for {}", crate::error::echo(path)))
+    Error::NotFound(format!("no route for {}", crate::text::echo(path)))
 }
 
 async fn serve_dir(root: &Path, path: &str, head: bool) -> Result<Response<Body>, Error> {

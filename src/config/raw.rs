@@ -1,7 +1,7 @@
 //! The configuration file exactly as written: serde structs mirroring the TOML.
 //!
-//! Nothing here is validated beyond its TOML type; `config.rs` turns these into the typed
-//! [`Config`](super::Config). Every table denies unknown keys, so a typo is an error that names
+//! Nothing here is validated beyond its TOML type; the section modules of `config` turn these
+//! into the typed [`Config`](super::Config). Every table denies unknown keys, so a typo is an error that names
 //! the key instead of a silently ignored setting.
 
 use std::collections::BTreeMap;

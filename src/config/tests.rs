@@ -1,3 +1,8 @@
+use std::path::Path;
+use std::time::Duration;
+
+use url::Url;
+
 use super::*;
 
 fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {

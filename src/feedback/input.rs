@@ -117,7 +117,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format_args!(
                     "{DUPLICATE}\"{}\"",
-                    crate::error::echo(&key)
+                    crate::text::echo(&key)
                 )));
             }
             let Strict(v) = map.next_value()?;
@@ -172,7 +172,7 @@ pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, E
             "UNKNOWN_NAME",
             format!(
                 "name: \"{}\" is not an accepted assessment name (accepted: {})",
-                crate::error::one_line(&name, 64),
+                crate::text::one_line(&name, 64),
                 accepted.join(", ")
             ),
         ));

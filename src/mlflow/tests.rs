@@ -2,9 +2,12 @@
 //! real MLflow 3.17.2 (`tests/fixtures/samples`). Failure classification is tested in
 //! `error.rs`; the client against real and fake servers in `tests/mlflow.rs`.
 
+use std::collections::BTreeMap;
+
 use serde_json::{Value, json};
 
 use super::*;
+use crate::domain::FeedbackValue;
 
 fn sample(name: &str) -> Value {
     let path = format!(

@@ -11,9 +11,9 @@
 
 use std::collections::BTreeMap;
 
-use super::MlflowError;
+use super::error::MlflowError;
 use crate::config::valid_assessment_name;
-use crate::store::FeedbackValue;
+use crate::domain::FeedbackValue;
 
 /// The server's `assessment_id` column is 50 characters.
 pub const MAX_ASSESSMENT_ID_CHARS: usize = 50;
@@ -181,7 +181,7 @@ fn preview(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mlflow::MlflowErrorKind;
+    use crate::mlflow::error::MlflowErrorKind;
 
     fn invalid<T: std::fmt::Debug>(r: Result<T, MlflowError>) -> String {
         let e = r.expect_err("should be rejected");

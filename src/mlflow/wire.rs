@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Assessment, AssessmentUpdate, NewAssessment, TraceInfo};
+use super::types::{Assessment, AssessmentUpdate, NewAssessment, TraceInfo};
 
 /// `update_mask` for a vote change. The paths are camelCase: snake_case paths (or a
 /// `{"paths": [...]}` object) are accepted with 200 and change nothing (CONTRACT §5.2).

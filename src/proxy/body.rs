@@ -480,7 +480,7 @@ impl http_body::Body for ResponseBody {
                     let msg = format!(
                         "the agent at {} broke the stream: {}",
                         this.upstream_name(),
-                        crate::error::chain(&e)
+                        crate::text::chain(&e)
                     );
                     if let Some(err) = this.fail(
                         EndReason::UpstreamError,

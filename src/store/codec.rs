@@ -7,7 +7,7 @@
 
 use std::time::SystemTime;
 
-use super::{
+use super::api::{
     AssessmentFact, DeliveryState, Desired, Enqueue, FeedbackValue, Finished, Outcome, StoreError,
 };
 

@@ -3,8 +3,8 @@
 //! - `pool`: connections (hosts, `sslmode`, a fresh password per connection), the deadpool
 //!   manager that replaces closed, old and unresponsive connections;
 //! - `tls`: rustls with libpq `sslmode` semantics and readable TLS errors;
-//! - `credentials`: static passwords, the app's OAuth token, or minted Lakebase credentials
-//!   (cached until shortly before they expire);
+//! - passwords (static, the app's OAuth token, or minted Lakebase credentials cached until
+//!   shortly before they expire) come from `auth::password`;
 //! - `migrate`: versioned migrations under a session advisory lock;
 //! - `links`, `votes`, `outbox`: the [`Store`] operations, each with its SQL next to it.
 //!
@@ -27,7 +27,7 @@ macro_rules! delivery_columns {
     };
 }
 
-mod credentials;
+mod handle;
 mod links;
 mod migrate;
 mod outbox;
@@ -35,41 +35,19 @@ mod pool;
 mod tls;
 mod votes;
 
-use std::future::Future;
 use std::sync::Arc;
 
-use deadpool::Runtime;
-use deadpool::managed::{Object, Pool, PoolError, TimeoutType};
-use url::Url;
+use async_trait::async_trait;
+use std::time::Duration;
 
-use super::*;
-use crate::auth::TokenSource;
-use crate::client::HttpClient;
 use crate::config::PgConnect;
-use crate::metrics::{Metrics, OperationLabel};
-use credentials::Credentials;
-use pool::{Manager, Target, query_error};
-
-/// First key of the per-message transaction advisory locks (`pg_advisory_xact_lock(int4,
-/// int4)`); the second is `hashtext(message_id)`. Arbitrary, chosen to be unlikely to collide
-/// with another application's locks in the same database.
-const MESSAGE_LOCK: i32 = 0x0fb4_5e11;
+use crate::config::StoreConfig;
+use crate::store::api::*;
+use pool::query_error;
 
 /// What the Postgres backend needs from the rest of the process (password sources).
-#[derive(Clone)]
-pub struct Deps {
-    /// The app's Databricks OAuth token source (used by Databricks password sources).
-    pub databricks: TokenSource,
-    pub databricks_host: Option<Url>,
-    pub http: HttpClient,
-    pub metrics: Arc<Metrics>,
-}
-
-/// The Postgres store: a connection pool (whose connections all work in the proxy's schema).
-pub struct PgStore {
-    pool: Pool<Manager>,
-    metrics: Arc<Metrics>,
-}
+pub use crate::auth::password::PasswordDeps as Deps;
+pub use handle::PgStore;
 
 /// Connects (and migrates, if configured; otherwise checks the schema version). Fails if the
 /// database cannot be reached, so that a misconfigured proxy does not start.
@@ -106,111 +84,6 @@ pub async fn migrate(
     let store = PgStore::new(pg, config, deps)?;
     let mut conn = store.pool.manager().connect().await?;
     migrate::run(&mut conn.client, &config.schema).await
-}
-
-impl PgStore {
-    fn new(pg: &PgConnect, config: &StoreConfig, deps: Deps) -> Result<Self, StoreError> {
-        if pg.hosts.is_empty() {
-            return Err(StoreError::Unavailable(
-                "no Postgres host configured".to_owned(),
-            ));
-        }
-        let timeout = config.connect_timeout;
-        let manager = Manager {
-            target: Target {
-                hosts: pg.hosts.clone(),
-                port: pg.port,
-                user: pg.user.clone(),
-                dbname: pg.dbname.clone(),
-                application_name: pg
-                    .application_name
-                    .clone()
-                    .unwrap_or_else(|| "feedback-proxy".to_owned()),
-                connect_timeout: timeout,
-                statement_timeout: config.statement_timeout,
-                schema: config.schema.clone(),
-            },
-            tls: tls::Tls::new(pg.sslmode, pg.sslrootcert.as_deref())?,
-            credentials: Credentials::new(pg, &config.password, deps.clone(), timeout),
-            max_lifetime: config.max_lifetime,
-        };
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(timeout))
-            // The manager bounds connecting by `timeout` itself, with a better message; this
-            // is only a backstop.
-            .create_timeout(Some(timeout + std::time::Duration::from_secs(1)))
-            .recycle_timeout(Some(timeout))
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("cannot build the pool: {e}")))?;
-        Ok(Self {
-            pool,
-            metrics: deps.metrics,
-        })
-    }
-
-    /// A pooled connection, within `connect_timeout`.
-    async fn conn(&self) -> Result<Object<Manager>, StoreError> {
-        let got = self.pool.get().await;
-        self.publish_pool_status();
-        got.map_err(|e| match e {
-            PoolError::Backend(e) => e,
-            PoolError::Timeout(TimeoutType::Wait) => StoreError::Unavailable(format!(
-                "all {} database connections are busy (waited {})",
-                self.pool.status().max_size,
-                humantime::format_duration(self.pool.manager().target.connect_timeout)
-            )),
-            PoolError::Timeout(TimeoutType::Create) => {
-                StoreError::Unavailable("opening a database connection timed out".to_owned())
-            }
-            PoolError::Timeout(TimeoutType::Recycle) => StoreError::Unavailable(
-                "checking a pooled database connection timed out".to_owned(),
-            ),
-            PoolError::Closed => StoreError::Unavailable("the store is closed".to_owned()),
-            other => StoreError::Unavailable(format!("database pool: {other}")),
-        })
-    }
-
-    fn publish_pool_status(&self) {
-        let s = self.pool.status();
-        self.metrics.store_pool_size.set(s.size as i64);
-        self.metrics.store_pool_available.set(s.available as i64);
-    }
-
-    /// Runs one operation, counting its failure under `operation`.
-    async fn run<T>(
-        &self,
-        operation: &'static str,
-        op: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        let r = op.await;
-        if let Err(e) = &r {
-            self.metrics
-                .store_errors
-                .get_or_create(&OperationLabel { operation })
-                .inc();
-            tracing::debug!(operation, error = %e, "store operation failed");
-        }
-        r
-    }
-}
-
-/// Takes the per-message advisory locks for `message_ids` (deduplicated, in key order so that
-/// two transactions locking several messages cannot deadlock), held until the transaction
-/// ends.
-async fn lock_messages(
-    tx: &tokio_postgres::Transaction<'_>,
-    statements: &mut pool::Statements,
-    message_ids: &[&str],
-) -> Result<(), StoreError> {
-    const SQL: &str = "SELECT pg_advisory_xact_lock($1::int4, h)
-        FROM (SELECT DISTINCT hashtext(m) AS h FROM unnest($2::text[]) AS m ORDER BY h) AS keys";
-    let stmt = statements.get(tx, SQL).await?;
-    tx.execute(&stmt, &[&MESSAGE_LOCK, &message_ids])
-        .await
-        .map_err(query_error)?;
-    Ok(())
 }
 
 #[async_trait]

@@ -41,8 +41,13 @@ use std::sync::mpsc;
 
 use rusqlite::Connection;
 
-use super::*;
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::StoreConfig;
 use crate::metrics::{Metrics, OperationLabel};
+use crate::store::api::*;
 
 /// How long a statement waits for a lock held by another process before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 
 use tokio_postgres::Row;
 
+use super::handle::{PgStore, lock_messages};
 use super::pool::query_error;
-use super::{PgStore, lock_messages};
-use crate::store::{Claim, LinkRecord, MessageLink, StoreError};
+use crate::store::api::{Claim, LinkRecord, MessageLink, StoreError};
 
 pub(super) async fn claim_message(store: &PgStore, link: &LinkRecord) -> Result<Claim, StoreError> {
     const INSERT: &str = "INSERT INTO message_links

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use super::pool::query_error;
-use crate::store::{Migrated, StoreError};
+use crate::store::api::{Migrated, StoreError};
 
 struct Migration {
     version: i32,

@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use tokio_postgres::Row;
 
-use super::PgStore;
+use super::handle::PgStore;
 use super::pool::query_error;
-use crate::store::codec::{self, millis};
-use crate::store::{
+use crate::store::api::{
     AssessmentFact, Delivery, DeliveryCursor, DeliveryState, DeliveryStats, Finished, Outcome,
     StoreError, Ticket, VoteKey,
 };
+use crate::store::codec::{self, millis};
 
 /// Decodes a row selected with `delivery_columns!()`.
 pub(super) fn delivery(row: &Row) -> Result<Delivery, StoreError> {

@@ -18,11 +18,11 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient, NoTls, Statement};
 
-use super::credentials::Credentials;
 use super::tls::{self, Tls};
+use crate::auth::password::Credentials;
 use crate::config::{Secret, SslMode};
-use crate::error::chain;
-use crate::store::StoreError;
+use crate::store::api::StoreError;
+use crate::text::chain;
 
 /// A connection idle for longer than this is pinged before it is handed out (a closed socket
 /// is noticed without a ping; a silently dead peer is not).

@@ -25,7 +25,7 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::SslMode;
-use crate::store::StoreError;
+use crate::store::api::StoreError;
 
 /// The TLS side of a connection setup: the mode and, unless it is `disable`, the connector.
 #[derive(Clone)]

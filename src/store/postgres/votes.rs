@@ -2,13 +2,13 @@
 
 use tokio_postgres::Row;
 
+use super::handle::{PgStore, lock_messages};
 use super::outbox::delivery;
 use super::pool::query_error;
-use super::{PgStore, lock_messages};
-use crate::store::codec::{self, DESIRED_DELETE};
-use crate::store::{
+use crate::store::api::{
     AWAITING_TRACE, Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
 };
+use crate::store::codec::{self, DESIRED_DELETE};
 
 pub(super) async fn upsert_vote(
     store: &PgStore,

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, Row, TransactionBehavior};
 
+use crate::store::api::{Delivery, StoreError, VoteKey};
 use crate::store::codec;
-use crate::store::{Delivery, StoreError, VoteKey};
 
 pub(super) fn now_ms() -> i64 {
     to_ms(SystemTime::now())

@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension};
 
 use super::conn::{from_ms, immediate, now_ms, sql_error};
-use crate::store::{Claim, LinkRecord, MessageLink, StoreError};
+use crate::store::api::{Claim, LinkRecord, MessageLink, StoreError};
 
 pub(super) fn claim_message(conn: &mut Connection, link: &LinkRecord) -> Result<Claim, StoreError> {
     let now = now_ms();

@@ -8,7 +8,7 @@
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use super::conn::{now_ms, sql_error};
-use crate::store::{Migrated, StoreError};
+use crate::store::api::{Migrated, StoreError};
 
 struct Migration {
     version: i32,

@@ -7,11 +7,11 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::conn::{deliveries, delivery, millis, now_ms, raw_delivery, sql_error, to_ms};
-use crate::store::codec;
-use crate::store::{
+use crate::store::api::{
     AssessmentFact, Delivery, DeliveryCursor, DeliveryState, DeliveryStats, Finished, Outcome,
     StoreError, Ticket, VoteKey,
 };
+use crate::store::codec;
 
 pub(super) fn claim_due(
     conn: &mut Connection,

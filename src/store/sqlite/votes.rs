@@ -3,10 +3,10 @@
 use rusqlite::{Connection, OptionalExtension};
 
 use super::conn::{delivery, from_ms, immediate, now_ms, raw_delivery, sql_error};
-use crate::store::codec::{self, DESIRED_DELETE};
-use crate::store::{
+use crate::store::api::{
     AWAITING_TRACE, Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
 };
+use crate::store::codec::{self, DESIRED_DELETE};
 
 pub(super) fn upsert_vote(
     conn: &mut Connection,

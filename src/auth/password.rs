@@ -1,4 +1,5 @@
-//! Where the password of each NEW Postgres connection comes from.
+//! Where the password of each NEW Postgres connection comes from: one more credential source
+//! beside the [`TokenSource`]s (the store asks it; it knows nothing of the store).
 //!
 //! - `static`: the URL's password or `PGPASSWORD` (or none, for trust / peer auth);
 //! - `databricks-oauth`: the app's Databricks OAuth token (cached and refreshed by
@@ -9,8 +10,8 @@
 //!   `{"endpoint": ENDPOINT}` → `{"token", "expire_time"}`.
 //!
 //! Both Lakebase calls carry the app's OAuth bearer. A minted credential is cached until
-//! [`REFRESH_MARGIN`] before it expires, so a burst of new connections costs one call;
-//! concurrent callers share one fetch, and a failure is shared for [`FAILURE_MEMORY`] so a
+//! `REFRESH_MARGIN` before it expires, so a burst of new connections costs one call;
+//! concurrent callers share one fetch, and a failure is shared for `FAILURE_MEMORY` so a
 //! broken endpoint is not hammered. If minting fails while the current credential can still
 //! log in, that one is used (the endpoint is retried on a later connection); if the server
 //! refuses a cached credential, it is dropped. Postgres checks the password only at login, so
@@ -27,16 +28,36 @@ use http::{Method, Request};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use super::Deps;
+use url::Url;
+
 use crate::auth::TokenSource;
 use crate::body::Body;
+use crate::client::HttpClient;
 use crate::config::{PasswordSource, PgConnect, Secret};
-use crate::metrics::SourceLabel;
-use crate::store::StoreError;
+use crate::metrics::{Metrics, SourceLabel};
+
+/// What minting passwords needs from the rest of the process (`store::postgres::Deps`).
+#[derive(Clone)]
+pub struct PasswordDeps {
+    /// The app's Databricks OAuth token source (used by Databricks password sources).
+    pub databricks: TokenSource,
+    pub databricks_host: Option<Url>,
+    pub http: HttpClient,
+    pub metrics: std::sync::Arc<Metrics>,
+}
+
+/// Why no password could be had; the store reports it as [`StoreError::Unavailable`] with the
+/// same text, and it prints as that error did when minting lived in the store (log lines are
+/// unchanged).
+///
+/// [`StoreError::Unavailable`]: crate::store::StoreError::Unavailable
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the store is unavailable: {0}")]
+pub struct PasswordError(pub String);
 
 /// Mint a new credential this long before the cached one expires (a connection opened with
 /// it must still be able to log in; Lakebase tokens live an hour).
-pub(super) const REFRESH_MARGIN: Duration = Duration::from_secs(120);
+const REFRESH_MARGIN: Duration = Duration::from_secs(120);
 /// A failed fetch is reported to callers arriving within this window instead of retried.
 const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 /// A credential this close to expiry is not used for a new login even as a fallback (clock
@@ -48,10 +69,10 @@ const ASSUMED_LIFETIME: Duration = Duration::from_secs(15 * 60);
 const MAX_RESPONSE: usize = 64 * 1024;
 
 /// The password source of one pool.
-pub(super) struct Credentials {
+pub struct Credentials {
     source: Source,
     cache: Mutex<Cache>,
-    deps: Deps,
+    deps: PasswordDeps,
 }
 
 enum Source {
@@ -76,7 +97,7 @@ enum LakebaseRequest {
 #[derive(Default)]
 struct Cache {
     current: Option<Minted>,
-    last_failure: Option<(Instant, StoreError)>,
+    last_failure: Option<(Instant, PasswordError)>,
 }
 
 struct Minted {
@@ -88,7 +109,12 @@ struct Minted {
 }
 
 impl Credentials {
-    pub fn new(pg: &PgConnect, source: &PasswordSource, deps: Deps, timeout: Duration) -> Self {
+    pub fn new(
+        pg: &PgConnect,
+        source: &PasswordSource,
+        deps: PasswordDeps,
+        timeout: Duration,
+    ) -> Self {
         let lakebase = |label, path: &str, request| {
             let url = match &deps.databricks_host {
                 Some(host) => Ok(format!("{}{path}", host.as_str().trim_end_matches('/'))),
@@ -134,7 +160,7 @@ impl Credentials {
     }
 
     /// The password for a new connection (`None`: connect without one).
-    pub async fn password(&self) -> Result<Option<Secret>, StoreError> {
+    pub async fn password(&self) -> Result<Option<Secret>, PasswordError> {
         match &self.source {
             Source::Static(p) => Ok(p.clone()),
             Source::DatabricksOauth => {
@@ -153,7 +179,7 @@ impl Credentials {
         }
     }
 
-    async fn minted(&self, lb: &Lakebase) -> Result<Secret, StoreError> {
+    async fn minted(&self, lb: &Lakebase) -> Result<Secret, PasswordError> {
         // Held across the fetch: concurrent new connections wait for one fetch and share it.
         let mut cache = self.cache.lock().await;
         let now = Instant::now();
@@ -210,13 +236,10 @@ impl Credentials {
         }
     }
 
-    async fn fetch(&self, lb: &Lakebase) -> Result<(Secret, Option<SystemTime>), StoreError> {
-        let url = lb
-            .url
-            .as_ref()
-            .map_err(|e| StoreError::Unavailable(e.clone()))?;
+    async fn fetch(&self, lb: &Lakebase) -> Result<(Secret, Option<SystemTime>), PasswordError> {
+        let url = lb.url.as_ref().map_err(|e| PasswordError(e.clone()))?;
         let fail = |reason: String| {
-            StoreError::Unavailable(format!(
+            PasswordError(format!(
                 "cannot obtain a database credential ({}) from {url}: {reason}",
                 lb.label
             ))
@@ -279,13 +302,13 @@ fn usable(current: &Option<Minted>, now: Instant) -> Option<Secret> {
 async fn bearer(
     source: &TokenSource,
     label: &str,
-) -> Result<std::sync::Arc<crate::auth::Token>, StoreError> {
+) -> Result<std::sync::Arc<crate::auth::Token>, PasswordError> {
     match source.token().await {
         Ok(Some(t)) => Ok(t),
-        Ok(None) => Err(StoreError::Unavailable(format!(
+        Ok(None) => Err(PasswordError(format!(
             "the {label} password source needs Databricks OAuth credentials ([databricks] client_id / client_secret)"
         ))),
-        Err(e) => Err(StoreError::Unavailable(format!(
+        Err(e) => Err(PasswordError(format!(
             "cannot obtain the Databricks token for the {label} password source: {e}"
         ))),
     }
@@ -324,7 +347,7 @@ fn error_reason(bytes: &[u8], status: http::StatusCode) -> String {
         }) => m,
         _ => status.canonical_reason().unwrap_or("error").to_owned(),
     };
-    crate::error::one_line(&reason, 300)
+    crate::text::one_line(&reason, 300)
 }
 
 /// RFC 3339 with any UTC offset (humantime alone only takes `Z` / `+00:00`).

@@ -1,0 +1,161 @@
+//! `[feedback]`: accepted assessment names and value kinds, comment limits, rate limits, with
+//! their validation.
+
+use std::collections::BTreeMap;
+
+use http::HeaderValue;
+use serde::Serialize;
+use url::Url;
+
+use super::raw;
+use super::ser::ser_header_values;
+use super::validate::{Validator, valid_assessment_name};
+
+/// Kinds of value an assessment name accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct ValueKinds {
+    pub bool: bool,
+    pub number: bool,
+    pub string: bool,
+}
+
+impl ValueKinds {
+    pub const ANY: Self = Self {
+        bool: true,
+        number: true,
+        string: true,
+    };
+
+    /// A human list such as `"bool or number"`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.bool {
+            parts.push("bool");
+        }
+        if self.number {
+            parts.push("number");
+        }
+        if self.string {
+            parts.push("string");
+        }
+        parts.join(" or ")
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FeedbackConfig {
+    pub max_body_bytes: usize,
+    pub max_comment_bytes: usize,
+    pub default_name: String,
+    /// Allowed assessment names and the value kinds each accepts.
+    pub names: BTreeMap<String, ValueKinds>,
+    /// Origins allowed to call the feedback API cross-site; empty sends no CORS headers.
+    #[serde(serialize_with = "ser_header_values")]
+    pub cors_origins: Vec<HeaderValue>,
+    /// Per-user rate limit; `None` disables it.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl Validator {
+    pub(super) fn feedback(&mut self, raw: raw::RawFeedback) -> FeedbackConfig {
+        let mut names = BTreeMap::new();
+        match raw.names {
+            None => {
+                names.insert("user_feedback".to_owned(), ValueKinds::ANY);
+                names.insert(
+                    "rating".to_owned(),
+                    ValueKinds {
+                        number: true,
+                        ..ValueKinds::default()
+                    },
+                );
+            }
+            Some(map) => {
+                for (name, kinds) in map {
+                    let key = format!("feedback.names.{name}");
+                    if !valid_assessment_name(&name) {
+                        self.problem(
+                            &key,
+                            "assessment names are 1-64 characters of letters, digits, '_', '-', '.' or ' '",
+                        );
+                        continue;
+                    }
+                    let mut k = ValueKinds::default();
+                    for kind in &kinds {
+                        match kind.as_str() {
+                            "bool" => k.bool = true,
+                            "number" => k.number = true,
+                            "string" => k.string = true,
+                            other => self.problem(
+                                &key,
+                                format!(
+                                    "unknown value kind \"{other}\" (expected \"bool\", \"number\" or \"string\")"
+                                ),
+                            ),
+                        }
+                    }
+                    if kinds.is_empty() {
+                        self.problem(&key, "lists no value kinds");
+                    }
+                    names.insert(name, k);
+                }
+            }
+        }
+        let default_name = raw
+            .default_name
+            .unwrap_or_else(|| "user_feedback".to_owned());
+        if !names.contains_key(&default_name) {
+            self.problem(
+                "feedback.default_name",
+                format!("\"{default_name}\" is not one of feedback.names"),
+            );
+        }
+        let mut cors_origins = Vec::new();
+        for (i, o) in raw.cors_origins.unwrap_or_default().iter().enumerate() {
+            let key = format!("feedback.cors_origins[{i}]");
+            match Url::parse(o) {
+                Ok(u) if u.path() == "/" && matches!(u.scheme(), "http" | "https") => {
+                    match HeaderValue::from_str(o.trim_end_matches('/')) {
+                        Ok(v) => cors_origins.push(v),
+                        Err(_) => self.problem(&key, format!("\"{o}\" is not a valid origin")),
+                    }
+                }
+                _ => self.problem(
+                    &key,
+                    format!("\"{o}\" is not an origin (expected scheme://host[:port])"),
+                ),
+            }
+        }
+        let rate_limit = match (raw.rate_limit.per_second, raw.rate_limit.burst) {
+            (Some(0.0), _) => None,
+            (rate, burst) => {
+                let per_second = rate.unwrap_or(10.0);
+                let burst = burst.unwrap_or(50);
+                if !(per_second.is_finite() && per_second > 0.0) {
+                    self.problem(
+                        "feedback.rate_limit.per_second",
+                        "must be a positive number (0 disables the limit)",
+                    );
+                }
+                if burst == 0 {
+                    self.problem("feedback.rate_limit.burst", "must be at least 1");
+                }
+                Some(RateLimit { per_second, burst })
+            }
+        };
+        FeedbackConfig {
+            max_body_bytes: self.size("feedback.max_body_bytes", raw.max_body_bytes, 64 << 10),
+            max_comment_bytes: self.size("feedback.max_comment_bytes", raw.max_comment_bytes, 4096),
+            default_name,
+            names,
+            cors_origins,
+            rate_limit,
+        }
+    }
+}
