@@ -36,12 +36,17 @@ use crate::config::{FeedbackConfig, IdentityConfig};
 use crate::error::Error;
 use crate::identity;
 use crate::metrics::{Metrics, StatusLabel};
+use crate::proxy::link::LinkRecorder;
 use crate::proxy::media_type;
 use crate::route::Route;
 use crate::store::{Enqueue, FeedbackValue, NewVote, SharedStore, VoteKey};
 use delivery::{Deliverer, NO_EXPERIMENT_ID, NO_TRACE_ID, Status};
 
 /// The feedback service: handlers plus the shared deliverer.
+/// How long a vote that found no link waits for this replica's link writer to write what it
+/// has queued or held (one store transaction when the store is up).
+const LINK_FLUSH_WAIT: Duration = Duration::from_secs(1);
+
 pub struct Feedback {
     config: FeedbackConfig,
     identity: IdentityConfig,
@@ -51,6 +56,8 @@ pub struct Feedback {
     metrics: Arc<Metrics>,
     /// `server.request_body_timeout`, for the votes' bodies.
     body_timeout: Duration,
+    /// This replica's link writer: a vote that finds no link has it write what it holds.
+    links: LinkRecorder,
 }
 
 impl Feedback {
@@ -61,6 +68,7 @@ impl Feedback {
         deliverer: Arc<Deliverer>,
         metrics: Arc<Metrics>,
         body_timeout: Duration,
+        links: LinkRecorder,
     ) -> Self {
         let limiter = config.rate_limit.and_then(|rl| {
             let burst = NonZeroU32::new(rl.burst)?;
@@ -76,6 +84,7 @@ impl Feedback {
             limiter,
             metrics,
             body_timeout,
+            links,
         }
     }
 
@@ -162,6 +171,11 @@ impl Feedback {
         // the message id and this voter, so MLflow can be asked for it. Only a trace made for
         // this voter is taken, and the link it yields is owned by the voter.
         let mut link = self.store.get_link(&vote.message_id).await?;
+        if link.is_none() && self.links.flush(LINK_FLUSH_WAIT).await {
+            // The answer may have ended a moment ago on this replica, its link still queued,
+            // or held through a store outage that has just ended.
+            link = self.store.get_link(&vote.message_id).await?;
+        }
         if link.is_none() {
             let key = VoteKey {
                 message_id: vote.message_id.clone(),

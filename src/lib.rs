@@ -118,7 +118,7 @@ impl App {
             config.agent.clone(),
             tokens.get(&config.agent.auth),
             store.clone(),
-            links,
+            links.clone(),
             metrics.clone(),
             config.server.request_body_timeout,
         );
@@ -145,6 +145,7 @@ impl App {
             deliverer.clone(),
             metrics.clone(),
             config.server.request_body_timeout,
+            links,
         );
         let ui = ui::Ui::new(&config.ui);
         let state = Arc::new(AppState {

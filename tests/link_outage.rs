@@ -507,3 +507,62 @@ async fn the_worker_resolves_waiting_votes_by_client_request_id() {
     .await;
     assert_eq!(votes_on(&trace, user).await, 1);
 }
+
+/// A vote sent as the store comes back, while the writer still holds its answer's link (the
+/// next retry not yet due), finds that link: the vote asks the writer to write what it holds
+/// before the message is called unknown. Without MLflow, so that no lookup by client request
+/// id can stand in for the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vote_as_the_store_returns_finds_the_link_still_held_for_it() {
+    logs();
+    let db = TestDb::create(&shared_url()).await;
+    let proxy = TestProxy::start(&format!(
+        "[identity]\ntrust_forwarded_headers = true\n\
+         [agent]\nurl = \"{}\"\n\
+         [[agent.routes]]\npath = \"/api/chat\"\nupstream_path = \"/invocations\"\n\
+         [store]\nurl = \"{}\"\n",
+        agent_url(),
+        db.url,
+    ))
+    .await;
+    let mut outage = Outage::Postgres(db);
+    let user = "held-then-voted@example.com";
+    outage.begin().await;
+    let message_id = chat(&proxy, user, None, "held through the outage").await;
+    wait_for("the held link", Duration::from_secs(60), || async {
+        metric(&proxy, "feedback_proxy_links_held") == 1.0
+    })
+    .await;
+    // Six failed writes: the writer's next retry is then 3.2 s away (100 ms, doubling).
+    wait_for("retries while down", Duration::from_secs(60), || async {
+        proxy
+            .state
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("feedback_proxy_store_errors_total"))
+            .filter(|l| l.contains("record_links"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+            >= 6.0
+    })
+    .await;
+    outage.end().await;
+    assert_eq!(metric(&proxy, "feedback_proxy_links_held"), 1.0);
+
+    let res = send(
+        &h1(),
+        Request::post(proxy.url("/api/feedback"))
+            .header("content-type", "application/json")
+            .header("x-forwarded-email", user),
+        json!({"chatId": "outage-chat", "messageId": message_id, "isUpvoted": true}).to_string(),
+    )
+    .await;
+    let status = res.status();
+    let v = body_json(res).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["mlflowStatus"], "no_experiment_id", "{v}");
+    assert_eq!(metric(&proxy, "feedback_proxy_links_held"), 0.0);
+    let link = proxy.state.store.get_link(&message_id).await.unwrap();
+    assert_eq!(link.map(|l| l.user_id).as_deref(), Some(user));
+}

@@ -12,6 +12,10 @@
 //! as `feedback_proxy_links_held`. A vote on an answer whose link was given up can still be
 //! resolved through the proxy's client request id (see `feedback::delivery`).
 //!
+//! A vote on a message the store has no link for asks the writer to write what it has now
+//! ([`LinkRecorder::flush`]) before it is refused: the link may be in the queue (a vote sent
+//! the instant an answer ended) or held, with the store back but the next retry not yet due.
+//!
 //! Failures other than an unavailable store (a query the store refuses) are retried a few times,
 //! then the offending links are isolated by writing them one by one and only those are dropped
 //! (counted as `link_errors`), so one bad link cannot hold the buffer forever.
@@ -20,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +41,9 @@ const ATTEMPTS: u32 = 4;
 /// requests/s went to the store three at a time (callgrind: ≈ 5 % more instructions per
 /// proxied request than with batches twice that size).
 const LINGER: Duration = Duration::from_millis(1);
+/// Flush requests waiting for the writer; more wait for room (each is one vote, bounded by
+/// its own deadline), and one store write answers all that are waiting.
+const FLUSH_REQUESTS: usize = 64;
 /// Backoff between retries while the store fails: doubles from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -45,6 +52,8 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct LinkRecorder {
     tx: mpsc::Sender<LinkRecord>,
+    /// Requests to write everything queued or held now; answered once that was tried.
+    flush_tx: mpsc::Sender<oneshot::Sender<()>>,
     metrics: Arc<Metrics>,
 }
 
@@ -59,10 +68,39 @@ impl LinkRecorder {
         metrics: Arc<Metrics>,
     ) -> (Self, LinkWriter) {
         let (tx, rx) = mpsc::channel(capacity);
+        let (flush_tx, flush_rx) = mpsc::channel(FLUSH_REQUESTS);
         let stop = CancellationToken::new();
         let held = Held::new(buffer, metrics.clone());
-        let task = tokio::spawn(writer(store, rx, held, metrics.clone(), stop.clone()));
-        (Self { tx, metrics }, LinkWriter { task, stop })
+        let task = tokio::spawn(writer(
+            store,
+            rx,
+            flush_rx,
+            held,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        (
+            Self {
+                tx,
+                flush_tx,
+                metrics,
+            },
+            LinkWriter { task, stop },
+        )
+    }
+
+    /// Asks the writer to write every link it has queued or held now, retry schedule or not,
+    /// and waits (at most `within`) until that was tried. For a vote that found no link: its
+    /// answer may have ended a moment ago. Whether the attempt finished in time (not whether
+    /// it succeeded: the caller reads the store again either way).
+    pub async fn flush(&self, within: Duration) -> bool {
+        let (reply, done) = oneshot::channel();
+        tokio::time::timeout(within, async {
+            // A writer that has ended (shutdown) drops the request: nothing to wait for.
+            self.flush_tx.send(reply).await.is_ok() && done.await.is_ok()
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Queues a link write without waiting.
@@ -210,6 +248,7 @@ enum Flush {
 async fn writer(
     store: SharedStore,
     mut rx: mpsc::Receiver<LinkRecord>,
+    mut flush_rx: mpsc::Receiver<oneshot::Sender<()>>,
     mut held: Held,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -223,6 +262,7 @@ async fn writer(
     let mut outage_since: Option<Instant> = None;
     loop {
         let far = Instant::now() + Duration::from_secs(86_400);
+        let mut replies = Vec::new();
         let wake = tokio::select! {
             biased;
             () = stop.cancelled(), if !stopping => {
@@ -233,8 +273,29 @@ async fn writer(
             }
             // Before new links: under a steady flow of links a due retry must not starve.
             () = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => Wake::Retry,
+            Some(reply) = flush_rx.recv(), if !stopping => {
+                replies.push(reply);
+                Wake::Flush
+            }
             n = rx.recv_many(&mut batch, BATCH) => if n == 0 { Wake::Closed } else { Wake::Links },
         };
+        let asked = matches!(wake, Wake::Flush);
+        if asked {
+            // Everything queued joins what is held, and all of it is written now; every flush
+            // request waiting is answered by this one attempt.
+            while let Ok(r) = flush_rx.try_recv() {
+                replies.push(r);
+            }
+            while let Ok(l) = rx.try_recv() {
+                held.push(l);
+            }
+            if held.is_empty() {
+                for r in replies {
+                    let _ = r.send(());
+                }
+                continue;
+            }
+        }
         if let Wake::Closed = wake {
             // The queue is closed and drained: one last attempt for what is held.
             if !held.is_empty() {
@@ -294,11 +355,24 @@ async fn writer(
                 }
                 retry_at = None;
             }
+            Flush::Failed(e) if asked => {
+                // An extra attempt on a vote's behalf: it starts an outage's schedule if none
+                // runs, and never lengthens one (many votes must not push retries out).
+                if retry_at.is_none() {
+                    tracing::warn!(error = %e, links = held.len(), "recording links failed; holding them until the store answers");
+                    outage_since.get_or_insert_with(Instant::now);
+                    delay = RETRY_FIRST;
+                    retry_at = Some(Instant::now() + delay);
+                }
+            }
             Flush::Failed(e) => {
                 delay = (delay * 2).min(RETRY_MAX);
                 tracing::debug!(error = %e, held = held.len(), retry_in = ?delay, "the store still fails; links stay held");
                 retry_at = Some(Instant::now() + delay);
             }
+        }
+        for r in replies {
+            let _ = r.send(());
         }
     }
 }
@@ -311,6 +385,8 @@ enum Wake {
     Closed,
     /// The retry of held links is due.
     Retry,
+    /// A vote found no link: write what is queued or held now (answer when tried).
+    Flush,
 }
 
 /// Writes the held links in batches. A refused batch (not an outage) is retried on later
