@@ -117,12 +117,12 @@ impl Deliverer {
                 });
             }
             let now = Instant::now();
-            let room = pace
-                .allowed(now)
+            let allowed = pace.allowed(now);
+            let room = allowed
                 .saturating_sub(inflight)
                 .min(self.config.batch_size as usize);
             let mut more_due = false;
-            if room > 0 && self.enabled() {
+            if room >= claim_at_least(allowed, inflight, self.config.batch_size) && self.enabled() {
                 let claimed_at = Instant::now();
                 match self.store.claim_due(room as u32, self.config.lease).await {
                     Ok(batch) => {
@@ -146,7 +146,14 @@ impl Deliverer {
                 }
             }
             self.metrics.delivery_concurrency_limit.set(pace.limit());
-            if more_due && pace.allowed(Instant::now()) > inflight {
+            if more_due
+                && pace.allowed(Instant::now()).saturating_sub(inflight)
+                    >= claim_at_least(
+                        pace.allowed(Instant::now()),
+                        inflight,
+                        self.config.batch_size,
+                    )
+            {
                 // More is due and there is room: claim again without waiting.
                 continue;
             }
@@ -176,6 +183,18 @@ impl Deliverer {
     }
 }
 
+/// The fewest free slots worth a claim: one when nothing is in flight, else a quarter of the
+/// allowed concurrency. A claim is a store transaction (an fsync on SQLite); claiming one
+/// delivery each time one finishes made it one per vote, beside MLflow's own disk writes, and
+/// a quarter keeps the pipeline full while claiming several at once.
+fn claim_at_least(allowed: usize, inflight: usize, batch_size: u32) -> usize {
+    if inflight == 0 {
+        1
+    } else {
+        (allowed / 4).clamp(1, (batch_size as usize).max(1))
+    }
+}
+
 /// Reports a worker attempt's end to the worker, also when the attempt panicked or was
 /// stopped (then with no signal), so that its slot is always given back.
 struct Done {
@@ -186,5 +205,19 @@ struct Done {
 impl Drop for Done {
     fn drop(&mut self) {
         let _ = self.tx.send(self.signal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::claim_at_least;
+
+    #[test]
+    fn claims_wait_for_a_quarter_of_the_slots_unless_idle() {
+        assert_eq!(claim_at_least(32, 0, 100), 1);
+        assert_eq!(claim_at_least(32, 31, 100), 8);
+        assert_eq!(claim_at_least(4, 3, 100), 1);
+        assert_eq!(claim_at_least(3, 2, 100), 1);
+        assert_eq!(claim_at_least(64, 10, 5), 5);
     }
 }
