@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
@@ -84,7 +84,7 @@ impl Deliverer {
     pub async fn run_worker(self: Arc<Self>, stop: CancellationToken) {
         let mut pace = Pace::new(self.config.concurrency);
         // Finished attempts report their signal here; `inflight` counts those not back yet.
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Signal>();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Signal, Duration)>();
         let mut inflight: usize = 0;
         let mut next_lookup: Option<tokio::time::Instant> = None;
         let mut backlog_released = !self.enabled();
@@ -132,6 +132,7 @@ impl Deliverer {
                             let done = Done {
                                 tx: done_tx.clone(),
                                 signal: Signal::Neutral,
+                                started: Instant::now(),
                             };
                             inflight += 1;
                             self.spawn_tracked((), async move {
@@ -167,13 +168,13 @@ impl Deliverer {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                Some(signal) = done_rx.recv(), if inflight > 0 => {
+                Some((signal, took)) = done_rx.recv(), if inflight > 0 => {
                     inflight -= 1;
-                    pace.observe(signal, Instant::now());
+                    pace.observe(signal, Some(took), Instant::now());
                     // Take every other attempt that has finished too, then claim once for all.
-                    while let Ok(signal) = done_rx.try_recv() {
+                    while let Ok((signal, took)) = done_rx.try_recv() {
                         inflight = inflight.saturating_sub(1);
-                        pace.observe(signal, Instant::now());
+                        pace.observe(signal, Some(took), Instant::now());
                     }
                 }
                 () = tokio::time::sleep_until(wake.into()) => {}
@@ -198,13 +199,15 @@ fn claim_at_least(allowed: usize, inflight: usize, batch_size: u32) -> usize {
 /// Reports a worker attempt's end to the worker, also when the attempt panicked or was
 /// stopped (then with no signal), so that its slot is always given back.
 struct Done {
-    tx: tokio::sync::mpsc::UnboundedSender<Signal>,
+    tx: tokio::sync::mpsc::UnboundedSender<(Signal, Duration)>,
     signal: Signal,
+    /// When the attempt began: its duration tells the pace whether answers queue.
+    started: Instant,
 }
 
 impl Drop for Done {
     fn drop(&mut self) {
-        let _ = self.tx.send(self.signal);
+        let _ = self.tx.send((self.signal, self.started.elapsed()));
     }
 }
 
