@@ -42,7 +42,7 @@ const COOL_DOWN: Duration = Duration::from_millis(500);
 const INITIAL: f64 = 4.0;
 /// Grow only while the smoothed attempt time is below this multiple of the least one.
 pub const GROW_BELOW: f64 = 2.0;
-/// Shrink (by [`SHRINK`], at most once per [`COOL_DOWN`]) above this multiple.
+/// Shrink (by `SHRINK`, at most once per `COOL_DOWN`) above this multiple.
 pub const SHRINK_ABOVE: f64 = 4.0;
 const SHRINK: f64 = 0.9;
 /// How often the least attempt time is relearnt (the least of the last window).

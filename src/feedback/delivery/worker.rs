@@ -74,8 +74,9 @@ impl Deliverer {
 
     /// The background worker: claims due deliveries and attempts them until `stop` is
     /// cancelled, as many at a time as MLflow keeps up with ([`Pace`]: at most
-    /// `delivery.concurrency`). It claims again as soon as attempts finish, so a backlog drains
-    /// at MLflow's pace rather than one batch per `poll_interval`; with nothing due it polls
+    /// `delivery.concurrency`). It claims again as soon as a quarter of the allowed slots are
+    /// free (`claim_at_least`), so a backlog drains at MLflow's pace rather than one batch per
+    /// `poll_interval`; with nothing due it polls
     /// every `poll_interval`. Attempts are tracked tasks: [`Deliverer::shutdown`] waits for
     /// them until the drain deadline.
     ///
