@@ -35,7 +35,7 @@ const MAX_USER_LEN: usize = 254;
 /// In trusted mode every identity header must appear at most once and hold one value: a
 /// repeated header or a comma list is ambiguous (which copy did the platform set?), so it is
 /// refused rather than resolved first- or last-wins. A present but unusable value (blank,
-/// whitespace, control, bidi or zero-width characters, a comma, over [`MAX_USER_LEN`] bytes)
+/// whitespace, control, bidi or zero-width characters, a comma, over `MAX_USER_LEN` bytes)
 /// is refused too, never skipped in favour of the next header: falling through would let
 /// whoever controls one header choose which header decides.
 pub fn user(headers: &HeaderMap, config: &IdentityConfig) -> Result<String, Error> {
