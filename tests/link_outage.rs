@@ -140,6 +140,20 @@ fn metric(proxy: &TestProxy, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Link writes the store failed (`feedback_proxy_store_errors_total{op="record_links"}`, all
+/// kinds).
+fn failed_link_writes(proxy: &TestProxy) -> f64 {
+    proxy
+        .state
+        .metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("feedback_proxy_store_errors_total"))
+        .filter(|l| l.contains("record_links"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Waits (bounded) for `what`, polling `f`.
 async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F)
 where
@@ -260,16 +274,7 @@ async fn links_survive_an_outage(postgres: bool) {
     let errors_then = metric(&proxy, "feedback_proxy_link_errors_total");
     let failed_writes = if postgres { 8.0 } else { 5.0 };
     wait_for("retries while down", Duration::from_secs(90), || async {
-        proxy
-            .state
-            .metrics
-            .encode()
-            .lines()
-            .filter(|l| l.starts_with("feedback_proxy_store_errors_total"))
-            .filter(|l| l.contains("record_links"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-            >= failed_writes
+        failed_link_writes(&proxy) >= failed_writes
     })
     .await;
     assert_eq!(metric(&proxy, "feedback_proxy_links_held"), 3.0);
@@ -535,16 +540,7 @@ async fn a_vote_as_the_store_returns_finds_the_link_still_held_for_it() {
     .await;
     // Six failed writes: the writer's next retry is then 3.2 s away (100 ms, doubling).
     wait_for("retries while down", Duration::from_secs(60), || async {
-        proxy
-            .state
-            .metrics
-            .encode()
-            .lines()
-            .filter(|l| l.starts_with("feedback_proxy_store_errors_total"))
-            .filter(|l| l.contains("record_links"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-            >= 6.0
+        failed_link_writes(&proxy) >= 6.0
     })
     .await;
     outage.end().await;

@@ -148,13 +148,10 @@ impl Deliverer {
                 }
             }
             self.metrics.delivery_concurrency_limit.set(pace.limit());
+            let allowed = pace.allowed(Instant::now());
             if more_due
-                && pace.allowed(Instant::now()).saturating_sub(inflight)
-                    >= claim_at_least(
-                        pace.allowed(Instant::now()),
-                        inflight,
-                        self.config.batch_size,
-                    )
+                && allowed.saturating_sub(inflight)
+                    >= claim_at_least(allowed, inflight, self.config.batch_size)
             {
                 // More is due and there is room: claim again without waiting.
                 continue;
