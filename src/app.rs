@@ -19,6 +19,7 @@ use crate::feedback::Feedback;
 use crate::identity;
 use crate::metrics::{Metrics, StateLabel};
 use crate::proxy::{Forward, Proxy, X_REQUEST_ID};
+use crate::review::{Page, Review};
 use crate::route::{self, Route};
 use crate::store::{DeliveryState, SharedStore};
 use crate::ui::Ui;
@@ -28,6 +29,7 @@ pub struct AppState {
     pub config: Config,
     pub proxy: Proxy,
     pub feedback: Feedback,
+    pub review: Review,
     pub store: SharedStore,
     pub metrics: Arc<Metrics>,
     pub ui: Ui,
@@ -140,6 +142,17 @@ async fn dispatch(
                 .collect::<Vec<_>>()
                 .join(", "),
         }),
+        Route::ReviewSummary | Route::ReviewFeedback | Route::ReviewPage => {
+            let page = match route {
+                Route::ReviewSummary => Page::Summary,
+                Route::ReviewFeedback => Page::Feedback,
+                _ => Page::Html,
+            };
+            state
+                .review
+                .handle(page, req.method(), req.headers(), req.uri().query())
+                .await
+        }
         Route::Ui => state.ui.serve(req.method(), req.uri().path()).await,
         Route::NotFound => Err(Error::NotFound(format!(
             "no route for {} {}",

@@ -4,6 +4,7 @@
 //! the handlers can all name them without depending on each other.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,66 @@ impl FeedbackValue {
     }
 }
 
+/// Whether a vote says the answer was good or bad, for the review surface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Polarity {
+    Positive,
+    Negative,
+}
+
+impl Polarity {
+    /// `1` positive, `-1` negative: what the stores' SQL computes for a value.
+    pub fn sign(self) -> i32 {
+        match self {
+            Self::Positive => 1,
+            Self::Negative => -1,
+        }
+    }
+}
+
+/// String values read as positive (compared exactly, lower case). The stores' SQL is built from
+/// the same lists, so a listing filter and a summary classify a value alike.
+pub const POSITIVE_WORDS: [&str; 6] = ["thumbs_up", "up", "positive", "like", "good", "yes"];
+/// String values read as negative.
+pub const NEGATIVE_WORDS: [&str; 6] = ["thumbs_down", "down", "negative", "dislike", "bad", "no"];
+
+/// Where numeric votes (ratings) turn positive or negative: `>= positive_from` is positive,
+/// `<= negative_to` negative, anything between neither (`[review]` `positive_from` /
+/// `negative_to`; the defaults suit 1-5 stars).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Thresholds {
+    pub positive_from: f64,
+    pub negative_to: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            positive_from: 4.0,
+            negative_to: 2.0,
+        }
+    }
+}
+
+impl FeedbackValue {
+    /// The value's polarity: `true` and [`POSITIVE_WORDS`] are positive, `false` and
+    /// [`NEGATIVE_WORDS`] negative, numbers by `t`; anything else (other strings, ratings in
+    /// the middle) neither.
+    pub fn polarity(&self, t: &Thresholds) -> Option<Polarity> {
+        match self {
+            Self::Bool(true) => Some(Polarity::Positive),
+            Self::Bool(false) => Some(Polarity::Negative),
+            Self::Number(n) if *n >= t.positive_from => Some(Polarity::Positive),
+            Self::Number(n) if *n <= t.negative_to => Some(Polarity::Negative),
+            Self::Number(_) => None,
+            Self::String(s) if POSITIVE_WORDS.contains(&s.as_str()) => Some(Polarity::Positive),
+            Self::String(s) if NEGATIVE_WORDS.contains(&s.as_str()) => Some(Polarity::Negative),
+            Self::String(_) => None,
+        }
+    }
+}
+
 /// What the proxy knows about one assistant message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessageLink {
@@ -50,6 +111,8 @@ pub struct MessageLink {
     pub client_request_id: Option<String>,
     /// The stream is still running (a trace id may yet arrive).
     pub open: bool,
+    /// The agent route the answer was streamed through (its configured path), if recorded.
+    pub route: Option<String>,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
 }
@@ -66,6 +129,9 @@ pub struct LinkRecord {
     pub trace_id: Option<String>,
     pub client_request_id: Option<String>,
     pub open: bool,
+    /// The agent route (its configured path; shared, so a link costs no copy of it). Merged
+    /// like `chat_id`.
+    pub route: Option<Arc<str>>,
 }
 
 /// Identifies a vote and its delivery.

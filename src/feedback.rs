@@ -35,7 +35,7 @@ use crate::body::{Body, CollectError, collect_limited, json_response};
 use crate::config::{FeedbackConfig, IdentityConfig};
 use crate::error::Error;
 use crate::identity;
-use crate::metrics::{Metrics, StatusLabel};
+use crate::metrics::{Metrics, StatusLabel, VoteLabels};
 use crate::proxy::link::LinkRecorder;
 use crate::proxy::media_type;
 use crate::route::Route;
@@ -237,6 +237,13 @@ impl Feedback {
                 &enqueue,
             )
             .await?;
+        self.metrics
+            .votes_accepted
+            .get_or_create(&VoteLabels {
+                name: vote.name.clone(),
+                value: vote_value_label(&vote.value),
+            })
+            .inc();
         let status = match enqueue {
             Enqueue::Inline { .. } | Enqueue::Pending => {
                 self.deliverer.attempt_inline(&key, delivery.version).await
@@ -453,4 +460,22 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     url::form_urlencoded::parse(query?.as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
+}
+
+/// The `value` label of `feedback_proxy_votes_accepted_total`, bounded whatever users send:
+/// `true` / `false`, an integer rating from -100 to 100 as written (`4`), the polarity words
+/// (`thumbs_up`, ...), else `other_number` or `other`.
+pub fn vote_value_label(v: &FeedbackValue) -> String {
+    use crate::domain::{NEGATIVE_WORDS, POSITIVE_WORDS};
+    match v {
+        FeedbackValue::Bool(b) => b.to_string(),
+        FeedbackValue::Number(n) if n.fract() == 0.0 && n.abs() <= 100.0 => format!("{n:.0}"),
+        FeedbackValue::Number(_) => "other_number".to_owned(),
+        FeedbackValue::String(s)
+            if POSITIVE_WORDS.contains(&s.as_str()) || NEGATIVE_WORDS.contains(&s.as_str()) =>
+        {
+            s.clone()
+        }
+        FeedbackValue::String(_) => "other".to_owned(),
+    }
 }

@@ -11,6 +11,7 @@
 //! - [`proxy`]: forwarding to the agent; `proxy::sse` / `proxy::trace` read trace ids out of
 //!   streams as they pass; `proxy::link` records message → trace links off the streaming path.
 //! - [`feedback`]: `/api/feedback*` and the delivery of votes to MLflow.
+//! - [`review`]: the owner's view (`/review`, `/api/review/*`) and the `export` command.
 //! - [`mlflow`]: typed MLflow REST client.
 //! - [`store`]: the `Store` trait with Postgres and SQLite backends.
 //! - [`auth`]: token sources (static, Databricks OAuth M2M, Databricks CLI) and, in
@@ -27,7 +28,7 @@
 //! No module imports one that imports it, directly or not (`scripts/check-layers.py` checks
 //! it, and that no module is over 600 lines). Bottom up: leaves (`body`, `text`, `config`,
 //! `domain`) → `client`, `metrics` → `auth` → `store` → `mlflow`, `identity`, `error` →
-//! `proxy`, `feedback` → `app` → this crate root. A parent module and its submodules count as
+//! `proxy`, `feedback`, `review` → `app` → this crate root. A parent module and its submodules count as
 //! different modules, so a parent that re-exports its children keeps what they share in a
 //! child of its own (`store::api`, `config::validate`, `mlflow::types`,
 //! `store::postgres::handle`).
@@ -49,6 +50,7 @@ pub mod identity;
 pub mod metrics;
 pub mod mlflow;
 pub mod proxy;
+pub mod review;
 pub mod route;
 pub mod server;
 pub mod store;
@@ -148,9 +150,11 @@ impl App {
             links,
         );
         let ui = ui::Ui::new(&config.ui);
+        let review = review::Review::new(&config, store.clone());
         let state = Arc::new(AppState {
             proxy,
             feedback,
+            review,
             store,
             metrics,
             ui,

@@ -9,6 +9,7 @@ use feedback_proxy::admin;
 use feedback_proxy::body::Body;
 use feedback_proxy::client::{ClientOptions, HttpClient};
 use feedback_proxy::config::{Config, Env, LogFormat};
+use feedback_proxy::review::export;
 use feedback_proxy::store::{DeliveryState, VoteKey};
 
 #[derive(Parser)]
@@ -59,6 +60,41 @@ enum Command {
         #[command(subcommand)]
         action: DeliveriesAction,
     },
+    /// Write the stored votes (newest first, the fields of GET /api/review/feedback) as JSON
+    /// lines or CSV, streaming from the store.
+    Export {
+        #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
+        config: PathBuf,
+        /// Only votes changed at or after this time (RFC 3339, a UTC date, or epoch ms).
+        #[arg(long)]
+        from: Option<String>,
+        /// Only votes changed before this time.
+        #[arg(long)]
+        to: Option<String>,
+        /// negative, positive or all.
+        #[arg(long)]
+        value: Option<String>,
+        /// Only this assessment name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only this agent route (its path, e.g. /invocations).
+        #[arg(long)]
+        route: Option<String>,
+        /// Only votes with (true) or without (false) a comment.
+        #[arg(long)]
+        has_comment: Option<bool>,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: CliExportFormat,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliExportFormat {
+    Jsonl,
+    Csv,
 }
 
 #[derive(Subcommand)]
@@ -196,6 +232,37 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Export {
+            config,
+            from,
+            to,
+            value,
+            name,
+            route,
+            has_comment,
+            format,
+            output,
+        } => match Config::load(&config, &env) {
+            Ok(c) => {
+                let filters = export::Filters {
+                    from,
+                    to,
+                    value,
+                    name,
+                    route,
+                    has_comment,
+                };
+                let format = match format {
+                    CliExportFormat::Jsonl => export::Format::Jsonl,
+                    CliExportFormat::Csv => export::Format::Csv,
+                };
+                run_export(c, filters, format, output)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Deliveries { action } => match Config::load(action.config(), &env) {
             Ok(c) => deliveries(c, action),
             Err(e) => {
@@ -324,6 +391,65 @@ fn migrate(config: Config) -> ExitCode {
             }
             Err(e) => {
                 eprintln!("migration failed: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn run_export(
+    config: Config,
+    filters: export::Filters,
+    format: export::Format,
+    output: Option<PathBuf>,
+) -> ExitCode {
+    let query = match filters.query(config.review.thresholds) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    oneshot(&config, async {
+        let store = match admin::open_store(&config).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot open the store: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let review = feedback_proxy::review::Review::new(&config, store.clone());
+        let progress = |n: u64| eprintln!("exported {n} votes…");
+        let result = match &output {
+            Some(path) => match std::fs::File::create(path) {
+                Ok(f) => export::run(&review, &store, query, format, f, progress).await,
+                Err(e) => {
+                    eprintln!("cannot create {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => {
+                export::run(
+                    &review,
+                    &store,
+                    query,
+                    format,
+                    std::io::stdout().lock(),
+                    progress,
+                )
+                .await
+            }
+        };
+        match result {
+            Ok(n) => {
+                match &output {
+                    Some(p) => eprintln!("exported {n} votes to {}", p.display()),
+                    None => eprintln!("exported {n} votes"),
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("export failed: {e}");
                 ExitCode::FAILURE
             }
         }

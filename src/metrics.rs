@@ -41,6 +41,14 @@ pub struct StatusLabel {
     pub status: &'static str,
 }
 
+/// An accepted vote: its assessment name (one of `feedback.names`, so bounded) and a bounded
+/// rendering of its value (see `feedback::vote_value_label`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VoteLabels {
+    pub name: String,
+    pub value: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
@@ -100,6 +108,8 @@ pub struct Metrics {
     pub links_dropped: Counter,
     pub link_errors: Counter,
     pub feedback_responses: Family<StatusLabel, Counter>,
+    /// Votes stored (new or changed), by name and value; retractions are not counted.
+    pub votes_accepted: Family<VoteLabels, Counter>,
     pub deliveries: Family<StateLabel, Gauge>,
     pub delivery_attempts: Family<OutcomeLabel, Counter>,
     pub delivery_oldest_pending_age: Gauge<f64, AtomicU64>,
@@ -174,6 +184,7 @@ impl Metrics {
             links_dropped: Counter::default(),
             link_errors: Counter::default(),
             feedback_responses: Family::default(),
+            votes_accepted: Family::default(),
             deliveries: Family::default(),
             delivery_attempts: Family::default(),
             delivery_oldest_pending_age: Gauge::default(),
@@ -265,6 +276,11 @@ impl Metrics {
             "feedback_responses",
             "Feedback answers by mlflowStatus",
             m.feedback_responses.clone(),
+        );
+        r.register(
+            "votes_accepted",
+            "Votes stored (new or changed), by assessment name and value",
+            m.votes_accepted.clone(),
         );
         r.register(
             "deliveries",

@@ -195,11 +195,14 @@ impl Proxy {
             _ => ClientIds::default(),
         };
         let chat_id = header_ids.chat_id.or(body_ids.chat_id);
+        // The route the link records, for the review surface's route filter.
+        let route_name: Arc<str> = Arc::from(route.path.as_str());
         let (message_id, claimed) = self
             .message_id(
                 header_ids.message_id.or(body_ids.message_id.clone()),
                 &chat_id,
                 &fwd.user,
+                &route_name,
             )
             .await;
         let client_request_id = route
@@ -368,6 +371,7 @@ impl Proxy {
                 trace_id: header_trace.as_ref().map(|f| f.id.clone()),
                 client_request_id,
                 open: true,
+                route: Some(route_name),
             },
             header_trace,
             header_rejected,
@@ -412,6 +416,7 @@ impl Proxy {
         candidate: Option<String>,
         chat_id: &Option<String>,
         user: &str,
+        route: &Arc<str>,
     ) -> (String, bool) {
         let Some(id) = candidate else {
             return (request::mint_message_id(), false);
@@ -423,6 +428,7 @@ impl Proxy {
             trace_id: None,
             client_request_id: None,
             open: true,
+            route: Some(route.clone()),
         };
         let timeout = self.config.claim_timeout;
         match tokio::time::timeout(timeout, self.store.claim_message(&link)).await {

@@ -49,6 +49,12 @@ pub enum Route<'a> {
     FeedbackMethodNotAllowed {
         allowed: &'static str,
     },
+    /// `GET /api/review/summary`
+    ReviewSummary,
+    /// `GET /api/review/feedback`
+    ReviewFeedback,
+    /// `GET /review`: the review page.
+    ReviewPage,
     /// The chat UI (embedded page or a configured directory).
     Ui,
     NotFound,
@@ -63,7 +69,7 @@ pub enum Route<'a> {
 }
 
 /// The routes' metric and log labels, by [`Route::index`].
-pub const LABELS: [&str; 11] = [
+pub const LABELS: [&str; 14] = [
     "agent",
     "healthz",
     "readyz",
@@ -75,6 +81,9 @@ pub const LABELS: [&str; 11] = [
     "feedback",
     "ui",
     "not_found",
+    "review_summary",
+    "review_feedback",
+    "review_page",
 ];
 
 impl Route<'_> {
@@ -99,6 +108,9 @@ impl Route<'_> {
             Self::FeedbackMethodNotAllowed { .. } => 8,
             Self::Ui => 9,
             Self::NotFound => 10,
+            Self::ReviewSummary => 11,
+            Self::ReviewFeedback => 12,
+            Self::ReviewPage => 13,
         }
     }
 }
@@ -143,6 +155,14 @@ pub fn classify<'a>(method: &Method, path: &'a str, config: &'a Config) -> Route
     }
     if let Some(rest) = path.strip_prefix("/api/feedback") {
         return feedback(method, rest);
+    }
+    // The review surface answers every method itself (405 for all but GET and HEAD, 404 when
+    // it is off), so that it never falls through to the UI.
+    match path.trim_end_matches('/') {
+        "/api/review/summary" => return Route::ReviewSummary,
+        "/api/review/feedback" => return Route::ReviewFeedback,
+        "/review" => return Route::ReviewPage,
+        _ => {}
     }
     if config.ui.enabled && matches!(*method, Method::GET | Method::HEAD) {
         return Route::Ui;
@@ -244,6 +264,15 @@ mod tests {
         );
         assert_eq!(classify(&get, "/api/feedback/a/b/c", &c), Route::NotFound);
         assert_eq!(classify(&post, "/nothing", &c), Route::NotFound);
+        assert_eq!(
+            classify(&get, "/api/review/summary", &c),
+            Route::ReviewSummary
+        );
+        assert_eq!(
+            classify(&get, "/api/review/feedback/", &c),
+            Route::ReviewFeedback
+        );
+        assert_eq!(classify(&post, "/review", &c), Route::ReviewPage);
     }
 
     #[test]

@@ -35,7 +35,9 @@
 mod api;
 mod codec;
 pub mod postgres;
+pub mod review;
 pub mod sqlite;
+mod state;
 use crate::config::{StoreConfig, StoreKind};
 
 pub use api::*;

@@ -50,6 +50,7 @@ async fn backlog(store: &SharedStore, trace_id: &str, n: usize, tag: &str) -> Ve
                 trace_id: Some(trace_id.to_owned()),
                 client_request_id: None,
                 open: false,
+                route: None,
             }])
             .await
             .unwrap();

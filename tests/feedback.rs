@@ -119,6 +119,7 @@ async fn link(
             trace_id: trace_id.map(str::to_owned),
             client_request_id: client_request_id.map(str::to_owned),
             open: false,
+            route: None,
         }])
         .await
         .unwrap();

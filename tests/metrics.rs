@@ -153,6 +153,7 @@ async fn every_metric_family_is_exported_with_labels_and_counts() {
             trace_id: Some("tr-ffffffffffffffffffffffffffffffff".into()),
             client_request_id: None,
             open: false,
+            route: None,
         }])
         .await
         .unwrap();

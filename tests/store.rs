@@ -13,65 +13,6 @@ use feedback_proxy::store::{
     AssessmentFact, Claim, DeliveryState, Desired, Enqueue, FeedbackValue, Finished, LinkRecord,
     NewVote, Outcome, SharedStore, StoreError, Ticket, VoteKey,
 };
-use support::pg;
-
-/// A store under test and whatever must outlive it (its file or database).
-struct Fixture {
-    store: SharedStore,
-    _file: Option<tempfile::TempDir>,
-    _db: Option<pg::TestDb>,
-}
-
-async fn sqlite() -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("store.db");
-    let config = pg::store_config(&format!("sqlite://{}", path.display()), "");
-    let store = feedback_proxy::store::open(&config, pg::deps())
-        .await
-        .expect("open SQLite store");
-    Fixture {
-        store,
-        _file: Some(dir),
-        _db: None,
-    }
-}
-
-async fn postgres() -> Fixture {
-    let db = pg::TestDb::create(&pg::shared_url()).await;
-    let config = pg::store_config(&db.url, "pool_size = 8");
-    let store = feedback_proxy::store::open(&config, pg::deps())
-        .await
-        .expect("open Postgres store");
-    Fixture {
-        store,
-        _file: None,
-        _db: Some(db),
-    }
-}
-
-/// Instantiates each suite function once per backend.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod on_sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let f = super::sqlite().await;
-                    super::suite::$name(f.store.clone()).await;
-                }
-            )*
-        }
-        mod on_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let f = super::postgres().await;
-                    super::suite::$name(f.store.clone()).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_backends!(
     health_kind_and_pool,
@@ -141,6 +82,7 @@ mod suite {
             trace_id: None,
             client_request_id: None,
             open: true,
+            route: None,
         }
     }
 
@@ -231,6 +173,7 @@ mod suite {
             trace_id: Some("tr-1".into()),
             client_request_id: None,
             open: false,
+            route: None,
         };
         store.record_links(&[merge]).await.unwrap();
         let merged = store.get_link("m1").await.unwrap().unwrap();
@@ -249,6 +192,7 @@ mod suite {
             trace_id: Some("tr-evil".into()),
             client_request_id: Some("req-evil".into()),
             open: true,
+            route: None,
         };
         store.record_links(&[hijack]).await.unwrap();
         assert_eq!(store.get_link("m1").await.unwrap().unwrap(), merged);

@@ -27,7 +27,7 @@ fn write_config(dir: &Path, store_url: &str) -> std::path::PathBuf {
 }
 
 /// The newest schema version (the number of migrations shipped).
-const LATEST: i32 = 2;
+const LATEST: i32 = 3;
 
 /// Starts two `feedback-proxy migrate` processes at once and waits for both.
 fn migrate_twice_at_once(config: &Path) -> [Output; 2] {
@@ -91,7 +91,7 @@ async fn postgres_concurrent_migrations_leave_one_schema_version() {
         .await
         .unwrap();
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
     let tables: i64 = admin
         .query_one(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'feedback_proxy'",
@@ -101,8 +101,8 @@ async fn postgres_concurrent_migrations_leave_one_schema_version() {
         .unwrap()
         .get(0);
     assert_eq!(
-        tables, 4,
-        "message_links, votes, deliveries, schema_migrations"
+        tables, 5,
+        "message_links, votes, deliveries, vote_rollup, schema_migrations"
     );
 
     // Idempotent, and open() with migrate = true finds nothing to do.
@@ -148,7 +148,7 @@ async fn postgres_schema_checks() {
             .err()
             .expect("opened a newer schema");
         assert!(
-            matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 2)")),
+            matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 3)")),
             "{err:?}"
         );
     }
@@ -179,7 +179,7 @@ async fn sqlite_concurrent_migrations_leave_one_schema_version() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -224,7 +224,7 @@ async fn sqlite_schema_checks() {
         .err()
         .expect("opened a newer schema");
     assert!(
-        matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 2)")),
+        matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 3)")),
         "{err:?}"
     );
 
@@ -250,8 +250,12 @@ async fn sqlite_schema_checks() {
     );
 }
 
-/// A delivery as version 1 stored it: a thumbs-up on m1, already delivered as assessment a-1.
-const V1_DELIVERY: &str = "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired,
+/// A delivery as version 1 stored it: a thumbs-up on m1, already delivered as assessment a-1,
+/// and the vote itself.
+const V1_DELIVERY: &str = "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment,
+        updated_at)
+    VALUES ('m1', 'alice@example.com', 'user_feedback', 'c1', 'true', NULL, NOW);
+    INSERT INTO deliveries (message_id, user_id, name, chat_id, desired,
         desired_value, version, assessment_id, trace_id, state, attempts, next_attempt_at,
         enqueued_at, updated_at)
     VALUES ('m1', 'alice@example.com', 'user_feedback', 'c1', 'upsert', 'true', 1, 'a-1',
@@ -265,6 +269,32 @@ fn key() -> VoteKey {
     }
 }
 
+/// Current votes by value over all time, from the review summary.
+async fn review_counts(store: &SharedStore) -> Vec<(String, i64)> {
+    let cells = store
+        .review_summary(&feedback_proxy::store::SummaryQuery {
+            scope: feedback_proxy::store::ReviewScope {
+                from: std::time::SystemTime::UNIX_EPOCH,
+                to: std::time::SystemTime::now() + Duration::from_secs(3600),
+                name: None,
+                route: None,
+            },
+            bucket_hours: 24,
+        })
+        .await
+        .unwrap();
+    let mut out: Vec<(String, i64)> = Vec::new();
+    for c in cells {
+        let v = c.value.to_json().to_string();
+        match out.iter_mut().find(|(x, _)| *x == v) {
+            Some(e) => e.1 += c.votes,
+            None => out.push((v, c.votes)),
+        }
+    }
+    out.retain(|(_, n)| *n != 0);
+    out
+}
+
 /// A store at version 1 with data: `migrate = false` refuses it and names the command, the
 /// upgrade keeps the data, and a delivery written at version 1 goes through a claim and a
 /// fenced finish.
@@ -274,7 +304,7 @@ async fn upgrade_from_version_1(config: &StoreConfig, no_migrate: &StoreConfig) 
         .err()
         .expect("opened a version-1 store without migrating");
     assert!(
-        matches!(&err, StoreError::Schema(m) if m.contains("version 1 but this binary needs version 2") && m.contains("feedback-proxy migrate")),
+        matches!(&err, StoreError::Schema(m) if m.contains("version 1 but this binary needs version 3") && m.contains("feedback-proxy migrate")),
         "{err:?}"
     );
     let m = feedback_proxy::store::migrate(config, pg::deps())
@@ -284,6 +314,8 @@ async fn upgrade_from_version_1(config: &StoreConfig, no_migrate: &StoreConfig) 
     let store: SharedStore = feedback_proxy::store::open(no_migrate, pg::deps())
         .await
         .unwrap();
+    // The review rollup starts from the votes already stored (version 3's backfill).
+    assert_eq!(review_counts(&store).await, [("true".to_owned(), 1)]);
     let old = store.list_deliveries(None, 10).await.unwrap();
     assert_eq!(old.len(), 1);
     let d = &old[0];
@@ -312,6 +344,8 @@ async fn upgrade_from_version_1(config: &StoreConfig, no_migrate: &StoreConfig) 
         .await
         .unwrap();
     assert_eq!((v.version, v.assessment_id.as_deref()), (2, Some("a-1")));
+    // The changed vote moved in the rollup: its old value no longer counts.
+    assert_eq!(review_counts(&store).await, [("false".to_owned(), 1)]);
     let claimed = store
         .claim(&key(), 2, Duration::from_secs(60))
         .await

@@ -18,7 +18,14 @@ use super::validate::{Validator, path_has_prefix};
 pub(super) const DEFAULT_AGENT_PATHS: [&str; 2] = ["/invocations", "/responses"];
 
 /// Paths the proxy serves itself; an agent route may not shadow them.
-pub(super) const RESERVED_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/api/feedback"];
+pub(super) const RESERVED_PATHS: [&str; 6] = [
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/api/feedback",
+    "/api/review",
+    "/review",
+];
 
 /// One inbound path prefix forwarded to the agent, with its per-route options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -15,6 +15,7 @@ use super::env::{self, Env};
 use super::feedback::FeedbackConfig;
 use super::mlflow::MlflowConfig;
 use super::raw::Raw;
+use super::review::ReviewConfig;
 use super::secret::Secret;
 use super::ser::{ser_display, ser_duration};
 use super::server::{IdentityConfig, LogConfig, LogFormat, MetricsConfig, ServerConfig, UiConfig};
@@ -44,6 +45,7 @@ pub struct Config {
     pub ui: UiConfig,
     pub metrics: MetricsConfig,
     pub server: ServerConfig,
+    pub review: ReviewConfig,
 }
 
 /// Whether a URL points at this machine (the loopback name or a loopback address).
@@ -189,6 +191,7 @@ impl Config {
             on_main_port: raw.metrics.on_main_port.unwrap_or(false),
         };
         let server = v.server(raw.server);
+        let review = v.review(raw.review, env, &mlflow);
 
         // Cross-checks: what each auth choice needs from [databricks].
         for (key, auth) in [("agent.auth", &agent.auth), ("mlflow.auth", &mlflow.auth)] {
@@ -219,6 +222,7 @@ impl Config {
             ui,
             metrics,
             server,
+            review,
         })
     }
 }

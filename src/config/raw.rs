@@ -35,6 +35,19 @@ pub struct Raw {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub server: RawServer,
+    #[serde(default)]
+    pub review: RawReview,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReview {
+    pub users: Option<Vec<String>>,
+    pub pseudonymize_users: Option<bool>,
+    pub pseudonym_key: Option<String>,
+    pub trace_url: Option<String>,
+    pub positive_from: Option<f64>,
+    pub negative_to: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -234,6 +234,9 @@ fn merge(old: &mut LinkRecord, new: LinkRecord) {
     if new.client_request_id.is_some() {
         old.client_request_id = new.client_request_id;
     }
+    if new.route.is_some() {
+        old.route = new.route;
+    }
     old.open = new.open;
 }
 
@@ -453,6 +456,7 @@ mod tests {
             trace_id: None,
             client_request_id: None,
             open: true,
+            route: None,
         }
     }
 

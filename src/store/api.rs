@@ -6,8 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+pub use super::review::{
+    ListQuery, ReviewCursor, ReviewScope, ReviewedVote, SummaryCell, SummaryQuery,
+};
+pub use super::state::{DeliveryCursor, DeliveryState};
 pub use crate::domain::{FeedbackValue, LinkRecord, MessageLink, VoteKey};
 
 /// Why a store operation failed.
@@ -68,32 +72,6 @@ pub enum Desired {
     },
     /// No assessment.
     Delete,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeliveryState {
-    Pending,
-    Waiting,
-    Done,
-    Dead,
-}
-
-impl DeliveryState {
-    pub const ALL: [Self; 4] = [Self::Pending, Self::Waiting, Self::Done, Self::Dead];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Waiting => "waiting",
-            Self::Done => "done",
-            Self::Dead => "dead",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|st| st.as_str() == s)
-    }
 }
 
 /// The initial state of a delivery enqueued with a vote change.
@@ -162,14 +140,6 @@ impl Delivery {
     }
 }
 
-/// Where a page of [`Store::list_deliveries_after`] ends: the sort key of its last row. Shown to
-/// operators as an opaque token (`--after`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryCursor {
-    pub updated_at: SystemTime,
-    pub key: VoteKey,
-}
-
 impl DeliveryCursor {
     /// The cursor of `d` (the last row of a page).
     pub fn of(d: &Delivery) -> Self {
@@ -177,40 +147,6 @@ impl DeliveryCursor {
             updated_at: d.updated_at,
             key: d.key.clone(),
         }
-    }
-
-    /// `<microseconds since the epoch>.<base64url of the key as a JSON array>`.
-    pub fn encode(&self) -> String {
-        use base64::Engine as _;
-        let micros = self
-            .updated_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
-        let key = serde_json::json!([self.key.message_id, self.key.user_id, self.key.name]);
-        format!(
-            "{micros}.{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.to_string())
-        )
-    }
-
-    /// Parses [`DeliveryCursor::encode`]'s output; `None` for anything else.
-    pub fn decode(s: &str) -> Option<Self> {
-        use base64::Engine as _;
-        let (micros, key) = s.split_once('.')?;
-        let micros: u64 = micros.parse().ok()?;
-        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(key)
-            .ok()?;
-        let (message_id, user_id, name): (String, String, String) =
-            serde_json::from_slice(&key).ok()?;
-        Some(Self {
-            updated_at: SystemTime::UNIX_EPOCH + Duration::from_micros(micros),
-            key: VoteKey {
-                message_id,
-                user_id,
-                name,
-            },
-        })
     }
 }
 
@@ -414,6 +350,20 @@ pub trait Store: Send + Sync + 'static {
     async fn requeue_held(&self, reason: &str) -> Result<u64, StoreError>;
 
     async fn delivery_stats(&self) -> Result<DeliveryStats, StoreError>;
+
+    /// Current votes in `q.scope` counted per bucket, assessment name and value, from the
+    /// hourly rollup (cells whose count is zero are left out). See `store::review`.
+    async fn review_summary(&self, q: &SummaryQuery) -> Result<Vec<SummaryCell>, StoreError>;
+
+    /// One page of current votes in `q.scope` matching its filters, newest first (keyset:
+    /// `updated_at` descending, then the key descending), after `after`. A vote cast while a
+    /// walk pages is newer than its cursor and is not seen by it; pages neither repeat nor skip
+    /// a vote that did not change meanwhile.
+    async fn review_votes(
+        &self,
+        q: &ListQuery,
+        after: Option<&ReviewCursor>,
+    ) -> Result<Vec<ReviewedVote>, StoreError>;
 
     /// Connection pool figures (SQLite: 1/1).
     fn pool_status(&self) -> PoolStatus;

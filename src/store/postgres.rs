@@ -32,6 +32,7 @@ mod links;
 mod migrate;
 mod outbox;
 mod pool;
+mod review;
 mod tls;
 mod votes;
 
@@ -209,6 +210,19 @@ impl Store for PgStore {
 
     async fn delivery_stats(&self) -> Result<DeliveryStats, StoreError> {
         self.run("delivery_stats", outbox::delivery_stats(self))
+            .await
+    }
+
+    async fn review_summary(&self, q: &SummaryQuery) -> Result<Vec<SummaryCell>, StoreError> {
+        self.run("review_summary", review::summary(self, q)).await
+    }
+
+    async fn review_votes(
+        &self,
+        q: &ListQuery,
+        after: Option<&ReviewCursor>,
+    ) -> Result<Vec<ReviewedVote>, StoreError> {
+        self.run("review_votes", review::votes(self, q, after))
             .await
     }
 

@@ -34,6 +34,7 @@ mod conn;
 mod links;
 mod migrate;
 mod outbox;
+mod review;
 mod votes;
 
 use std::path::{Path, PathBuf};
@@ -297,6 +298,24 @@ impl Store for SqliteStore {
 
     async fn delivery_stats(&self) -> Result<DeliveryStats, StoreError> {
         self.call("delivery_stats", outbox::delivery_stats).await
+    }
+
+    async fn review_summary(&self, q: &SummaryQuery) -> Result<Vec<SummaryCell>, StoreError> {
+        let q = q.clone();
+        self.call("review_summary", move |c| review::summary(c, &q))
+            .await
+    }
+
+    async fn review_votes(
+        &self,
+        q: &ListQuery,
+        after: Option<&ReviewCursor>,
+    ) -> Result<Vec<ReviewedVote>, StoreError> {
+        let (q, after) = (q.clone(), after.cloned());
+        self.call("review_votes", move |c| {
+            review::votes(c, &q, after.as_ref())
+        })
+        .await
     }
 
     fn pool_status(&self) -> PoolStatus {

@@ -6,6 +6,7 @@
 //! how to get it, never skips silently.
 #![allow(dead_code)]
 
+pub mod backends;
 pub mod mlflow;
 pub mod pg;
 pub mod process;

@@ -158,6 +158,7 @@ impl Deliverer {
             trace_id: Some(info.trace_id.clone()),
             client_request_id: Some(crid),
             open: false,
+            route: None,
         };
         if let Err(e) = self.store.record_links(std::slice::from_ref(&link)).await {
             tracing::warn!(%key, error = %e, "cannot record the link found by client request id");

@@ -11,8 +11,9 @@ use crate::store::api::{Claim, LinkRecord, MessageLink, StoreError};
 
 pub(super) async fn claim_message(store: &PgStore, link: &LinkRecord) -> Result<Claim, StoreError> {
     const INSERT: &str = "INSERT INTO message_links
-            (message_id, chat_id, user_id, trace_id, client_request_id, open, created_at, updated_at)
-        VALUES ($1, $2, $3, $4, $5, true, now(), now())
+            (message_id, chat_id, user_id, trace_id, client_request_id, open, route, created_at,
+            updated_at)
+        VALUES ($1, $2, $3, $4, $5, true, $6, now(), now())
         ON CONFLICT (message_id) DO NOTHING";
     const REOPEN: &str = "UPDATE message_links SET open = true, updated_at = now()
         WHERE message_id = $1 AND user_id = $2";
@@ -29,6 +30,7 @@ pub(super) async fn claim_message(store: &PgStore, link: &LinkRecord) -> Result<
                 &link.user_id,
                 &link.trace_id,
                 &link.client_request_id,
+                &link.route.as_deref(),
             ],
         )
         .await
@@ -57,6 +59,7 @@ struct Folded<'a> {
     chat_id: Option<&'a str>,
     trace_id: Option<&'a str>,
     client_request_id: Option<&'a str>,
+    route: Option<&'a str>,
     open: bool,
 }
 
@@ -79,6 +82,7 @@ fn fold(links: &[LinkRecord]) -> Vec<Vec<Folded<'_>>> {
                 g.chat_id = l.chat_id.as_deref().or(g.chat_id);
                 g.trace_id = l.trace_id.as_deref().or(g.trace_id);
                 g.client_request_id = l.client_request_id.as_deref().or(g.client_request_id);
+                g.route = l.route.as_deref().or(g.route);
                 g.open = l.open;
             }
             None => groups.push(Folded {
@@ -87,6 +91,7 @@ fn fold(links: &[LinkRecord]) -> Vec<Vec<Folded<'_>>> {
                 chat_id: l.chat_id.as_deref(),
                 trace_id: l.trace_id.as_deref(),
                 client_request_id: l.client_request_id.as_deref(),
+                route: l.route.as_deref(),
                 open: l.open,
             }),
         }
@@ -107,12 +112,15 @@ fn fold(links: &[LinkRecord]) -> Vec<Vec<Folded<'_>>> {
 /// arrays in, so a batch of hundreds costs a handful of round trips), wake waiting deliveries.
 pub(super) async fn record_links(store: &PgStore, links: &[LinkRecord]) -> Result<(), StoreError> {
     const UPSERT: &str = "INSERT INTO message_links
-            (message_id, chat_id, user_id, trace_id, client_request_id, open, created_at, updated_at)
-        SELECT m, c, u, t, r, o, now(), now()
-        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
-            AS l(m, c, u, t, r, o)
+            (message_id, chat_id, user_id, trace_id, client_request_id, open, route, created_at,
+            updated_at)
+        SELECT m, c, u, t, r, o, p, now(), now()
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[],
+            $7::text[])
+            AS l(m, c, u, t, r, o, p)
         ON CONFLICT (message_id) DO UPDATE SET
             chat_id = COALESCE(excluded.chat_id, message_links.chat_id),
+            route = COALESCE(excluded.route, message_links.route),
             trace_id = COALESCE(excluded.trace_id, message_links.trace_id),
             client_request_id = COALESCE(excluded.client_request_id, message_links.client_request_id),
             open = excluded.open,
@@ -148,7 +156,8 @@ pub(super) async fn record_links(store: &PgStore, links: &[LinkRecord]) -> Resul
         let t: Vec<Option<&str>> = round.iter().map(|f| f.trace_id).collect();
         let r: Vec<Option<&str>> = round.iter().map(|f| f.client_request_id).collect();
         let o: Vec<bool> = round.iter().map(|f| f.open).collect();
-        tx.execute(&upsert, &[&m, &ch, &u, &t, &r, &o])
+        let p: Vec<Option<&str>> = round.iter().map(|f| f.route).collect();
+        tx.execute(&upsert, &[&m, &ch, &u, &t, &r, &o, &p])
             .await
             .map_err(query_error)?;
     }
@@ -164,7 +173,7 @@ pub(super) async fn get_link(
     message_id: &str,
 ) -> Result<Option<MessageLink>, StoreError> {
     const SQL: &str = "SELECT message_id, chat_id, user_id, trace_id, client_request_id, open,
-            created_at, updated_at
+            created_at, updated_at, route
         FROM message_links WHERE message_id = $1";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
@@ -188,6 +197,7 @@ fn link(row: &Row) -> Result<MessageLink, StoreError> {
         open: row.try_get(5).map_err(corrupt)?,
         created_at: row.try_get(6).map_err(corrupt)?,
         updated_at: row.try_get(7).map_err(corrupt)?,
+        route: row.try_get(8).map_err(corrupt)?,
     })
 }
 
@@ -220,6 +230,7 @@ mod tests {
             trace_id: trace.map(Into::into),
             client_request_id: None,
             open,
+            route: None,
         }
     }
 

@@ -30,6 +30,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: include_str!("../migrations/postgres/0002_delivery_claims.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../migrations/postgres/0003_review.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

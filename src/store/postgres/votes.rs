@@ -21,11 +21,12 @@ pub(super) async fn upsert_vote(
     const LINKED: &str = "SELECT EXISTS (SELECT 1 FROM message_links WHERE message_id = $1
             AND user_id = $2 AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))";
     const VOTE: &str =
-        "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at)
-        VALUES ($1, $2, $3, $4, $5, $6, now())
+        "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at, route)
+        VALUES ($1, $2, $3, $4, $5, $6, now(),
+            (SELECT route FROM message_links WHERE message_id = $1))
         ON CONFLICT (message_id, user_id, name) DO UPDATE SET
             chat_id = excluded.chat_id, value = excluded.value, comment = excluded.comment,
-            updated_at = excluded.updated_at";
+            updated_at = excluded.updated_at, route = excluded.route";
     const DELIVERY: &str = concat!(
         "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
             desired_comment, version, generation, state, attempts, next_attempt_at, enqueued_at,

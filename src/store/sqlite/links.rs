@@ -12,8 +12,9 @@ pub(super) fn claim_message(conn: &mut Connection, link: &LinkRecord) -> Result<
     let inserted = tx
         .prepare_cached(
             "INSERT INTO message_links
-                (message_id, chat_id, user_id, trace_id, client_request_id, open, created_at, updated_at)
-            VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?6)
+                (message_id, chat_id, user_id, trace_id, client_request_id, open, route,
+                created_at, updated_at)
+            VALUES (?1, ?2, ?3, ?4, ?5, 1, ?7, ?6, ?6)
             ON CONFLICT (message_id) DO NOTHING",
         )
         .and_then(|mut s| {
@@ -24,6 +25,7 @@ pub(super) fn claim_message(conn: &mut Connection, link: &LinkRecord) -> Result<
                 &link.trace_id,
                 &link.client_request_id,
                 now,
+                link.route.as_deref(),
             ))
         })
         .map_err(sql_error)?;
@@ -75,10 +77,12 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
         let mut upsert = tx
             .prepare_cached(
                 "INSERT INTO message_links
-                    (message_id, chat_id, user_id, trace_id, client_request_id, open, created_at, updated_at)
-                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+                    (message_id, chat_id, user_id, trace_id, client_request_id, open, route,
+                    created_at, updated_at)
+                VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?8, ?7, ?7)
                 ON CONFLICT (message_id) DO UPDATE SET
                     chat_id = COALESCE(excluded.chat_id, message_links.chat_id),
+                    route = COALESCE(excluded.route, message_links.route),
                     trace_id = COALESCE(excluded.trace_id, message_links.trace_id),
                     client_request_id = COALESCE(excluded.client_request_id, message_links.client_request_id),
                     open = excluded.open,
@@ -96,6 +100,7 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
                     &l.client_request_id,
                     l.open,
                     now,
+                    l.route.as_deref(),
                 ))
                 .map_err(sql_error)?;
         }
@@ -133,7 +138,7 @@ pub(super) fn get_link(
 ) -> Result<Option<MessageLink>, StoreError> {
     conn.prepare_cached(
         "SELECT message_id, chat_id, user_id, trace_id, client_request_id, open,
-            created_at, updated_at
+            created_at, updated_at, route
         FROM message_links WHERE message_id = ?1",
     )
     .and_then(|mut s| {
@@ -147,6 +152,7 @@ pub(super) fn get_link(
                 open: r.get(5)?,
                 created_at: from_ms(r.get(6)?),
                 updated_at: from_ms(r.get(7)?),
+                route: r.get(8)?,
             })
         })
         .optional()

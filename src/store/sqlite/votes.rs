@@ -34,11 +34,12 @@ pub(super) fn upsert_vote(
         }
     }
     tx.prepare_cached(
-        "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at)
-        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at, route)
+        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
+            (SELECT route FROM message_links WHERE message_id = ?1))
         ON CONFLICT (message_id, user_id, name) DO UPDATE SET
             chat_id = excluded.chat_id, value = excluded.value, comment = excluded.comment,
-            updated_at = excluded.updated_at",
+            updated_at = excluded.updated_at, route = excluded.route",
     )
     .and_then(|mut s| {
         s.execute((

@@ -1,0 +1,145 @@
+//! The review queries in Postgres: summaries from the hourly, sharded `vote_rollup` (kept by
+//! the vote trigger of `0003_review.sql`), listings from `votes` through the `votes_recent`
+//! index. Rows are decoded by column name.
+
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use tokio_postgres::Row;
+
+use super::handle::PgStore;
+use super::pool::query_error;
+use crate::domain::Polarity;
+use crate::store::api::{
+    ListQuery, ReviewCursor, ReviewedVote, StoreError, SummaryCell, SummaryQuery, VoteKey,
+};
+use crate::store::codec;
+use crate::store::review::{json_word_list, words};
+
+pub(super) async fn summary(
+    store: &PgStore,
+    q: &SummaryQuery,
+) -> Result<Vec<SummaryCell>, StoreError> {
+    const SQL: &str = "SELECT hour / $1 AS bucket, name, value, sum(votes)::bigint AS votes,
+            sum(commented)::bigint AS commented
+        FROM vote_rollup
+        WHERE hour >= $2 AND hour < $3
+            AND ($4::text IS NULL OR name = $4) AND ($5::text IS NULL OR route = $5)
+        GROUP BY 1, 2, 3 HAVING sum(votes) <> 0
+        ORDER BY 1, 2, 3";
+    let (from, to) = q.hours();
+    let per = i64::from(q.bucket_hours.max(1));
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    let rows = c
+        .client
+        .query(&stmt, &[&per, &from, &to, &q.scope.name, &q.scope.route])
+        .await
+        .map_err(query_error)?;
+    rows.iter()
+        .map(|row| {
+            let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("rollup: {e}"));
+            let value: serde_json::Value = row.try_get("value").map_err(corrupt)?;
+            Ok(SummaryCell {
+                bucket: q.bucket_start(row.try_get("bucket").map_err(corrupt)?),
+                name: row.try_get("name").map_err(corrupt)?,
+                value: codec::value_from_json(&value)?,
+                votes: row.try_get("votes").map_err(corrupt)?,
+                commented: row.try_get("commented").map_err(corrupt)?,
+            })
+        })
+        .collect()
+}
+
+/// `1`, `-1` or `0` for `v.value` (jsonb), by `domain::FeedbackValue::polarity`'s rules; `$9`
+/// and `$10` are the numeric thresholds.
+fn list_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "SELECT v.message_id, v.user_id, v.name, v.chat_id, v.value, v.comment, v.updated_at,
+                v.route, d.state, d.last_error, COALESCE(d.trace_id, l.trace_id) AS trace_id
+            FROM votes AS v
+            LEFT JOIN deliveries AS d ON d.message_id = v.message_id AND d.user_id = v.user_id
+                AND d.name = v.name
+            LEFT JOIN message_links AS l ON l.message_id = v.message_id
+            WHERE v.updated_at >= $1 AND v.updated_at < $2
+                AND ($3::timestamptz IS NULL OR v.updated_at <= $3)
+                AND ($4::text IS NULL
+                    OR (v.updated_at, v.message_id, v.user_id, v.name) < ($3, $4, $5, $6))
+                AND ($7::text IS NULL OR v.name = $7)
+                AND ($8::text IS NULL OR v.route = $8)
+                AND ($11::boolean IS NULL OR (v.comment IS NOT NULL) = $11)
+                AND ($12::int IS NULL OR (CASE
+                    WHEN v.value IN ('true'::jsonb, {}) THEN 1
+                    WHEN v.value IN ('false'::jsonb, {}) THEN -1
+                    WHEN jsonb_typeof(v.value) = 'number' THEN
+                        CASE WHEN (v.value #>> '{{}}')::float8 >= $9 THEN 1
+                            WHEN (v.value #>> '{{}}')::float8 <= $10 THEN -1 ELSE 0 END
+                    ELSE 0 END) = $12)
+            ORDER BY v.updated_at DESC, v.message_id DESC, v.user_id DESC, v.name DESC
+            LIMIT $13",
+            json_word_list(words(Polarity::Positive), "::jsonb"),
+            json_word_list(words(Polarity::Negative), "::jsonb"),
+        )
+    })
+}
+
+pub(super) async fn votes(
+    store: &PgStore,
+    q: &ListQuery,
+    after: Option<&ReviewCursor>,
+) -> Result<Vec<ReviewedVote>, StoreError> {
+    let after_at: Option<SystemTime> = after.map(|c| c.updated_at);
+    let after_key = |f: fn(&VoteKey) -> &String| after.map(|c| f(&c.key).as_str());
+    let polarity = q.polarity.map(Polarity::sign);
+    let limit = i64::from(q.limit);
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, list_sql()).await?;
+    let rows = c
+        .client
+        .query(
+            &stmt,
+            &[
+                &q.scope.from,
+                &q.scope.to,
+                &after_at,
+                &after_key(|k| &k.message_id),
+                &after_key(|k| &k.user_id),
+                &after_key(|k| &k.name),
+                &q.scope.name,
+                &q.scope.route,
+                &q.thresholds.positive_from,
+                &q.thresholds.negative_to,
+                &q.has_comment,
+                &polarity,
+                &limit,
+            ],
+        )
+        .await
+        .map_err(query_error)?;
+    rows.iter().map(reviewed).collect()
+}
+
+fn reviewed(row: &Row) -> Result<ReviewedVote, StoreError> {
+    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("review row: {e}"));
+    let value: serde_json::Value = row.try_get("value").map_err(corrupt)?;
+    let state: Option<String> = row.try_get("state").map_err(corrupt)?;
+    Ok(ReviewedVote {
+        key: VoteKey {
+            message_id: row.try_get("message_id").map_err(corrupt)?,
+            user_id: row.try_get("user_id").map_err(corrupt)?,
+            name: row.try_get("name").map_err(corrupt)?,
+        },
+        chat_id: row.try_get("chat_id").map_err(corrupt)?,
+        value: codec::value_from_json(&value)?,
+        comment: row.try_get("comment").map_err(corrupt)?,
+        updated_at: row.try_get("updated_at").map_err(corrupt)?,
+        route: row.try_get("route").map_err(corrupt)?,
+        delivery: state.as_deref().map(codec::state).transpose()?,
+        last_error: row.try_get("last_error").map_err(corrupt)?,
+        trace_id: row.try_get("trace_id").map_err(corrupt)?,
+    })
+}

@@ -1,0 +1,573 @@
+//! The review surface (issue 15): the store's summary and listing queries on both backends
+//! (counts equal to the votes cast, bucket edges, empty ranges, retracted and changed votes,
+//! filters, keyset paging under concurrent inserts), then the HTTP surface through the running
+//! proxy (who may look, the summary's arithmetic, pseudonyms, trace links, metrics) and the
+//! `export` command of the real binary.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use feedback_proxy::domain::{Polarity, Thresholds};
+use feedback_proxy::store::{
+    Enqueue, FeedbackValue, LinkRecord, ListQuery, NewVote, ReviewScope, SharedStore, SummaryCell,
+    SummaryQuery, VoteKey,
+};
+
+on_both_backends!(
+    summary_counts_current_votes_per_value,
+    summary_bucket_edges_and_empty_ranges,
+    summary_filters_by_name_and_route,
+    listing_filters_by_polarity_comment_name_and_route,
+    listing_pages_neither_repeat_nor_skip_under_concurrent_inserts,
+    listing_shows_delivery_state_and_trace,
+);
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn link(m: &str, user: &str, route: &str) -> LinkRecord {
+    LinkRecord {
+        message_id: m.into(),
+        chat_id: Some("chat".into()),
+        user_id: user.into(),
+        trace_id: None,
+        client_request_id: None,
+        open: false,
+        route: Some(Arc::from(route)),
+    }
+}
+
+/// Links `m` to `user` on `route` and stores the vote.
+async fn cast(
+    store: &SharedStore,
+    m: &str,
+    user: &str,
+    name: &str,
+    value: FeedbackValue,
+    comment: Option<&str>,
+    route: &str,
+) {
+    store
+        .record_links(&[link(m, user, route)])
+        .await
+        .expect("record link");
+    store
+        .upsert_vote(
+            &NewVote {
+                key: VoteKey {
+                    message_id: m.into(),
+                    user_id: user.into(),
+                    name: name.into(),
+                },
+                chat_id: "chat".into(),
+                value,
+                comment: comment.map(Into::into),
+            },
+            &Enqueue::Pending,
+        )
+        .await
+        .expect("upsert vote");
+}
+
+fn scope(from: SystemTime, to: SystemTime) -> ReviewScope {
+    ReviewScope {
+        from,
+        to,
+        name: None,
+        route: None,
+    }
+}
+
+/// The whole of today and tomorrow: every vote a test casts now.
+fn around_now() -> ReviewScope {
+    let now = SystemTime::now();
+    scope(now - 24 * HOUR, now + 24 * HOUR)
+}
+
+async fn summary(store: &SharedStore, scope: ReviewScope, bucket_hours: u32) -> Vec<SummaryCell> {
+    store
+        .review_summary(&SummaryQuery {
+            scope,
+            bucket_hours,
+        })
+        .await
+        .expect("summary")
+}
+
+/// (name, value as JSON text) → (votes, commented), over all buckets.
+fn by_value(cells: &[SummaryCell]) -> Vec<(String, String, i64, i64)> {
+    let mut out: Vec<(String, String, i64, i64)> = Vec::new();
+    for c in cells {
+        let v = c.value.to_json().to_string();
+        match out.iter_mut().find(|(n, x, _, _)| *n == c.name && *x == v) {
+            Some(e) => {
+                e.2 += c.votes;
+                e.3 += c.commented;
+            }
+            None => out.push((c.name.clone(), v, c.votes, c.commented)),
+        }
+    }
+    out.sort();
+    out
+}
+
+fn row(name: &str, value: &str, votes: i64, commented: i64) -> (String, String, i64, i64) {
+    (name.into(), value.into(), votes, commented)
+}
+
+fn list(scope: ReviewScope, limit: u32) -> ListQuery {
+    ListQuery {
+        scope,
+        polarity: None,
+        has_comment: None,
+        thresholds: Thresholds::default(),
+        limit,
+    }
+}
+
+mod suite {
+    use super::*;
+    use FeedbackValue::{Bool, Number, String as Text};
+
+    pub async fn summary_counts_current_votes_per_value(store: SharedStore) {
+        cast(
+            &store,
+            "m1",
+            "a",
+            "user_feedback",
+            Bool(true),
+            None,
+            "/invocations",
+        )
+        .await;
+        cast(
+            &store,
+            "m2",
+            "b",
+            "user_feedback",
+            Bool(true),
+            None,
+            "/invocations",
+        )
+        .await;
+        cast(
+            &store,
+            "m3",
+            "c",
+            "user_feedback",
+            Bool(false),
+            Some("wrong"),
+            "/invocations",
+        )
+        .await;
+        cast(
+            &store,
+            "m4",
+            "d",
+            "rating",
+            Number(5.0),
+            None,
+            "/invocations",
+        )
+        .await;
+        cast(
+            &store,
+            "m5",
+            "e",
+            "rating",
+            Number(1.0),
+            Some("bad"),
+            "/invocations",
+        )
+        .await;
+        cast(
+            &store,
+            "m6",
+            "f",
+            "user_feedback",
+            Text("thumbs_down".into()),
+            None,
+            "/invocations",
+        )
+        .await;
+        assert_eq!(
+            by_value(&summary(&store, around_now(), 1).await),
+            vec![
+                row("rating", "1.0", 1, 1),
+                row("rating", "5.0", 1, 0),
+                row("user_feedback", "\"thumbs_down\"", 1, 0),
+                row("user_feedback", "false", 1, 1),
+                row("user_feedback", "true", 2, 0),
+            ]
+        );
+
+        // A changed vote counts once, with its last value (and its comment moves with it).
+        cast(
+            &store,
+            "m1",
+            "a",
+            "user_feedback",
+            Bool(false),
+            Some("changed my mind"),
+            "/invocations",
+        )
+        .await;
+        cast(
+            &store,
+            "m4",
+            "d",
+            "rating",
+            Number(4.0),
+            None,
+            "/invocations",
+        )
+        .await;
+        // A retracted vote is no longer counted.
+        let gone = VoteKey {
+            message_id: "m2".into(),
+            user_id: "b".into(),
+            name: "user_feedback".into(),
+        };
+        assert!(
+            store
+                .retract_vote(&gone, Duration::ZERO)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        // Re-voting the same value with another comment changes only the comment count.
+        cast(
+            &store,
+            "m3",
+            "c",
+            "user_feedback",
+            Bool(false),
+            None,
+            "/invocations",
+        )
+        .await;
+        let cells = summary(&store, around_now(), 24).await;
+        assert_eq!(
+            by_value(&cells),
+            vec![
+                row("rating", "1.0", 1, 1),
+                row("rating", "4.0", 1, 0),
+                row("user_feedback", "\"thumbs_down\"", 1, 0),
+                row("user_feedback", "false", 2, 1),
+            ]
+        );
+        let total: i64 = cells.iter().map(|c| c.votes).sum();
+        assert_eq!(total, 5, "five votes are current: {cells:?}");
+    }
+
+    pub async fn summary_bucket_edges_and_empty_ranges(store: SharedStore) {
+        cast(
+            &store,
+            "m1",
+            "a",
+            "user_feedback",
+            Bool(true),
+            None,
+            "/invocations",
+        )
+        .await;
+        // The hour the vote was stored in, from the store's own clock.
+        let at = store.list_votes("chat", "a").await.unwrap()[0].updated_at;
+        let secs = at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let hour = SystemTime::UNIX_EPOCH + Duration::from_secs(secs / 3600 * 3600);
+        let day = SystemTime::UNIX_EPOCH + Duration::from_secs(secs / 86400 * 86400);
+
+        // The vote's own hour, however little of it is asked for (ranges round out to hours).
+        let cells = summary(&store, scope(hour, hour + Duration::from_millis(1)), 1).await;
+        assert_eq!(cells.len(), 1, "{cells:?}");
+        assert_eq!(cells[0].bucket, hour);
+        let cells = summary(
+            &store,
+            scope(hour + HOUR - Duration::from_millis(1), hour + HOUR),
+            1,
+        )
+        .await;
+        assert_eq!(cells.len(), 1, "{cells:?}");
+        // `to` is exclusive: the hour before ends where the vote's hour starts.
+        assert!(
+            summary(&store, scope(hour - HOUR, hour), 1)
+                .await
+                .is_empty()
+        );
+        // The next hour, and a range with nothing in it at all.
+        assert!(
+            summary(&store, scope(hour + HOUR, hour + 2 * HOUR), 1)
+                .await
+                .is_empty()
+        );
+        let long_ago = SystemTime::UNIX_EPOCH + Duration::from_secs(86400);
+        assert!(
+            summary(&store, scope(long_ago, long_ago), 24)
+                .await
+                .is_empty()
+        );
+        assert!(
+            summary(&store, scope(long_ago, long_ago + HOUR), 1)
+                .await
+                .is_empty()
+        );
+        // Daily buckets start at midnight UTC.
+        let cells = summary(&store, scope(day, day + 24 * HOUR), 24).await;
+        assert_eq!(cells.len(), 1);
+        assert_eq!(cells[0].bucket, day);
+        assert_eq!(cells[0].votes, 1);
+    }
+
+    pub async fn summary_filters_by_name_and_route(store: SharedStore) {
+        cast(
+            &store,
+            "m1",
+            "a",
+            "user_feedback",
+            Bool(true),
+            None,
+            "/invocations",
+        )
+        .await;
+        cast(
+            &store,
+            "m2",
+            "a",
+            "user_feedback",
+            Bool(false),
+            None,
+            "/responses",
+        )
+        .await;
+        cast(&store, "m3", "a", "rating", Number(2.0), None, "/responses").await;
+        let mut s = around_now();
+        s.route = Some("/responses".into());
+        assert_eq!(
+            by_value(&summary(&store, s.clone(), 1).await),
+            vec![
+                row("rating", "2.0", 1, 0),
+                row("user_feedback", "false", 1, 0)
+            ]
+        );
+        s.name = Some("user_feedback".into());
+        assert_eq!(
+            by_value(&summary(&store, s, 1).await),
+            vec![row("user_feedback", "false", 1, 0)]
+        );
+        let mut s = around_now();
+        s.route = Some("/nowhere".into());
+        assert!(summary(&store, s, 1).await.is_empty());
+    }
+
+    pub async fn listing_filters_by_polarity_comment_name_and_route(store: SharedStore) {
+        cast(
+            &store,
+            "m1",
+            "a",
+            "user_feedback",
+            Bool(true),
+            Some("great"),
+            "/invocations",
+        )
+        .await;
+        cast(
+            &store,
+            "m2",
+            "b",
+            "user_feedback",
+            Bool(false),
+            Some("wrong"),
+            "/invocations",
+        )
+        .await;
+        cast(
+            &store,
+            "m3",
+            "c",
+            "user_feedback",
+            Text("thumbs_down".into()),
+            None,
+            "/responses",
+        )
+        .await;
+        cast(&store, "m4", "d", "rating", Number(2.0), None, "/responses").await;
+        cast(
+            &store,
+            "m5",
+            "e",
+            "rating",
+            Number(3.0),
+            Some("meh"),
+            "/responses",
+        )
+        .await;
+        cast(&store, "m6", "f", "rating", Number(4.5), None, "/responses").await;
+        let ids = |rows: Vec<feedback_proxy::store::ReviewedVote>| {
+            rows.into_iter()
+                .map(|r| r.key.message_id)
+                .collect::<Vec<_>>()
+        };
+        let mut q = list(around_now(), 50);
+        // Newest first.
+        assert_eq!(
+            ids(store.review_votes(&q, None).await.unwrap()),
+            ["m6", "m5", "m4", "m3", "m2", "m1"]
+        );
+        q.polarity = Some(Polarity::Negative);
+        assert_eq!(
+            ids(store.review_votes(&q, None).await.unwrap()),
+            ["m4", "m3", "m2"]
+        );
+        q.polarity = Some(Polarity::Positive);
+        assert_eq!(
+            ids(store.review_votes(&q, None).await.unwrap()),
+            ["m6", "m1"]
+        );
+        // The thresholds are the caller's: with 3 as negative, m5 turns negative.
+        q.polarity = Some(Polarity::Negative);
+        q.thresholds.negative_to = 3.0;
+        assert_eq!(
+            ids(store.review_votes(&q, None).await.unwrap()),
+            ["m5", "m4", "m3", "m2"]
+        );
+        q.has_comment = Some(true);
+        assert_eq!(
+            ids(store.review_votes(&q, None).await.unwrap()),
+            ["m5", "m2"]
+        );
+        q.has_comment = Some(false);
+        q.scope.route = Some("/responses".into());
+        assert_eq!(
+            ids(store.review_votes(&q, None).await.unwrap()),
+            ["m4", "m3"]
+        );
+        q.scope.name = Some("rating".into());
+        assert_eq!(ids(store.review_votes(&q, None).await.unwrap()), ["m4"]);
+        // A range that ends before the votes.
+        let q = list(scope(SystemTime::UNIX_EPOCH, SystemTime::now() - HOUR), 50);
+        assert!(store.review_votes(&q, None).await.unwrap().is_empty());
+        // A retracted vote is gone from the listing.
+        let gone = VoteKey {
+            message_id: "m1".into(),
+            user_id: "a".into(),
+            name: "user_feedback".into(),
+        };
+        store.retract_vote(&gone, Duration::ZERO).await.unwrap();
+        let all = store
+            .review_votes(&list(around_now(), 50), None)
+            .await
+            .unwrap();
+        assert_eq!(ids(all), ["m6", "m5", "m4", "m3", "m2"]);
+    }
+
+    pub async fn listing_pages_neither_repeat_nor_skip_under_concurrent_inserts(
+        store: SharedStore,
+    ) {
+        for i in 0..40 {
+            let v = if i % 3 == 0 { Bool(false) } else { Bool(true) };
+            cast(
+                &store,
+                &format!("m{i:02}"),
+                &format!("u{}", i % 7),
+                "user_feedback",
+                v,
+                None,
+                "/invocations",
+            )
+            .await;
+        }
+        let before: HashSet<String> = (0..40).map(|i| format!("m{i:02}")).collect();
+        let walk = scope(SystemTime::UNIX_EPOCH, SystemTime::now());
+        // Votes keep arriving while the walk pages (they are newer than its range).
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    cast(
+                        &store,
+                        &format!("new{i:02}"),
+                        "w",
+                        "user_feedback",
+                        Bool(false),
+                        None,
+                        "/invocations",
+                    )
+                    .await;
+                }
+            })
+        };
+        let mut seen = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let rows = store
+                .review_votes(&list(walk.clone(), 3), after.as_ref())
+                .await
+                .unwrap();
+            pages += 1;
+            let Some(last) = rows.last() else { break };
+            after = Some(last.cursor());
+            // The cursor survives its text form, as a client would send it back.
+            after = feedback_proxy::store::ReviewCursor::decode(&after.unwrap().encode());
+            seen.extend(rows.iter().map(|r| r.key.message_id.clone()));
+            assert!(pages < 100, "the walk does not end");
+        }
+        writer.await.unwrap();
+        let unique: HashSet<String> = seen.iter().cloned().collect();
+        assert_eq!(
+            unique.len(),
+            seen.len(),
+            "a vote was listed twice: {seen:?}"
+        );
+        assert_eq!(
+            unique, before,
+            "the walk must list exactly the votes cast before it"
+        );
+        assert!(pages >= 40 / 3, "pages of 3: {pages}");
+    }
+
+    pub async fn listing_shows_delivery_state_and_trace(store: SharedStore) {
+        let mut l = link("m1", "a", "/invocations");
+        l.trace_id = Some("tr-0123456789abcdef0123456789abcdef".into());
+        store.record_links(&[l]).await.unwrap();
+        store
+            .upsert_vote(
+                &NewVote {
+                    key: VoteKey {
+                        message_id: "m1".into(),
+                        user_id: "a".into(),
+                        name: "user_feedback".into(),
+                    },
+                    chat_id: "chat".into(),
+                    value: Bool(false),
+                    comment: Some("no".into()),
+                },
+                &Enqueue::Waiting {
+                    reason: "no_experiment_id".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let rows = store
+            .review_votes(&list(around_now(), 10), None)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(
+            r.trace_id.as_deref(),
+            Some("tr-0123456789abcdef0123456789abcdef")
+        );
+        assert_eq!(
+            r.delivery,
+            Some(feedback_proxy::store::DeliveryState::Waiting)
+        );
+        assert_eq!(r.last_error.as_deref(), Some("no_experiment_id"));
+        assert_eq!(r.route.as_deref(), Some("/invocations"));
+        assert_eq!(r.comment.as_deref(), Some("no"));
+        assert_eq!(r.chat_id, "chat");
+        assert_eq!(r.value, Bool(false));
+    }
+}
