@@ -212,9 +212,15 @@ impl Review {
     }
 
     fn trace_url(&self, trace_id: &str) -> Option<String> {
-        use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+        use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+        /// Everything but RFC 3986's unreserved characters.
+        const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'.')
+            .remove(b'_')
+            .remove(b'~');
         let template = self.config.trace_url.as_deref()?;
-        let enc = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
+        let enc = |s: &str| utf8_percent_encode(s, COMPONENT).to_string();
         Some(template.replace("{trace_id}", &enc(trace_id)).replace(
             "{experiment_id}",
             &enc(self.experiment_id.as_deref().unwrap_or("")),

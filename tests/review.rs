@@ -571,3 +571,370 @@ mod suite {
         assert_eq!(r.value, Bool(false));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The HTTP surface, through the running proxy (SQLite store in its temporary directory), with
+// an agent that replays the capture `91_*` (trace id in a response header).
+
+mod http_surface {
+    use bytes::Bytes;
+    use http::Request;
+    use serde_json::{Value, json};
+
+    use super::support;
+    use support::proxy::{TestProxy, body_json, h1, send};
+    use support::upstream::Upstream;
+
+    pub const OWNER: &str = "owner@example.com";
+    pub const ALICE: &str = "alice@example.com";
+    pub const BOB: &str = "bob@example.com";
+    pub const TRACE: &str = "tr-eaf19740d012e3a3e64accc2bf6d17bc";
+
+    pub async fn replaying_agent() -> Upstream {
+        let body = Bytes::from(
+            std::fs::read(format!(
+                "{}/tests/fixtures/samples/91_agent_stream_return_trace_header.sse.txt",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .expect("capture 91"),
+        );
+        Upstream::start(move |_req| {
+            let body = body.clone();
+            async move { support::upstream::full(200, "text/event-stream; charset=utf-8", body) }
+        })
+        .await
+    }
+
+    pub fn config(agent: &str, review: &str) -> String {
+        format!(
+            "[identity]\ntrust_forwarded_headers = true\n[agent]\nurl = \"{agent}\"\n\
+             [review]\ntrace_url = \"https://mlflow.example/#/experiments/{{experiment_id}}/traces?selectedEvaluationId={{trace_id}}\"\n{review}"
+        )
+    }
+
+    /// Streams one answer to `user` and returns its message id, once its link is closed.
+    pub async fn chat(proxy: &TestProxy, user: &str) -> String {
+        let res = send(
+            &h1(),
+            Request::post(proxy.url("/invocations"))
+                .header("content-type", "application/json")
+                .header("x-forwarded-email", user)
+                .header("x-chat-id", "c1"),
+            "{}",
+        )
+        .await;
+        assert_eq!(res.status(), 200);
+        let m = res.headers()["x-message-id"].to_str().unwrap().to_owned();
+        support::proxy::body_bytes(res).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(Some(l)) = proxy.state.store.get_link(&m).await {
+                if !l.open {
+                    return m;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no closed link for {m}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn vote(proxy: &TestProxy, user: &str, m: &str, body: Value) {
+        let mut body = body;
+        body["chatId"] = json!("c1");
+        body["messageId"] = json!(m);
+        let res = send(
+            &h1(),
+            Request::post(proxy.url("/api/feedback"))
+                .header("content-type", "application/json")
+                .header("x-forwarded-email", user),
+            body.to_string(),
+        )
+        .await;
+        let status = res.status();
+        let v = body_json(res).await;
+        assert_eq!(status, 200, "{v}");
+    }
+
+    async fn get(proxy: &TestProxy, path: &str, user: Option<&str>) -> (u16, Value) {
+        let mut req = Request::get(proxy.url(path));
+        if let Some(u) = user {
+            req = req.header("x-forwarded-email", u);
+        }
+        let res = send(&h1(), req, "").await;
+        let status = res.status().as_u16();
+        if let Some(cc) = res.headers().get("cache-control") {
+            assert_eq!(cc, "no-store");
+        }
+        let bytes = support::proxy::body_bytes(res).await;
+        (
+            status,
+            serde_json::from_slice(&bytes)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_surface_is_off_without_reviewers_and_only_for_reviewers_with_them() {
+        let agent = replaying_agent().await;
+        let off = TestProxy::start(&config(&agent.url(), "")).await;
+        for path in ["/api/review/summary", "/api/review/feedback", "/review"] {
+            let (status, body) = get(&off, path, Some(OWNER)).await;
+            assert_eq!(status, 404, "{path}: {body}");
+        }
+        off.shutdown().await;
+
+        let on = TestProxy::start(&config(&agent.url(), "users = [\"Owner@Example.com\"]\n")).await;
+        for path in ["/api/review/summary", "/api/review/feedback", "/review"] {
+            let (status, body) = get(&on, path, Some(ALICE)).await;
+            assert_eq!(status, 403, "{path}: {body}");
+            assert_eq!(body["code"], "FORBIDDEN");
+            let (status, _) = get(&on, path, None).await;
+            assert_eq!(status, 401, "{path} without an identity");
+            // Reviewers are matched without regard to case.
+            let (status, body) = get(&on, path, Some(OWNER)).await;
+            assert_eq!(status, 200, "{path}: {body}");
+        }
+        let res = send(
+            &h1(),
+            Request::post(on.url("/api/review/summary")).header("x-forwarded-email", OWNER),
+            "",
+        )
+        .await;
+        assert_eq!(res.status(), 405);
+        let (status, body) = get(&on, "/api/review/feedback?value=bad", Some(OWNER)).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("INVALID_PARAMETER"))
+        );
+        let (_, page) = get(&on, "/review", Some(OWNER)).await;
+        assert!(
+            page.as_str()
+                .is_some_and(|p| p.contains("<title>Feedback review</title>"))
+        );
+        on.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn summary_listing_and_metrics_show_the_votes_cast() {
+        let agent = replaying_agent().await;
+        let proxy =
+            TestProxy::start(&config(&agent.url(), "users = [\"owner@example.com\"]\n")).await;
+        let (m1, m2, m3) = (
+            chat(&proxy, ALICE).await,
+            chat(&proxy, BOB).await,
+            chat(&proxy, ALICE).await,
+        );
+        vote(&proxy, ALICE, &m1, json!({"isUpvoted": true})).await;
+        vote(
+            &proxy,
+            BOB,
+            &m2,
+            json!({"isUpvoted": false, "comment": "it made up a table"}),
+        )
+        .await;
+        vote(&proxy, ALICE, &m3, json!({"name": "rating", "value": 2})).await;
+        vote(&proxy, BOB, &m2, json!({"name": "rating", "value": 5})).await;
+        // Alice changes her mind: counted once, as a thumbs-down.
+        vote(&proxy, ALICE, &m1, json!({"isUpvoted": false})).await;
+
+        let (status, s) = get(&proxy, "/api/review/summary?bucket=hour", Some(OWNER)).await;
+        assert_eq!(status, 200, "{s}");
+        let t = &s["total"];
+        assert_eq!(t["votes"], 4, "{s}");
+        assert_eq!(
+            (t["up"].as_i64(), t["down"].as_i64()),
+            (Some(1), Some(3)),
+            "{s}"
+        );
+        assert_eq!(t["negativeRate"], 0.75);
+        assert_eq!(t["withComment"], 1);
+        assert_eq!(t["names"]["user_feedback"]["votes"], 2);
+        assert_eq!(t["names"]["rating"]["mean"], 3.5);
+        assert_eq!(
+            t["names"]["rating"]["distribution"],
+            json!([{"value": 2.0, "votes": 1}, {"value": 5.0, "votes": 1}])
+        );
+        let buckets = s["buckets"].as_array().unwrap();
+        // A week of hours, empty ones included, rounded out to whole hours at both ends.
+        assert!(
+            (24 * 7..=24 * 7 + 1).contains(&buckets.len()),
+            "{} buckets",
+            buckets.len()
+        );
+        assert_eq!(
+            buckets
+                .iter()
+                .map(|b| b["votes"].as_i64().unwrap())
+                .sum::<i64>(),
+            4
+        );
+        assert!(s["delivery"]["waiting"].as_u64().is_some());
+
+        let (status, page) = get(&proxy, "/api/review/feedback?value=negative", Some(OWNER)).await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["items"].as_array().unwrap();
+        assert_eq!(items.len(), 3, "{page}");
+        let bobs = items
+            .iter()
+            .find(|i| i["user"] == BOB && i["name"] == "user_feedback")
+            .unwrap();
+        assert_eq!(bobs["comment"], "it made up a table");
+        assert_eq!(bobs["traceId"], TRACE);
+        assert_eq!(bobs["route"], "/invocations");
+        assert_eq!(
+            bobs["traceUrl"],
+            format!("https://mlflow.example/#/experiments//traces?selectedEvaluationId={TRACE}")
+        );
+        let (_, page) = get(
+            &proxy,
+            "/api/review/feedback?has_comment=true&limit=1",
+            Some(OWNER),
+        )
+        .await;
+        assert_eq!(page["items"].as_array().unwrap().len(), 1);
+        assert!(
+            page["nextCursor"].is_null(),
+            "one vote has a comment: {page}"
+        );
+        let (_, first) = get(&proxy, "/api/review/feedback?limit=2", Some(OWNER)).await;
+        let cursor = first["nextCursor"]
+            .as_str()
+            .expect("a second page")
+            .to_owned();
+        let (_, second) = get(
+            &proxy,
+            &format!("/api/review/feedback?limit=2&cursor={cursor}"),
+            Some(OWNER),
+        )
+        .await;
+        assert_eq!(second["items"].as_array().unwrap().len(), 2);
+        assert!(second["nextCursor"].is_null());
+
+        let text = proxy.state.metrics.encode();
+        for line in [
+            "feedback_proxy_votes_accepted_total{name=\"user_feedback\",value=\"true\"} 1",
+            "feedback_proxy_votes_accepted_total{name=\"user_feedback\",value=\"false\"} 2",
+            "feedback_proxy_votes_accepted_total{name=\"rating\",value=\"2\"} 1",
+            "feedback_proxy_votes_accepted_total{name=\"rating\",value=\"5\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        proxy.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn pseudonyms_hide_emails_and_stay_stable() {
+        let agent = replaying_agent().await;
+        let review = "users = [\"owner@example.com\"]\npseudonymize_users = true\npseudonym_key = \"0123456789abcdef-test\"\n";
+        let proxy = TestProxy::start(&config(&agent.url(), review)).await;
+        let m = chat(&proxy, ALICE).await;
+        vote(
+            &proxy,
+            ALICE,
+            &m,
+            json!({"isUpvoted": false, "comment": "no"}),
+        )
+        .await;
+        let (_, page) = get(&proxy, "/api/review/feedback", Some(OWNER)).await;
+        let shown = page["items"][0]["user"].as_str().unwrap().to_owned();
+        assert!(shown.starts_with("user-") && shown.len() == 17, "{shown}");
+        assert!(!page.to_string().contains("alice"), "{page}");
+        proxy.shutdown().await;
+        // The same key gives the same pseudonym in another process (here: another proxy).
+        let again = TestProxy::start(&config(&agent.url(), review)).await;
+        assert_eq!(again.state.review.user_label(ALICE), shown);
+        again.shutdown().await;
+    }
+}
+
+mod export_command {
+    use serde_json::{Value, json};
+
+    use super::http_surface::*;
+    use super::support::proxy::TestProxy;
+
+    fn run(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_feedback-proxy"))
+            .arg("export")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("PGHOST")
+            .output()
+            .expect("run feedback-proxy export");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn export_writes_the_listing_as_json_lines_and_csv() {
+        let agent = replaying_agent().await;
+        let proxy = TestProxy::start(&config(&agent.url(), "")).await;
+        let (m1, m2) = (chat(&proxy, ALICE).await, chat(&proxy, BOB).await);
+        vote(&proxy, ALICE, &m1, json!({"isUpvoted": true})).await;
+        vote(
+            &proxy,
+            BOB,
+            &m2,
+            json!({"isUpvoted": false, "comment": "wrong, \"very\"\nwrong"}),
+        )
+        .await;
+        let file = proxy.dir.path().join("export.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[agent]\nurl = \"{}\"\n[store]\nurl = \"sqlite://{}/fp.db\"\nmigrate = false\n",
+                agent.url(),
+                proxy.dir.path().display()
+            ),
+        )
+        .unwrap();
+
+        let (ok, stdout, stderr) = run(&file, &[]);
+        assert!(ok, "{stderr}");
+        let lines: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{stdout}");
+        assert_eq!(lines[0]["user"], BOB, "newest first");
+        assert_eq!(lines[0]["comment"], "wrong, \"very\"\nwrong");
+        assert_eq!(lines[1]["value"], true);
+        assert!(stderr.contains("exported 2 votes"), "{stderr}");
+
+        let out = proxy.dir.path().join("negative.csv");
+        let (ok, _, stderr) = run(
+            &file,
+            &[
+                "--value",
+                "negative",
+                "--format",
+                "csv",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "{stderr}");
+        let mut csv = csv::Reader::from_path(&out).unwrap();
+        let header: Vec<String> = csv.headers().unwrap().iter().map(str::to_owned).collect();
+        assert_eq!(header, feedback_proxy::review::export::CSV_COLUMNS);
+        let rows: Vec<csv::StringRecord> = csv.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(&rows[0][1], BOB);
+        assert_eq!(&rows[0][7], "wrong, \"very\"\nwrong");
+
+        let (ok, _, stderr) = run(&file, &["--value", "sideways"]);
+        assert!(!ok);
+        assert!(
+            stderr.contains("value: expected \"negative\", \"positive\" or \"all\""),
+            "{stderr}"
+        );
+        proxy.shutdown().await;
+    }
+}
