@@ -28,6 +28,7 @@ pub struct ReviewConfig {
     /// Link to a trace in the MLflow UI, with `{trace_id}` and `{experiment_id}` filled in.
     /// `None`: no links.
     pub trace_url: Option<String>,
+    #[serde(flatten)]
     pub thresholds: Thresholds,
 }
 

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The review benchmark (issue 15): 1,000,000 votes across 100,000 users and 90 days, on SQLite
+# and on Postgres; the p50/p99 of the review summary and listing through the running proxy;
+# and what the review surface costs POST /api/feedback (votes/s with its trigger and index
+# against the same store without them, interleaved rounds, same binary).
+#
+#   bash bench/review/run.sh            # both backends
+#   BACKENDS=sqlite bash bench/review/run.sh
+#
+# Needs: a release build (made here), wrk, psql and a Postgres at DATABASE_URL (default
+# postgres://postgres@127.0.0.1:5432/postgres) for the Postgres half, python3.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+BACKENDS=${BACKENDS:-"sqlite postgres"}
+N=${REVIEW_SAMPLES:-200}
+ROUNDS=${REVIEW_ROUNDS:-3}
+SECS=${REVIEW_WRK_SECS:-10}
+CONNS=${REVIEW_WRK_CONNS:-16}
+ADMIN_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+REVIEWER=reviewer@bench.example
+RUN=$(mktemp -d /tmp/fp-review-bench.XXXXXX)
+PIDS=()
+log() { printf '==> %s\n' "$*" >&2; }
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+command -v wrk >/dev/null || { log "wrk is needed (apt-get install wrk)"; exit 1; }
+
+log "building (release)"
+cargo build -q --release --bin feedback-proxy
+cargo build -q --release --manifest-path bench/Cargo.toml --target-dir "$ROOT/target"
+BIN=$ROOT/target/release/feedback-proxy
+FPB=$ROOT/target/release/fpbench
+read -r P_UP P_PROXY < <("$FPB" ports 2 | tr "\n" " "; echo)
+"$FPB" upstream --threads 2 > "$RUN/upstream.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q listening "$RUN/upstream.log" && break; sleep 0.1; done
+UPSTREAM=$(sed -n 's/^listening //p' "$RUN/upstream.log" | head -1)
+
+http_ok() {
+  ( exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf 'GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' "$2" >&3
+    IFS= read -r -t 2 line <&3 || exit 1
+    [[ $line == "HTTP/1.1 200"* ]] ) 2>/dev/null
+}
+
+config() { # FILE STORE_URL
+  cat > "$1" <<EOF
+listen = "127.0.0.1:$P_PROXY"
+[log]
+level = "warn"
+[identity]
+trust_forwarded_headers = true
+[agent]
+url = "http://$UPSTREAM"
+[store]
+url = "$2"
+pool_size = 16
+[feedback.rate_limit]
+per_second = 0
+[review]
+users = ["$REVIEWER"]
+EOF
+}
+
+wrk_votes() { # -> requests/s
+  wrk -t2 -c"$CONNS" -d"${SECS}s" --timeout 10s -s bench/wrk/feedback.lua "http://127.0.0.1:$P_PROXY" \
+    -- a 100 10 2>&1 | sed -n 's/^Requests\/sec: *//p'
+}
+
+for backend in $BACKENDS; do
+  case $backend in
+    sqlite)
+      URL="sqlite://$RUN/review.db"
+      sql() { python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.stdin.read()); c.commit()' "$RUN/review.db"; }
+      DROP="DROP TRIGGER votes_rollup_insert; DROP TRIGGER votes_rollup_update; DROP TRIGGER votes_rollup_delete; DROP INDEX votes_recent;"
+      RESTORE="CREATE INDEX IF NOT EXISTS votes_recent ON votes (updated_at, message_id, user_id, name);
+$(sed -n '/^CREATE TRIGGER/,$p' src/store/migrations/sqlite/0003_review.sql)"
+      ;;
+    postgres)
+      command -v psql >/dev/null || { log "no psql: Postgres skipped"; continue; }
+      psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS fp_review_bench" -c "CREATE DATABASE fp_review_bench"
+      DB_URL="${ADMIN_URL%/*}/fp_review_bench"
+      URL="$DB_URL?sslmode=disable"
+      sql() { psql -q -v ON_ERROR_STOP=1 "$DB_URL" -c "SET search_path = feedback_proxy" -f -; }
+      DROP="DROP TRIGGER votes_rollup ON votes; DROP INDEX votes_recent;"
+      RESTORE="CREATE INDEX votes_recent ON votes (updated_at, message_id, user_id, name);
+CREATE TRIGGER votes_rollup AFTER INSERT OR UPDATE OR DELETE ON votes FOR EACH ROW EXECUTE FUNCTION vote_rollup_apply();"
+      ;;
+    *) log "unknown backend $backend"; exit 1 ;;
+  esac
+  config "$RUN/$backend.toml" "$URL"
+  "$BIN" migrate --config "$RUN/$backend.toml" >/dev/null
+  log "$backend: generating 1,000,000 votes (with links and deliveries)"
+  t0=$(date +%s)
+  if [ "$backend" = sqlite ]; then sql < bench/review/generate-sqlite.sql; else sql < bench/review/generate-postgres.sql; fi
+  log "$backend: generated in $(( $(date +%s) - t0 )) s"
+  "$BIN" serve --config "$RUN/$backend.toml" > "$RUN/proxy-$backend.log" 2>&1 &
+  PROXY_PID=$!
+  PIDS+=("$PROXY_PID")
+  for _ in $(seq 200); do http_ok "$P_PROXY" /readyz && break; sleep 0.1; done
+  http_ok "$P_PROXY" /readyz || { log "the proxy did not start: $(tail -3 "$RUN/proxy-$backend.log")"; exit 1; }
+
+  log "$backend: review queries, $N requests each, one connection"
+  python3 bench/review/timing.py "http://127.0.0.1:$P_PROXY" "$REVIEWER" "$N"
+
+  log "$backend: POST /api/feedback, wrk -c$CONNS ${SECS}s × $ROUNDS rounds, with and without the review trigger and index"
+  "$FPB" feedback-seed --url "http://127.0.0.1:$P_PROXY" --users 100 --messages 10 --tag a \
+    --check-status no_experiment_id >&2
+  with=(); without=()
+  for r in $(seq "$ROUNDS"); do
+    with+=("$(wrk_votes)")
+    sql <<<"$DROP"
+    without+=("$(wrk_votes)")
+    sql <<<"$RESTORE"
+    printf '    round %s: with %s votes/s, without %s votes/s\n' "$r" "${with[-1]}" "${without[-1]}" >&2
+  done
+  python3 - "${with[*]}" "${without[*]}" <<'EOF'
+import statistics, sys
+w = [float(x) for x in sys.argv[1].split()]
+wo = [float(x) for x in sys.argv[2].split()]
+mw, mwo = statistics.median(w), statistics.median(wo)
+print(f"    votes/s median: with the review trigger and index {mw:.0f}, without {mwo:.0f}: {mw / mwo:.3f}x ({(1 - mw / mwo) * 100:+.1f} % cost)")
+EOF
+  kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
+done
+rm -rf "$RUN"
