@@ -6,6 +6,7 @@
 //! how to get it, never skips silently.
 #![allow(dead_code)]
 
+pub mod chat_app;
 pub mod mlflow;
 pub mod pg;
 pub mod process;
