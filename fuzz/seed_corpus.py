@@ -27,7 +27,8 @@ def head(flags: int, max_frame: int, seed: int) -> bytes:
 
 bodies = []
 for p in sorted(samples.glob("*.sse.txt")):
-    bodies.append((0x07, body(p.read_bytes())))
+    # The chat app template's UI message streams run in the target's UI mode (bit 6).
+    bodies.append((0x47 if "_ai_sdk_app_" in p.name else 0x07, body(p.read_bytes())))
 for p in sorted(samples.glob("100_*.txt")):
     bodies.append((0x87, body(p.read_bytes())))
 tid = b"tr-0123456789abcdef0123456789abcdef"
@@ -43,7 +44,10 @@ for s in synthetic:
     bodies.append((0x07, s))
 bodies.append((0x87, b'{"databricks_output":{"trace":{"info":{"trace_id":"' + tid + b'"}}}}'))
 
+bodies.append((0x47, b'data: {"type":"start","messageId":"m-1"}\n\ndata: {"type":"data-traceId","data":null}\n\n'))
+bodies.append((0x47, b'data: {"type":"data-x","data":{"traceId":"' + tid + b'"}}\r\n\r\n'))
+
 for i, (flags, b) in enumerate(bodies):
-    for j, (cap, frame) in enumerate([(flags, 255), (flags & 0x80 | 0x04, 3), (flags, 0)]):
+    for j, (cap, frame) in enumerate([(flags, 255), (flags & 0xC0 | 0x04, 3), (flags, 0)]):
         (out / f"seed-{i:02}-{j}").write_bytes(head(cap, frame, 0x9E3779B97F4A7C15 + j) + b)
 print(f"{len(bodies) * 3} seeds in {out}")

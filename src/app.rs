@@ -85,16 +85,25 @@ async fn dispatch(
             route: agent_route,
             path,
         } => {
-            // Cross-site and non-JSON requests are refused before anything else (issue 12).
-            crate::proxy::guard::check(
-                crate::proxy::guard::Stance {
-                    cors_origins: &state.config.feedback.cors_origins,
-                    trust_forwarded_host: state.config.identity.trust_forwarded_headers,
-                },
-                req.method(),
-                req.uri(),
-                req.headers(),
-            )?;
+            // Cross-site and non-JSON requests are refused before anything else (issue 12);
+            // a page or asset of the chat app template may be loaded from anywhere (a link
+            // from the workspace is a cross-site navigation), as a browser reading it
+            // cross-site still gets nothing without CORS.
+            let app_read = agent_route.kind == crate::config::RouteKind::AiSdkApp
+                && matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+            (!app_read)
+                .then(|| {
+                    crate::proxy::guard::check(
+                        crate::proxy::guard::Stance {
+                            cors_origins: &state.config.feedback.cors_origins,
+                            trust_forwarded_host: state.config.identity.trust_forwarded_headers,
+                        },
+                        req.method(),
+                        req.uri(),
+                        req.headers(),
+                    )
+                })
+                .transpose()?;
             let user = identity::user(req.headers(), &state.config.identity)?;
             // Boxed: the forwarding future is large, and hyper sizes every connection's task
             // for the largest future its handler can return; boxing keeps an idle stream's

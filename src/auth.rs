@@ -387,7 +387,11 @@ impl TokenSources {
     /// The source for `spec`, creating it on first use. Config validation guarantees that the
     /// `[databricks]` settings a spec needs are present; if they are not, the source fails
     /// every call with a clear error rather than panicking.
+    ///
+    /// For the on-behalf-of-user specs this is the app's part ([`AuthSpec::app_part`]): the
+    /// user's own token is per request and never cached here.
     pub fn get(&self, spec: &AuthSpec) -> TokenSource {
+        let spec = spec.app_part();
         let key = spec.to_string();
         // A poisoned lock only means another thread panicked while inserting; the map is
         // still usable.
@@ -462,6 +466,9 @@ impl TokenSources {
                     metrics: self.metrics.clone(),
                 }))
             }
+            // `get` passes only the app's part of these.
+            AuthSpec::User => TokenSource::None,
+            AuthSpec::UserOrApp => self.build(&AuthSpec::DatabricksOauth),
         }
     }
 

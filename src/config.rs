@@ -43,7 +43,7 @@ mod store;
 mod validate;
 mod warnings;
 
-pub use agent::{AgentConfig, AgentRoute};
+pub use agent::{AI_SDK_CHAT_PATH, AgentConfig, AgentRoute, RouteKind};
 pub use auth::{AuthSpec, DatabricksConfig};
 pub use delivery::DeliveryConfig;
 pub use env::{Env, Missing};

@@ -76,6 +76,13 @@ pub enum Error {
     /// A vote names a message the proxy has no link for (never streamed, or not recorded yet).
     #[error("{0}")]
     UnknownMessage(String),
+    /// `agent.auth = "user"` and the platform sent no usable user token
+    /// (`x-forwarded-access-token`: the app declares no user API scopes, or the request did not
+    /// come through the platform).
+    #[error(
+        "this agent is called on behalf of the signed-in user, and the platform sent no user token (x-forwarded-access-token): declare user API scopes for the app, or use agent.auth = \"user-or-app\""
+    )]
+    UserTokenRequired,
 }
 
 impl Error {
@@ -113,6 +120,7 @@ impl Error {
             Self::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyConcurrent { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UnknownMessage(_) => StatusCode::NOT_FOUND,
+            Self::UserTokenRequired => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -134,6 +142,7 @@ impl Error {
             Self::RequestBodyTimeout { .. } => "REQUEST_TIMEOUT",
             Self::TooManyConcurrent { .. } => "TOO_MANY_CONCURRENT_REQUESTS",
             Self::UnknownMessage(_) => "UNKNOWN_MESSAGE",
+            Self::UserTokenRequired => "USER_TOKEN_REQUIRED",
         }
     }
 
@@ -154,6 +163,7 @@ impl Error {
                 format!("this method is not allowed here (allowed: {allowed})")
             }
             Self::Unauthenticated
+            | Self::UserTokenRequired
             | Self::PayloadTooLarge { .. }
             | Self::UnsupportedMediaType
             | Self::RateLimited { .. } => self.to_string(),

@@ -1,5 +1,11 @@
 //! The feedback API (CONTRACT §4): `POST /api/feedback`, `GET /api/feedback/{chatId}`,
-//! `DELETE /api/feedback/{chatId}/{messageId}`.
+//! `DELETE /api/feedback/{chatId}/{messageId}`; and the chat app template's contract on the same
+//! store, so that its client works unchanged behind an `ai-sdk-app` route: `POST /api/feedback
+//! {messageId, feedbackType}` answered `{success, mlflowAssessmentId}` (plus this API's fields),
+//! and `GET /api/feedback/chat/{chatId}` answered `{<messageId>: {messageId, feedbackType,
+//! assessmentId: null}}` (the template's own shape; its server never returns an id there). The
+//! template has no retraction route; `DELETE /api/feedback/{chatId}/{messageId}` serves its votes
+//! too.
 //!
 //! A vote is committed to the store together with its delivery before anything is sent to
 //! MLflow; a 200 always means the vote is durable. Then one delivery attempt runs inline under a
@@ -112,9 +118,13 @@ impl Feedback {
         let mut res = match route {
             Route::FeedbackPreflight => return self.preflight(req.headers()),
             Route::FeedbackSubmit => self.submit(req, request_id).await,
-            Route::FeedbackList { chat_id } => {
+            Route::FeedbackList { chat_id, template } => {
                 let chat_id = decode_segment("chatId", chat_id)?;
-                self.list(req.headers(), &chat_id).await
+                if template {
+                    self.template_list(req.headers(), &chat_id).await
+                } else {
+                    self.list(req.headers(), &chat_id).await
+                }
             }
             Route::FeedbackRetract {
                 chat_id,
@@ -182,7 +192,8 @@ impl Feedback {
                 user_id: user.clone(),
                 name: vote.name.clone(),
             };
-            if self.deliverer.recover_link(&key, &vote.chat_id).await {
+            let chat = vote.chat_id.as_deref().unwrap_or_default();
+            if self.deliverer.recover_link(&key, chat).await {
                 link = self.store.get_link(&vote.message_id).await?;
             }
         }
@@ -199,14 +210,26 @@ impl Feedback {
                 vote.message_id
             )));
         }
-        if let Some(chat) = &link.chat_id {
-            if *chat != vote.chat_id {
+        let chat_id = match (&link.chat_id, vote.chat_id) {
+            (Some(chat), Some(voted)) if *chat != voted => {
                 return Err(Error::bad_request(
                     "CHAT_MISMATCH",
                     format!("chatId: message {} belongs to chat {chat}", vote.message_id),
                 ));
             }
-        }
+            (_, Some(voted)) => voted,
+            // The template's form names no chat: the message's own.
+            (Some(chat), None) => chat.clone(),
+            (None, None) => {
+                return Err(Error::bad_request(
+                    "MISSING_FIELD",
+                    format!(
+                        "chatId: required (the chat of message {} is not known)",
+                        vote.message_id
+                    ),
+                ));
+            }
+        };
         let enqueue = if !self.deliverer.enabled() {
             Enqueue::Waiting {
                 reason: NO_EXPERIMENT_ID.into(),
@@ -230,7 +253,7 @@ impl Feedback {
             .upsert_vote(
                 &NewVote {
                     key: key.clone(),
-                    chat_id: vote.chat_id.clone(),
+                    chat_id,
                     value: vote.value.clone(),
                     comment: vote.comment.clone(),
                 },
@@ -258,6 +281,11 @@ impl Feedback {
             .or(link.trace_id);
         let mut out = Map::new();
         out.insert("success".into(), Value::Bool(true));
+        if vote.template {
+            if let Some(a) = status.assessment_id() {
+                out.insert("mlflowAssessmentId".into(), Value::String(a.to_owned()));
+            }
+        }
         if let FeedbackValue::Bool(b) = vote.value {
             out.insert("isUpvoted".into(), Value::Bool(b));
         }
@@ -329,6 +357,29 @@ impl Feedback {
             StatusCode::OK,
             &json!({ "votes": simple, "feedback": feedback, "assessments": assessments }),
         ))
+    }
+
+    /// The template's `GET /api/feedback/chat/{chatId}`: the caller's thumbs in that chat.
+    async fn template_list(
+        &self,
+        headers: &HeaderMap,
+        chat_id: &str,
+    ) -> Result<Response<Body>, Error> {
+        let user = self.user(headers)?;
+        let votes = self.store.list_votes(chat_id, &user).await?;
+        let mut map = Map::new();
+        for v in votes {
+            if let (true, FeedbackValue::Bool(up)) =
+                (v.key.name == self.config.default_name, &v.value)
+            {
+                let kind = if *up { "thumbs_up" } else { "thumbs_down" };
+                map.insert(
+                    v.key.message_id.clone(),
+                    json!({"messageId": v.key.message_id, "feedbackType": kind, "assessmentId": null}),
+                );
+            }
+        }
+        Ok(json_response(StatusCode::OK, &Value::Object(map)))
     }
 
     async fn retract(

@@ -123,6 +123,7 @@ impl App {
             links.clone(),
             metrics.clone(),
             config.server.request_body_timeout,
+            config.identity.trust_forwarded_headers,
         );
         let mlflow = config.mlflow.tracking_uri.clone().map(|base| {
             mlflow::MlflowClient::new(

@@ -7,6 +7,15 @@
 //! reached is a 502, one that sends no headers within the configured time a 504. Which headers
 //! pass either way is decided in `headers`.
 //!
+//! With `agent.auth = "user"` / `"user-or-app"` the agent hop acts on behalf of the user: it
+//! carries the platform's `x-forwarded-access-token` as `authorization: Bearer …` and as
+//! itself (`headers::platform_user_token`).
+//!
+//! An `ai-sdk-app` route (the chat app template's server behind the proxy) forwards the
+//! template's whole site with the platform's identity headers; only `POST <prefix>/api/chat` is
+//! an exchange: its chat id is the body's `id`, its message id and trace id come from the UI
+//! message stream as it passes (`ResponseBody` learns them from the inspector).
+//!
 //! What this module deliberately does not do: buffer or compress response bodies, retry
 //! requests (chat requests are not idempotent), or interpret agent errors.
 
@@ -31,7 +40,7 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 
 pub use body::ResponseBody;
-use body::{BodyOptions, StreamEnd};
+use body::{BodyOptions, LinkMode, StreamEnd};
 use headers::*;
 pub use headers::{X_CHAT_ID, X_CLIENT_REQUEST_ID, X_MESSAGE_ID, X_REQUEST_ID, media_type};
 use limit::UserLimiter;
@@ -43,9 +52,9 @@ use trace::HeaderId;
 use crate::auth::TokenSource;
 use crate::body::{Body, ClientBodyError, CollectError, body_timeout_in, collect_limited};
 use crate::client::{ClientOptions, HttpClient};
-use crate::config::{AgentConfig, AgentRoute};
+use crate::config::{AgentConfig, AgentRoute, AuthSpec, RouteKind};
 use crate::error::{Error, UpstreamError};
-use crate::identity::APP_USER_EMAIL;
+use crate::identity::{APP_USER_EMAIL, FORWARDED_ACCESS_TOKEN};
 use crate::metrics::{KindLabel, Metrics};
 use crate::store::{Claim, LinkRecord, SharedStore};
 use crate::text::chain;
@@ -81,6 +90,9 @@ pub struct Proxy {
     body_timeout: Duration,
     /// Open response bodies, for shutdown to cut.
     streams: Arc<streams::OpenStreams>,
+    /// `identity.trust_forwarded_headers`: whether the platform's headers (the user's token,
+    /// the identity headers an `ai-sdk-app` upstream receives) may be read at all.
+    trust_forwarded: bool,
 }
 
 impl Proxy {
@@ -91,6 +103,7 @@ impl Proxy {
         links: LinkRecorder,
         metrics: Arc<Metrics>,
         body_timeout: Duration,
+        trust_forwarded: bool,
     ) -> Self {
         let client = HttpClient::new(&ClientOptions {
             connect_timeout: config.connect_timeout,
@@ -122,6 +135,7 @@ impl Proxy {
             links,
             metrics,
             streams: streams::OpenStreams::new(),
+            trust_forwarded,
         }
     }
 
@@ -146,17 +160,25 @@ impl Proxy {
         req: Request<Incoming>,
         fwd: Forward<'_>,
     ) -> Result<Response<Body>, Error> {
+        let route = fwd.route;
+        let ai_sdk = route.kind == RouteKind::AiSdkApp;
+        // On an ai-sdk-app route only the template's chat endpoint is an exchange with an
+        // answer to link; its pages, assets and other API calls just pass.
+        let exchange =
+            !ai_sdk || (req.method() == http::Method::POST && route.is_ai_sdk_chat(fwd.path));
         // Held until the response body ends or is dropped (client gone): a client cannot make
         // the proxy open agent requests without bound, however fast it cancels them.
-        let permit = self
-            .limiter
-            .try_acquire(&fwd.user)
-            .ok_or(Error::TooManyConcurrent {
-                limit: self.limiter.limit(),
-            })?;
+        let permit = if exchange {
+            self.limiter
+                .try_acquire(&fwd.user)
+                .ok_or(Error::TooManyConcurrent {
+                    limit: self.limiter.limit(),
+                })?
+        } else {
+            None
+        };
         let (parts, incoming) = req.into_parts();
         let incoming = crate::body::timed(incoming, Some(self.body_timeout));
-        let route = fwd.route;
         let cap = self.config.max_rewrite_bytes;
 
         let header_ids = ClientIds {
@@ -170,10 +192,14 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let rewrite = json_request && route.rewrites_body();
-        let want_peek =
-            json_request && (header_ids.message_id.is_none() || header_ids.chat_id.is_none());
-        let read_body =
-            rewrite || (want_peek && content_length.is_some_and(|l| l > 0 && l <= cap as u64));
+        let want_peek = !ai_sdk
+            && json_request
+            && (header_ids.message_id.is_none() || header_ids.chat_id.is_none());
+        // The template's chat body is small (one message, or the conversation in its
+        // ephemeral mode) and names the chat: it is always read, under the cap.
+        let read_body = rewrite
+            || (ai_sdk && exchange && json_request)
+            || (want_peek && content_length.is_some_and(|l| l > 0 && l <= cap as u64));
 
         let (buffered, incoming) = if read_body {
             let bytes = collect_limited(incoming, cap).await.map_err(|e| match e {
@@ -190,21 +216,32 @@ impl Proxy {
         } else {
             (None, Some(incoming))
         };
-        let body_ids = match (&buffered, want_peek) {
-            (Some(b), true) => request::peek_ids(b),
+        let body_ids = match (&buffered, want_peek, ai_sdk) {
+            (Some(b), _, true) => ClientIds {
+                message_id: None,
+                chat_id: request::ai_sdk_chat_id(b),
+            },
+            (Some(b), true, false) => request::peek_ids(b),
             _ => ClientIds::default(),
         };
-        let chat_id = header_ids.chat_id.or(body_ids.chat_id);
         // The route the link records, for the review surface's route filter.
         let route_name: Arc<str> = Arc::from(route.path.as_str());
-        let (message_id, claimed) = self
-            .message_id(
-                header_ids.message_id.or(body_ids.message_id.clone()),
-                &chat_id,
-                &fwd.user,
-                &route_name,
-            )
-            .await;
+        let (chat_id, (message_id, claimed)) = if ai_sdk {
+            // The template mints the answer's id and names it in its stream; the link is
+            // written once it is known (`LinkMode::FromStream`).
+            (body_ids.chat_id, (String::new(), false))
+        } else {
+            let chat_id = header_ids.chat_id.or(body_ids.chat_id);
+            let id = self
+                .message_id(
+                    header_ids.message_id.or(body_ids.message_id.clone()),
+                    &chat_id,
+                    &fwd.user,
+                    &route_name,
+                )
+                .await;
+            (chat_id, id)
+        };
         let client_request_id = route
             .client_request_id
             .then(|| request::client_request_id_for(&message_id, &fwd.user));
@@ -244,7 +281,23 @@ impl Proxy {
         if let Some(len) = body_len(&body) {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
         }
-        if let Some(auth) = self.token.authorization().await.map_err(|source| {
+        // On behalf of the user: the platform's token for the user, else (user-or-app) the
+        // app's own; the app's own for every other auth.
+        let user_token = self
+            .config
+            .auth
+            .on_behalf_of_user()
+            .then(|| platform_user_token(&parts.headers, self.trust_forwarded))
+            .flatten();
+        if let Some(token) = &user_token {
+            headers.insert(
+                AUTHORIZATION,
+                bearer(token).ok_or(Error::UserTokenRequired)?,
+            );
+            headers.insert(FORWARDED_ACCESS_TOKEN, token.clone());
+        } else if self.config.auth == AuthSpec::User {
+            return Err(Error::UserTokenRequired);
+        } else if let Some(auth) = self.token.authorization().await.map_err(|source| {
             self.count_error("auth");
             Error::Auth {
                 hop: "the agent",
@@ -253,22 +306,22 @@ impl Proxy {
         })? {
             headers.insert(AUTHORIZATION, auth);
         }
-        match HeaderValue::from_str(&fwd.user) {
-            Ok(v) => {
-                headers.insert(APP_USER_EMAIL, v);
+        let user = HeaderValue::from_str(&fwd.user).map_err(|_| {
+            Error::bad_request(
+                "INVALID_IDENTITY",
+                "the user id contains characters that cannot be sent in a header",
+            )
+        })?;
+        if ai_sdk {
+            set_app_identity(&parts.headers, &mut headers, &user, self.trust_forwarded);
+        } else {
+            // The agent learns the id the proxy settled on, never a client's refused one.
+            if let Ok(v) = HeaderValue::from_str(&message_id) {
+                headers.insert(X_MESSAGE_ID, v);
             }
-            Err(_) => {
-                return Err(Error::bad_request(
-                    "INVALID_IDENTITY",
-                    "the user id contains characters that cannot be sent in a header",
-                ));
-            }
+            headers.insert(X_MLFLOW_RETURN_TRACE_ID, HeaderValue::from_static("true"));
         }
-        // The agent learns the id the proxy settled on, never a client's refused one.
-        if let Ok(v) = HeaderValue::from_str(&message_id) {
-            headers.insert(X_MESSAGE_ID, v);
-        }
-        headers.insert(X_MLFLOW_RETURN_TRACE_ID, HeaderValue::from_static("true"));
+        headers.insert(APP_USER_EMAIL, user);
         headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         headers.insert(X_REQUEST_ID, fwd.request_id.clone());
         if let Some(crid) = &client_request_id {
@@ -347,21 +400,29 @@ impl Proxy {
             // Injected events change the length; chunked framing is the norm for SSE anyway.
             rparts.headers.remove(CONTENT_LENGTH);
         }
-        if let Ok(v) = HeaderValue::from_str(&message_id) {
-            rparts.headers.insert(X_MESSAGE_ID, v);
-        }
-
-        let (header_trace, header_rejected) =
+        let (header_trace, header_rejected) = if ai_sdk {
+            (None, false)
+        } else {
+            if let Ok(v) = HeaderValue::from_str(&message_id) {
+                rparts.headers.insert(X_MESSAGE_ID, v);
+            }
             match trace::from_headers(&rparts.headers, &self.config.trace_id_headers) {
                 HeaderId::Found(f) => (Some(f), false),
                 HeaderId::Rejected => (None, true),
                 HeaderId::Absent => (None, false),
-            };
-        let inspector = match (&header_trace, sse) {
-            (Some(_), _) => None,
-            (None, true) => Some(Inspector::sse(self.config.max_inspect_bytes)),
-            (None, false) if json_response => Some(Inspector::json(self.config.max_inspect_bytes)),
-            (None, false) => None,
+            }
+        };
+        let max = self.config.max_inspect_bytes;
+        let (inspector, links) = match (ai_sdk, exchange, &header_trace, sse) {
+            (true, true, _, true) => (Some(Inspector::ui_messages(max)), LinkMode::FromStream),
+            // An answer that is not a UI message stream (an error) names no message.
+            (true, _, _, _) => (None, LinkMode::Off),
+            (false, _, Some(_), _) => (None, LinkMode::Record),
+            (false, _, None, true) => (Some(Inspector::sse(max)), LinkMode::Record),
+            (false, _, None, false) if json_response => {
+                (Some(Inspector::json(max)), LinkMode::Record)
+            }
+            (false, _, None, false) => (None, LinkMode::Record),
         };
         let end = StreamEnd {
             link: LinkRecord {
@@ -373,6 +434,7 @@ impl Proxy {
                 open: true,
                 route: Some(route_name),
             },
+            links,
             header_trace,
             header_rejected,
             claimed,

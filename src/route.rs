@@ -3,7 +3,9 @@
 //!
 //! Agent routes are configured path prefixes (segment-aware, longest first). The proxy's own
 //! paths (`/healthz`, `/readyz`, `/metrics`, `/api/feedback…`) cannot be shadowed: config
-//! validation rejects overlapping agent prefixes.
+//! validation rejects agent prefixes that overlap them, and an `ai-sdk-app` route (the chat app
+//! template's whole site, usually at `/`) is passed over for them, so that the template's
+//! feedback calls reach the proxy.
 //!
 //! Agent paths are normalised first ([`path::normalize`]: dot segments removed, `%2e` read as
 //! `.`); the route is chosen by the normalised path, which is also what the agent receives. A
@@ -18,7 +20,7 @@ use std::borrow::Cow;
 
 use http::Method;
 
-use crate::config::{AgentRoute, Config, path_has_prefix};
+use crate::config::{AgentRoute, Config, RouteKind, path_has_prefix};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route<'a> {
@@ -34,9 +36,11 @@ pub enum Route<'a> {
     Metrics,
     /// `POST /api/feedback`
     FeedbackSubmit,
-    /// `GET /api/feedback/{chatId}` (raw, still percent-encoded)
+    /// `GET /api/feedback/{chatId}` (raw, still percent-encoded), or with `template` the chat
+    /// app template's `GET /api/feedback/chat/{chatId}`
     FeedbackList {
         chat_id: &'a str,
+        template: bool,
     },
     /// `DELETE /api/feedback/{chatId}/{messageId}`
     FeedbackRetract {
@@ -124,7 +128,13 @@ pub fn classify<'a>(method: &Method, path: &'a str, config: &'a Config) -> Route
                 Cow::Borrowed(_) => as_sent,
                 Cow::Owned(p) => agent_route(p, config),
             };
+            let own =
+                route.is_some_and(|r| r.kind == RouteKind::AiSdkApp) && own_path(&normal, config);
             match (as_sent, route) {
+                // The proxy's own path under an ai-sdk-app route: served here, never forwarded
+                // (and only as sent: a dot-segment spelling of it is nobody's).
+                _ if own && matches!(normal, Cow::Owned(_)) => return Route::NotFound,
+                _ if own => {}
                 // Normalised, the path must stay under the prefix it was sent to.
                 (Some(sent), _) if !path_has_prefix(&normal, &sent.path) => {
                     return Route::AgentBadPath {
@@ -170,6 +180,15 @@ pub fn classify<'a>(method: &Method, path: &'a str, config: &'a Config) -> Route
     Route::NotFound
 }
 
+/// Whether the proxy serves `path` itself.
+fn own_path(path: &str, config: &Config) -> bool {
+    matches!(path, "/healthz" | "/readyz")
+        || (path == "/metrics" && config.metrics.on_main_port)
+        || path_has_prefix(path, "/api/feedback")
+        || path_has_prefix(path, "/api/review")
+        || path_has_prefix(path, "/review")
+}
+
 /// The agent route of `path` as it is (longest prefix first, see config validation).
 fn agent_route<'a>(path: &str, config: &'a Config) -> Option<&'a AgentRoute> {
     config
@@ -197,9 +216,21 @@ fn feedback<'a>(method: &Method, rest: &'a str) -> Route<'a> {
         }
         (_, [chat]) if !chat.is_empty() => {
             if *method == Method::GET || *method == Method::HEAD {
-                Route::FeedbackList { chat_id: chat }
+                Route::FeedbackList {
+                    chat_id: chat,
+                    template: false,
+                }
             } else {
                 Route::FeedbackMethodNotAllowed { allowed: "GET" }
+            }
+        }
+        // The chat app template's read of a chat's votes.
+        (_, ["chat", chat])
+            if !chat.is_empty() && (*method == Method::GET || *method == Method::HEAD) =>
+        {
+            Route::FeedbackList {
+                chat_id: chat,
+                template: true,
             }
         }
         (_, [chat, message]) if !chat.is_empty() && !message.is_empty() => {
@@ -249,7 +280,17 @@ mod tests {
         assert_eq!(classify(&post, "/api/feedback", &c), Route::FeedbackSubmit);
         assert_eq!(
             classify(&get, "/api/feedback/chat-1", &c),
-            Route::FeedbackList { chat_id: "chat-1" }
+            Route::FeedbackList {
+                chat_id: "chat-1",
+                template: false
+            }
+        );
+        assert_eq!(
+            classify(&get, "/api/feedback/chat/c-9", &c),
+            Route::FeedbackList {
+                chat_id: "c-9",
+                template: true
+            }
         );
         assert_eq!(
             classify(&Method::DELETE, "/api/feedback/c/m", &c),
@@ -273,6 +314,50 @@ mod tests {
             Route::ReviewFeedback
         );
         assert_eq!(classify(&post, "/review", &c), Route::ReviewPage);
+    }
+
+    #[test]
+    fn an_ai_sdk_app_route_takes_everything_but_the_proxys_own_paths() {
+        let c = Config::from_toml_str(
+            "[agent]\nurl = \"http://127.0.0.1:1\"\n[[agent.routes]]\npath = \"/\"\nkind = \"ai-sdk-app\"\n",
+            &Env::default(),
+        )
+        .unwrap();
+        let app = |m: &Method, p: &str| matches!(classify(m, p, &c), Route::Agent { route, .. } if route.kind == RouteKind::AiSdkApp);
+        for (m, p) in [
+            (Method::GET, "/"),
+            (Method::GET, "/assets/index.js"),
+            (Method::POST, "/api/chat"),
+            (Method::DELETE, "/api/chat/c-1"),
+            (Method::PATCH, "/api/chat/c-1/visibility"),
+            (Method::GET, "/api/feedbackx"),
+            (Method::GET, "/metrics"),
+            (Method::GET, "/ping"),
+        ] {
+            assert!(app(&m, p), "{m} {p}");
+        }
+        assert_eq!(
+            classify(&Method::POST, "/api/feedback", &c),
+            Route::FeedbackSubmit
+        );
+        assert_eq!(
+            classify(&Method::GET, "/api/feedback/chat/c-1", &c),
+            Route::FeedbackList {
+                chat_id: "c-1",
+                template: true
+            }
+        );
+        assert_eq!(classify(&Method::GET, "/healthz", &c), Route::Health);
+        assert_eq!(classify(&Method::GET, "/readyz", &c), Route::Ready);
+        // Not even spelt with dot segments does an own path reach the template.
+        assert_eq!(
+            classify(&Method::POST, "/x/../api/feedback", &c),
+            Route::NotFound
+        );
+        assert_eq!(
+            classify(&Method::POST, "/api/%2e/feedback", &c),
+            Route::NotFound
+        );
     }
 
     #[test]

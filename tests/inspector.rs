@@ -7,6 +7,11 @@
 //! the blank line that ends the trace event; injecting an event there (as the proxy does) leaves
 //! every original event intact; and the id found is the capture's.
 //!
+//! The `11x_ai_sdk_app_*` captures are the chat app template's own `/api/chat` answers (its
+//! server, at databricks/app-templates 2a4c792, against the example agent), fed to
+//! `Inspector::ui_messages` as the proxy does on an `ai-sdk-app` route: there the message id
+//! (the `start` part) must be found as well.
+//!
 //! Deriving a body from a capture file (the fixtures are kept byte-for-byte as captured):
 //! - a file starting with `HTTP/` (`100_*`, `105_*`) holds the status line and headers first:
 //!   the body starts after the first `\r\n\r\n`;
@@ -32,8 +37,11 @@ struct Sample {
     name: String,
     body: Vec<u8>,
     json: bool,
+    /// An AI SDK UI message stream (the chat app template's).
+    ui: bool,
     trace_id: Option<&'static str>,
     rejected: Option<Source>,
+    message_id: Option<&'static str>,
 }
 
 /// The body of a capture file; see the module documentation.
@@ -61,14 +69,24 @@ fn body_of(raw: &[u8]) -> Vec<u8> {
 /// Every `*.sse.txt` capture and the non-streaming one, each with its expectation. A capture
 /// without an expectation here fails the test, so a new fixture cannot go unchecked.
 fn samples() -> Vec<Sample> {
-    let expect = |name: &str| -> (Option<&'static str>, Option<Source>) {
+    type Expect = (Option<&'static str>, Option<Source>, Option<&'static str>);
+    let expect = |name: &str| -> Expect {
         match name {
-            n if n.starts_with("90_") => (None, None),
-            n if n.starts_with("91_") => (Some("tr-eaf19740d012e3a3e64accc2bf6d17bc"), None),
-            n if n.starts_with("100_") => (Some("tr-200fee060856a08ecceb11f29f7d0c74"), None),
-            n if n.starts_with("102_") => (Some("tr-c67f4a0495144b768a942472bf669d1b"), None),
-            n if n.starts_with("105_") => (None, None),
-            n if n.starts_with("106_") => (None, Some(Source::AgentEvent)),
+            n if n.starts_with("90_") => (None, None, None),
+            n if n.starts_with("91_") => (Some("tr-eaf19740d012e3a3e64accc2bf6d17bc"), None, None),
+            n if n.starts_with("100_") => (Some("tr-200fee060856a08ecceb11f29f7d0c74"), None, None),
+            n if n.starts_with("102_") => (Some("tr-c67f4a0495144b768a942472bf669d1b"), None, None),
+            n if n.starts_with("105_") => (None, None, None),
+            n if n.starts_with("106_") => (None, Some(Source::AgentEvent), None),
+            n if n.starts_with("110_") => (
+                Some("tr-5a31b67c30deeea6f6029818bdd03425"),
+                None,
+                Some("0e641697-74ff-45ca-bd5f-7336c62c3910"),
+            ),
+            // The agent failed mid-stream: the template says `data-traceId: null`.
+            n if n.starts_with("111_") => {
+                (None, None, Some("06f57b17-e9eb-49ef-8f59-06751d3d448f"))
+            }
             n => panic!("no expectation for sample {n}: add one to tests/inspector.rs"),
         }
     };
@@ -80,19 +98,21 @@ fn samples() -> Vec<Sample> {
         if !(name.ends_with(".sse.txt") || json) {
             continue;
         }
-        let (trace_id, rejected) = expect(&name);
+        let (trace_id, rejected, message_id) = expect(&name);
         out.push(Sample {
             body: body_of(&std::fs::read(&path).expect("read sample")),
+            ui: name.contains("_ai_sdk_app_"),
             name,
             json,
             trace_id,
             rejected,
+            message_id,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     assert_eq!(
         out.len(),
-        6,
+        8,
         "samples: {:?}",
         out.iter().map(|s| &s.name).collect::<Vec<_>>()
     );
@@ -110,6 +130,7 @@ struct Run {
     trace_id: Option<Found>,
     rejected: Option<Source>,
     overflowed: bool,
+    message_id: Option<String>,
 }
 
 /// Feeds `frames` as `proxy/body.rs` does: only while the inspector is not done, `finish` at
@@ -122,6 +143,7 @@ fn run(mut insp: Inspector, frames: &[&[u8]]) -> Run {
         trace_id: None,
         rejected: None,
         overflowed: false,
+        message_id: None,
     };
     for frame in frames {
         let split = if insp.is_done() {
@@ -150,6 +172,7 @@ fn run(mut insp: Inspector, frames: &[&[u8]]) -> Run {
     r.trace_id = insp.trace_id().cloned();
     r.rejected = insp.rejected();
     r.overflowed = insp.overflowed();
+    r.message_id = insp.message_id().map(str::to_owned);
     r
 }
 
@@ -167,6 +190,8 @@ fn events(stream: &[u8]) -> Vec<Vec<u8>> {
 fn check(sample: &Sample, frames: &[&[u8]]) -> Result<(), TestCaseError> {
     let insp = if sample.json {
         Inspector::json(CAP)
+    } else if sample.ui {
+        Inspector::ui_messages(CAP)
     } else {
         Inspector::sse(CAP)
     };
@@ -185,6 +210,12 @@ fn check(sample: &Sample, frames: &[&[u8]]) -> Result<(), TestCaseError> {
         name
     );
     prop_assert_eq!(r.rejected, sample.rejected, "{}: rejected", name);
+    prop_assert_eq!(
+        r.message_id.as_deref(),
+        sample.message_id,
+        "{}: message id",
+        name
+    );
     prop_assert!(!r.overflowed);
     if sample.json {
         prop_assert_eq!(r.at, None);

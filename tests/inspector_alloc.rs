@@ -117,3 +117,50 @@ fn no_allocation_per_ordinary_event_after_warm_up() {
     assert!(insp.trace_id().is_some());
     assert!(allocations() > before);
 }
+
+/// The chat app template's UI message stream: ordinary parts (text deltas, steps) as its server
+/// writes them (tests/fixtures/samples/110_*), once the `start` part has named the message.
+fn ordinary_ui_parts(n: usize) -> Vec<u8> {
+    let mut s = String::new();
+    for i in 0..n {
+        let text = "lorem ipsum dolor sit amet ".repeat(1 + i % 5);
+        match i % 40 {
+            0 => s.push_str("data: {\"type\":\"start-step\"}\n\n"),
+            1 => s.push_str(&format!(
+                "data: {{\"type\":\"text-start\",\"id\":\"msg_{i}\"}}\n\n"
+            )),
+            2 => s.push_str("data: {\"type\":\"finish-step\"}\n\n"),
+            _ => s.push_str(&format!(
+                "data: {{\"type\":\"text-delta\",\"id\":\"msg_{i}\",\"delta\":\"{text}\"}}\n\n"
+            )),
+        }
+    }
+    s.into_bytes()
+}
+
+#[test]
+fn no_allocation_per_ordinary_ui_part_after_warm_up() {
+    let stream = ordinary_ui_parts(20_000);
+    let mut insp = Inspector::ui_messages(1 << 20);
+    assert_eq!(
+        insp.feed(b"data: {\"type\":\"start\",\"messageId\":\"0e641697-74ff-45ca-bd5f-7336c62c3910\"}\n\n"),
+        None
+    );
+    assert!(insp.message_id().is_some());
+    for frame in stream.chunks(4096) {
+        assert_eq!(insp.feed(frame), None);
+    }
+    let before = allocations();
+    for size in [1usize, 7, 1500, 16 << 10] {
+        for frame in stream.chunks(size) {
+            assert_eq!(insp.feed(frame), None);
+        }
+    }
+    let during = allocations() - before;
+    assert!(!insp.is_done() && !insp.overflowed());
+    assert_eq!(during, 0, "{during} allocations while feeding UI parts");
+    insp.feed(
+        b"data: {\"type\":\"data-traceId\",\"data\":\"tr-0123456789abcdef0123456789abcdef\"}\n\n",
+    );
+    assert!(insp.trace_id().is_some());
+}

@@ -1,12 +1,14 @@
 //! Fuzz target for the response inspector (`src/proxy/sse.rs`, `src/proxy/sse/frame.rs`,
 //! `src/proxy/trace.rs`): arbitrary bytes, split into frames at arbitrary points, in both modes.
 //!
-//! Input layout: byte 0 picks the mode (bit 7: JSON body, else SSE) and the cap (low bits); byte
-//! 1 the largest frame size; bytes 2..10 seed the split points; the rest is the response body.
+//! Input layout: byte 0 picks the mode (bit 7: JSON body; else SSE, with bit 6 an AI SDK UI
+//! message stream, the chat app template's) and the cap (low bits); byte 1 the largest frame
+//! size; bytes 2..10 seed the split points; the rest is the response body.
 //!
 //! Checked, beyond "no panic":
 //! - every offset `feed` returns is within its frame and just after a line end;
-//! - the outcome (trace id, client request id, first rejection, overflow) and the stream offset
+//! - the outcome (trace id, client request id, first rejection, overflow; for a UI stream the
+//!   message id and the "no trace" signal) and the stream offset
 //!   of the trace event's end are the same for the split feed as for one whole frame (the offset
 //!   may stop one byte early when a CRLF is split between frames: after the CR, the frame end);
 //! - the `Framer` fed in frames hands over exactly the events of a plain, non-incremental
@@ -45,7 +47,7 @@ fuzz_target!(|input: &[u8]| {
     if flags & 0x80 != 0 {
         check_json(body, &frames, cap);
     } else {
-        check_sse(body, &frames, cap);
+        check_sse(body, &frames, cap, flags & 0x40 != 0);
         check_framer(body, &frames, cap);
     }
 });
@@ -74,6 +76,9 @@ struct Outcome {
     client_request_id: Option<String>,
     rejected: Option<Source>,
     overflowed: bool,
+    /// A UI stream's message id (its `start` part) and whether it said it has no trace.
+    message_id: Option<String>,
+    no_trace: bool,
     /// Stream offset just after the event that yielded the trace id.
     at: Option<usize>,
 }
@@ -101,7 +106,7 @@ fn inspect(mut insp: Inspector, body: &[u8], frames: &[&[u8]]) -> Outcome {
     let found_at_end = insp.finish();
     assert!(!found_at_end || insp.trace_id().is_some());
     assert!(!insp.finish(), "finish found something twice");
-    if insp.trace_id().is_some() || insp.overflowed() {
+    if insp.trace_id().is_some() || insp.overflowed() || insp.no_trace() {
         assert!(insp.is_done());
     }
     Outcome {
@@ -109,13 +114,22 @@ fn inspect(mut insp: Inspector, body: &[u8], frames: &[&[u8]]) -> Outcome {
         client_request_id: insp.client_request_id().map(str::to_owned),
         rejected: insp.rejected(),
         overflowed: insp.overflowed(),
+        message_id: insp.message_id().map(str::to_owned),
+        no_trace: insp.no_trace(),
         at,
     }
 }
 
-fn check_sse(body: &[u8], frames: &[&[u8]], cap: usize) {
-    let whole = inspect(Inspector::sse(cap), body, &[body]);
-    let split = inspect(Inspector::sse(cap), body, frames);
+fn check_sse(body: &[u8], frames: &[&[u8]], cap: usize, ui: bool) {
+    let new = || {
+        if ui {
+            Inspector::ui_messages(cap)
+        } else {
+            Inspector::sse(cap)
+        }
+    };
+    let whole = inspect(new(), body, &[body]);
+    let split = inspect(new(), body, frames);
     if let Some(g) = whole.at {
         assert!(whole.trace_id.is_some());
         assert!(g <= body.len());
@@ -151,8 +165,36 @@ fn check_sse(body: &[u8], frames: &[&[u8]], cap: usize) {
         client_request_id: None,
         rejected: None,
         overflowed: reference.overflowed,
+        message_id: None,
+        no_trace: false,
         at: split.at,
     };
+    if ui {
+        for data in reference.events.iter().filter(|d| passes_ui_prefilter(d)) {
+            let ex = trace::ui::from_ui_part(data);
+            if let Some(m) = ex.message_id {
+                want.message_id.get_or_insert(m);
+            }
+            if ex.no_trace {
+                want.no_trace = true;
+                want.overflowed = false;
+                break;
+            }
+            match ex.trace_id {
+                Candidate::Valid(f) => {
+                    want.trace_id = Some(f);
+                    want.overflowed = false;
+                    break;
+                }
+                Candidate::Rejected(s) => {
+                    want.rejected.get_or_insert(s);
+                }
+                Candidate::None => {}
+            }
+        }
+        assert_eq!(split, want, "UI outcome differs from the reference reading");
+        return;
+    }
     for data in reference.events.iter().filter(|d| passes_prefilter(d)) {
         let ex = trace::from_event(data);
         match ex.client_request_id {
@@ -178,6 +220,11 @@ fn check_sse(body: &[u8], frames: &[&[u8]], cap: usize) {
         }
     }
     assert_eq!(split, want, "outcome differs from the reference reading");
+}
+
+fn passes_ui_prefilter(data: &[u8]) -> bool {
+    memchr::memmem::find(data, b"\"messageId\"").is_some()
+        || memchr::memmem::find(data, b"traceId\"").is_some()
 }
 
 fn passes_prefilter(data: &[u8]) -> bool {

@@ -27,6 +27,22 @@ pub(super) const RESERVED_PATHS: [&str; 6] = [
     "/review",
 ];
 
+/// What sits behind a route, which decides how the proxy treats its traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouteKind {
+    /// An agent endpoint (an MLflow agent server, a Model Serving endpoint): every request is a
+    /// chat; the proxy mints the message id and links each answer.
+    Agent,
+    /// The server of Databricks' chat app template (`e2e-chatbot-app-next`), the same app's
+    /// trusted backend: everything under the prefix is forwarded to it (its pages, assets and
+    /// API) with the platform's identity headers; only `POST <prefix>/api/chat` is a chat, whose
+    /// AI SDK UI message stream names the message id (`start`) and the trace id
+    /// (`data-traceId`). The proxy's own paths (`/api/feedback…`, `/healthz`, `/readyz`) are
+    /// never forwarded: the proxy serves the template's feedback contract itself.
+    AiSdkApp,
+}
+
 /// One inbound path prefix forwarded to the agent, with its per-route options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AgentRoute {
@@ -35,6 +51,8 @@ pub struct AgentRoute {
     pub path: String,
     /// Replaces `path` in the upstream request path when set.
     pub upstream_path: Option<String>,
+    /// What the upstream is (`kind`, default `"agent"`).
+    pub kind: RouteKind,
     /// Add `databricks_options.return_trace = true` to JSON bodies (Model Serving endpoints).
     pub return_trace: bool,
     /// Add `context.conversation_id` / `context.user_id` to JSON bodies.
@@ -54,7 +72,35 @@ impl AgentRoute {
     pub fn rewrites_body(&self) -> bool {
         self.return_trace || self.context || self.client_request_id
     }
+
+    /// Whether `path` (normalised, under this route) is the chat endpoint of an
+    /// [`RouteKind::AiSdkApp`] route: `<prefix>/api/chat` exactly.
+    pub fn is_ai_sdk_chat(&self, path: &str) -> bool {
+        if self.kind != RouteKind::AiSdkApp {
+            return false;
+        }
+        let rest = if self.path == "/" {
+            path
+        } else {
+            path.get(self.path.len()..).unwrap_or("")
+        };
+        rest.trim_end_matches('/') == AI_SDK_CHAT_PATH
+    }
 }
+
+/// The chat endpoint of the chat app template, under its route's prefix.
+pub const AI_SDK_CHAT_PATH: &str = "/api/chat";
+
+/// Every method an [`RouteKind::AiSdkApp`] route forwards by default: the template's API uses
+/// all of them.
+const ALL_METHODS: [http::Method; 6] = [
+    http::Method::GET,
+    http::Method::HEAD,
+    http::Method::POST,
+    http::Method::PUT,
+    http::Method::PATCH,
+    http::Method::DELETE,
+];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AgentConfig {
@@ -131,6 +177,7 @@ impl Validator {
                 routes.push(AgentRoute {
                     path,
                     upstream_path: None,
+                    kind: RouteKind::Agent,
                     return_trace: false,
                     context: false,
                     client_request_id: false,
@@ -152,10 +199,45 @@ impl Validator {
                 .upstream_path
                 .as_deref()
                 .and_then(|u| self.route_path(&format!("{key}.upstream_path"), u));
-            let methods = self.route_methods(&format!("{key}.methods"), r.methods.as_deref());
+            let kind = match r.kind.as_deref() {
+                None | Some("agent") => RouteKind::Agent,
+                Some("ai-sdk-app") => RouteKind::AiSdkApp,
+                Some(other) => {
+                    self.problem(
+                        &format!("{key}.kind"),
+                        format!(
+                            "unknown kind \"{}\" (expected \"agent\" or \"ai-sdk-app\")",
+                            crate::text::one_line(other, 64)
+                        ),
+                    );
+                    RouteKind::Agent
+                }
+            };
+            let methods = match (kind, r.methods.as_deref()) {
+                (RouteKind::AiSdkApp, None) => ALL_METHODS.to_vec(),
+                (_, m) => self.route_methods(&format!("{key}.methods"), m),
+            };
+            if kind == RouteKind::AiSdkApp {
+                // The template's server speaks for itself: it calls the agent (with its own
+                // context and trace options) and writes its own stream.
+                for (set, option) in [
+                    (r.return_trace, "return_trace"),
+                    (r.context, "context"),
+                    (r.client_request_id, "client_request_id"),
+                    (r.events, "events"),
+                ] {
+                    if set == Some(true) {
+                        self.problem(
+                            &format!("{key}.{option}"),
+                            "does not apply to kind = \"ai-sdk-app\" (the template's server calls the agent itself)",
+                        );
+                    }
+                }
+            }
             routes.push(AgentRoute {
                 path,
                 upstream_path,
+                kind,
                 return_trace: r.return_trace.unwrap_or(false),
                 context: r.context.unwrap_or(false),
                 client_request_id: r.client_request_id.unwrap_or(false),
@@ -171,9 +253,13 @@ impl Validator {
                     format!("path \"{}\" is configured twice", r.path),
                 );
             }
-            if RESERVED_PATHS
-                .iter()
-                .any(|res| path_has_prefix(res, &r.path) || path_has_prefix(&r.path, res))
+            // An ai-sdk-app route may lie over the proxy's own paths: they are served first
+            // (see `route::classify`), which is how the template's feedback calls reach the
+            // proxy. Any other route must not hide them.
+            if r.kind == RouteKind::Agent
+                && RESERVED_PATHS
+                    .iter()
+                    .any(|res| path_has_prefix(res, &r.path) || path_has_prefix(&r.path, res))
             {
                 self.problem(
                     "agent.routes",
@@ -188,7 +274,7 @@ impl Validator {
         // Longest prefix first, so that matching can take the first hit.
         routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
 
-        let auth = self.auth("agent.auth", raw.auth.as_deref(), env);
+        let auth = self.agent_auth("agent.auth", raw.auth.as_deref(), env);
         let mut trace_id_headers = Vec::new();
         for (i, h) in raw.trace_id_headers.unwrap_or_default().iter().enumerate() {
             match HeaderName::from_bytes(h.as_bytes()) {

@@ -38,14 +38,38 @@ pub enum AuthSpec {
     DatabricksOauth,
     /// `databricks auth token` (a developer's U2M login), for local runs against a workspace.
     DatabricksCli,
+    /// On-behalf-of-user (agent hop only): the signed-in user's own token, which the platform
+    /// hands the app in `x-forwarded-access-token`. Read only when forwarded headers are
+    /// trusted; a request without one is refused (401).
+    User,
+    /// As [`AuthSpec::User`], falling back to the app's service principal
+    /// ([`AuthSpec::DatabricksOauth`]) when the platform sent no user token.
+    UserOrApp,
 }
 
 impl AuthSpec {
+    /// Whether the hop sends the signed-in user's token when the platform provides one.
+    pub fn on_behalf_of_user(&self) -> bool {
+        matches!(self, Self::User | Self::UserOrApp)
+    }
+
+    /// The app's own credential for the hop: what is sent when no user token is (or may be)
+    /// used. `None` for [`AuthSpec::User`], which never falls back.
+    pub fn app_part(&self) -> &AuthSpec {
+        match self {
+            Self::User => &Self::None,
+            Self::UserOrApp => &Self::DatabricksOauth,
+            other => other,
+        }
+    }
+
     fn parse(key: &str, text: &str, env: &Env) -> Result<Self, ConfigError> {
         match text {
             "none" => Ok(Self::None),
             "databricks-oauth" => Ok(Self::DatabricksOauth),
             "databricks-cli" => Ok(Self::DatabricksCli),
+            "user" => Ok(Self::User),
+            "user-or-app" => Ok(Self::UserOrApp),
             other => match other.strip_prefix("bearer-env:") {
                 Some(var) if !var.is_empty() => match env.get(var) {
                     Some(token) => Ok(Self::BearerEnv {
@@ -60,7 +84,7 @@ impl AuthSpec {
                 _ => Err(ConfigError::one(
                     key,
                     format!(
-                        "unknown auth \"{other}\" (expected \"none\", \"bearer-env:VAR\", \"databricks-oauth\" or \"databricks-cli\")"
+                        "unknown auth \"{other}\" (expected \"none\", \"bearer-env:VAR\", \"databricks-oauth\", \"databricks-cli\", or for agent.auth \"user\" or \"user-or-app\")"
                     ),
                 )),
             },
@@ -75,6 +99,8 @@ impl fmt::Display for AuthSpec {
             Self::BearerEnv { var, .. } => write!(f, "bearer-env:{var}"),
             Self::DatabricksOauth => f.write_str("databricks-oauth"),
             Self::DatabricksCli => f.write_str("databricks-cli"),
+            Self::User => f.write_str("user"),
+            Self::UserOrApp => f.write_str("user-or-app"),
         }
     }
 }
@@ -87,7 +113,7 @@ impl Serialize for AuthSpec {
 
 impl Validator {
     pub(super) fn check_auth(&mut self, key: &str, auth: &AuthSpec, db: &DatabricksConfig) {
-        match auth {
+        match auth.app_part() {
             AuthSpec::DatabricksOauth => {
                 let mut missing = Vec::new();
                 if db.host.is_none() {
@@ -114,11 +140,29 @@ impl Validator {
                     );
                 }
             }
-            AuthSpec::None | AuthSpec::BearerEnv { .. } => {}
+            AuthSpec::None | AuthSpec::BearerEnv { .. } | AuthSpec::User | AuthSpec::UserOrApp => {}
         }
     }
 
+    /// A hop's `auth`. The user's own token (`"user"`, `"user-or-app"`) is refused here: only
+    /// the agent hop may act on behalf of the user ([`Validator::agent_auth`]); MLflow keeps
+    /// the app's identity, so that votes are written by the app whatever the user may do.
     pub(super) fn auth(&mut self, key: &str, text: Option<&str>, env: &Env) -> AuthSpec {
+        let auth = self.agent_auth(key, text, env);
+        if auth.on_behalf_of_user() {
+            self.problem(
+                key,
+                format!(
+                    "\"{auth}\" is only for agent.auth (this hop keeps the app's identity: use \"databricks-oauth\")"
+                ),
+            );
+            return AuthSpec::None;
+        }
+        auth
+    }
+
+    /// `agent.auth`: any hop auth, or the user's own token.
+    pub(super) fn agent_auth(&mut self, key: &str, text: Option<&str>, env: &Env) -> AuthSpec {
         match AuthSpec::parse(key, text.unwrap_or("none"), env) {
             Ok(a) => a,
             Err(e) => {

@@ -197,6 +197,17 @@ impl Config {
         for (key, auth) in [("agent.auth", &agent.auth), ("mlflow.auth", &mlflow.auth)] {
             v.check_auth(key, auth, &databricks);
         }
+        // The user's token is only ever the platform's: without trusted forwarded headers
+        // a browser could hand the agent any token it likes.
+        if agent.auth.on_behalf_of_user() && !identity.trust_forwarded_headers {
+            v.problem(
+                "agent.auth",
+                format!(
+                    "\"{}\" needs identity.trust_forwarded_headers = true (the user's token is only taken from the platform's x-forwarded-access-token)",
+                    agent.auth
+                ),
+            );
+        }
         if store.password.uses_databricks() {
             v.check_auth("store.password", &AuthSpec::DatabricksOauth, &databricks);
         }

@@ -103,6 +103,7 @@ pub struct RawAgent {
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub path: Option<String>,
+    pub kind: Option<String>,
     pub upstream_path: Option<String>,
     pub return_trace: Option<bool>,
     pub context: Option<bool>,

@@ -1,6 +1,10 @@
 //! Parsing and validating `POST /api/feedback` bodies (CONTRACT §4), with errors that name the
 //! field and say what was expected.
 //!
+//! Two forms: the proxy's own (`chatId`, `messageId`, `isUpvoted` or `value`, …) and the chat
+//! app template's (`messageId`, `feedbackType: "thumbs_up" | "thumbs_down"`, which is a
+//! `true`/`false` vote; the chat is the one the message was answered in, `chatId` optional).
+//!
 //! Unknown fields are ignored (clients may send more than we need); known fields must have the
 //! right type. A key given twice in one object is refused (`DUPLICATE_KEY`): serde_json keeps
 //! the last silently, and another reader of the same body may keep the first. Nothing here
@@ -22,7 +26,11 @@ const MAX_STRING_VALUE: usize = 1024;
 /// A validated vote request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VoteRequest {
-    pub chat_id: String,
+    /// Always given in the proxy's form; in the template's form the message's own chat is used
+    /// when absent.
+    pub chat_id: Option<String>,
+    /// The chat app template's form (`feedbackType`): answered in its shape.
+    pub template: bool,
     pub message_id: String,
     pub name: String,
     pub value: FeedbackValue,
@@ -158,7 +166,11 @@ pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, E
             "the body must be a JSON object",
         ));
     };
-    let chat_id = required_id(&obj, "chatId")?;
+    let template = obj.contains_key("feedbackType");
+    let chat_id = match (template, obj.get("chatId")) {
+        (true, None | Some(Value::Null)) => None,
+        _ => Some(required_id(&obj, "chatId")?),
+    };
     let message_id = required_id(&obj, "messageId")?;
 
     let name = match obj.get("name") {
@@ -179,6 +191,19 @@ pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, E
     };
 
     let value = match (obj.get("isUpvoted"), obj.get("value")) {
+        _ if template => {
+            if obj.contains_key("isUpvoted") || obj.contains_key("value") {
+                return Err(Error::bad_request(
+                    "INVALID_FIELD",
+                    "give either feedbackType or isUpvoted/value, not both",
+                ));
+            }
+            match obj.get("feedbackType") {
+                Some(Value::String(t)) if t == "thumbs_up" => FeedbackValue::Bool(true),
+                Some(Value::String(t)) if t == "thumbs_down" => FeedbackValue::Bool(false),
+                _ => return Err(invalid("feedbackType", "\"thumbs_up\" or \"thumbs_down\"")),
+            }
+        }
         (Some(_), Some(_)) => {
             return Err(Error::bad_request(
                 "INVALID_FIELD",
@@ -225,6 +250,7 @@ pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, E
 
     Ok(VoteRequest {
         chat_id,
+        template,
         message_id,
         name,
         value,

@@ -3,7 +3,8 @@
 //! [`ResponseBody`] wraps the upstream `Incoming` body and forwards every frame as soon as it
 //! arrives, untouched. Along the way it:
 //!
-//! - shows each data frame, by reference, to the [`Inspector`] (trace ids);
+//! - shows each data frame, by reference, to the [`Inspector`] (trace ids; for the chat app
+//!   template's stream also the message id, which the link waits for: [`LinkMode`]);
 //! - optionally injects `feedback-proxy.meta` / `feedback-proxy.trace` events, always at an event
 //!   boundary (splitting a frame with `Bytes::split_to` is zero-copy);
 //! - enforces the idle timeout between frames without touching the timer per frame: each frame
@@ -20,7 +21,6 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -29,52 +29,16 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use super::link::LinkRecorder;
 use super::sse::Inspector;
-use super::streams::{OpenStreams, StreamHandle};
-use super::trace::Found;
+use super::streams::StreamHandle;
 use crate::body::BoxError;
-use crate::metrics::{KindLabel, Metrics, TraceIdLabels};
+use crate::metrics::{KindLabel, TraceIdLabels};
 use crate::store::LinkRecord;
 
+mod end;
+pub use end::{BodyOptions, LinkMode, StreamEnd};
+
 const BOM: &[u8] = b"\xEF\xBB\xBF";
-
-/// Everything the end of a stream needs, taken exactly once.
-#[derive(Debug)]
-pub struct StreamEnd {
-    /// The link as known at the start (message, chat, user, client request id, header trace
-    /// id); completed with what the inspector finds.
-    pub link: LinkRecord,
-    /// Where the trace id already known at the start came from (a response header).
-    pub header_trace: Option<Found>,
-    /// Whether a rejected trace-id header was seen.
-    pub header_rejected: bool,
-    /// The open link was already written (the client's message id was claimed).
-    pub claimed: bool,
-    pub recorder: LinkRecorder,
-    pub metrics: Arc<Metrics>,
-    pub request_id: String,
-    pub method: http::Method,
-    pub path: String,
-    pub status: u16,
-    pub start: Instant,
-    /// The upstream base, for error messages.
-    pub upstream: String,
-    /// The user's slot under `agent.max_concurrent_per_user`, freed with this (at the end of
-    /// the stream or when the client goes away).
-    pub permit: Option<super::limit::UserPermit>,
-}
-
-/// Options for one wrapped body.
-pub struct BodyOptions {
-    pub inspector: Option<Inspector>,
-    pub sse: bool,
-    /// Inject the meta event first and the trace event when known.
-    pub events: bool,
-    pub idle_timeout: Duration,
-    /// The registry that shutdown cuts open streams through.
-    pub streams: Arc<OpenStreams>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EndReason {
@@ -106,6 +70,8 @@ pub struct ResponseBody {
     first_byte: Option<Instant>,
     /// The trace id was reported (link written, event injected).
     trace_reported: bool,
+    /// [`LinkMode::FromStream`] and the stream has not named its message yet.
+    await_message_id: bool,
     done: bool,
     end: Option<StreamEnd>,
     /// Registered with shutdown until the end is reported.
@@ -139,6 +105,7 @@ impl ResponseBody {
             bytes: 0,
             first_byte: None,
             trace_reported: false,
+            await_message_id: end.links == LinkMode::FromStream,
             done: false,
             end: None,
             cut: Some(opts.streams.register()),
@@ -160,7 +127,9 @@ impl ResponseBody {
                 }
             }
         }
-        if end.header_trace.is_some() {
+        if end.links != LinkMode::Record {
+            // Nothing to write yet (or ever).
+        } else if end.header_trace.is_some() {
             // The trace id is known from the start: record the final link now.
             body.trace_reported = true;
             end.recorder.record(LinkRecord {
@@ -194,6 +163,9 @@ impl ResponseBody {
             if !insp.is_done() {
                 split_at = insp.feed(&data);
             }
+        }
+        if self.await_message_id {
+            self.learn_message_id();
         }
         if split_at.is_some() && !self.trace_reported {
             self.report_trace();
@@ -245,9 +217,39 @@ impl ResponseBody {
         Some(trace_event(&end.link.message_id, &found.id))
     }
 
+    /// Takes the message id the stream named (once): the link is this message's from now on,
+    /// and, unless the trace is already known, its open link is written at once (so that a
+    /// vote cast while the answer streams is queued, not refused).
+    fn learn_message_id(&mut self) {
+        let (Some(end), Some(insp)) = (self.end.as_mut(), self.inspector.as_ref()) else {
+            return;
+        };
+        let Some(id) = insp.message_id() else { return };
+        self.await_message_id = false;
+        end.link.message_id = id.to_owned();
+        if insp.trace_id().is_none() && !insp.no_trace() {
+            end.recorder.record(LinkRecord {
+                open: true,
+                ..end.link.clone()
+            });
+        }
+    }
+
+    /// Whether this response writes links now.
+    fn may_link(&self) -> bool {
+        self.end.as_ref().is_some_and(|e| match e.links {
+            LinkMode::Record => true,
+            LinkMode::FromStream => !self.await_message_id,
+            LinkMode::Off => false,
+        })
+    }
+
     /// Writes the final link as soon as the trace id is known.
     fn report_trace(&mut self) {
         self.trace_reported = true;
+        if !self.may_link() {
+            return;
+        }
         let (Some(end), Some(insp)) = (self.end.as_ref(), self.inspector.as_ref()) else {
             return;
         };
@@ -263,6 +265,7 @@ impl ResponseBody {
 
     /// Ends the stream once: link, metrics, access log.
     fn finish(&mut self, reason: EndReason, error: Option<&str>) {
+        let may_link = self.may_link();
         let Some(end) = self.end.take() else { return };
         let now = Instant::now();
         let m = &end.metrics;
@@ -345,7 +348,7 @@ impl ResponseBody {
             );
         }
 
-        if !self.trace_reported {
+        if !self.trace_reported && may_link {
             let StreamEnd {
                 mut link, recorder, ..
             } = end;

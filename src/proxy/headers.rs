@@ -1,14 +1,22 @@
 //! Header rules of the forwarding path, in one place: what never reaches the agent (hop-by-hop,
 //! credentials and identity a browser could spoof, what the proxy sets itself, underscore
 //! names), what of the agent's answer never reaches the browser (cookies, CORS, HSTS, identity
-//! and proxy-owned headers, unless `agent.pass_response_headers` allows them), the proxy's own
-//! header names, and media-type tests.
+//! and proxy-owned headers, unless `agent.pass_response_headers` allows them), what the
+//! platform's headers become on the way out (the user's own token for on-behalf-of-user calls;
+//! the identity headers for the chat app template's server), the proxy's own header names, and
+//! media-type tests.
+//!
+//! The user's token (`x-forwarded-access-token`) is read only when forwarded headers are trusted
+//! (it is the platform's, never a browser's), is marked sensitive so that no header dump shows
+//! it, and goes to the agent hop alone: the MLflow client never sees request headers.
 
 use http::header::{
     ACCEPT_ENCODING, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST,
     HeaderMap, HeaderName, ORIGIN, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE,
     STRICT_TRANSPORT_SECURITY, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
+
+use http::HeaderValue;
 
 use crate::identity::{APP_USER_EMAIL, FORWARDED_ACCESS_TOKEN, IDENTITY_HEADERS};
 
@@ -48,6 +56,59 @@ pub(super) const DROPPED_INBOUND: [HeaderName; 9] = [
     X_CLIENT_REQUEST_ID,
     ACCEPT_ENCODING,
 ];
+
+/// The signed-in user's own token as the platform forwarded it: only when forwarded headers are
+/// trusted, exactly one value of visible ASCII (a token never has spaces or controls), else
+/// none. The copy is marked sensitive.
+pub(super) fn platform_user_token(headers: &HeaderMap, trusted: bool) -> Option<HeaderValue> {
+    if !trusted {
+        return None;
+    }
+    let mut all = headers.get_all(FORWARDED_ACCESS_TOKEN).iter();
+    let v = all.next()?;
+    if all.next().is_some() || v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_graphic) {
+        return None;
+    }
+    let mut v = v.clone();
+    v.set_sensitive(true);
+    Some(v)
+}
+
+/// `Bearer <token>` for the agent hop, marked sensitive.
+pub(super) fn bearer(token: &HeaderValue) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_bytes(&[b"Bearer ", token.as_bytes()].concat()).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+/// Towards the chat app template's server (an `ai-sdk-app` route, the same app's trusted
+/// backend), who is calling, in the platform's own headers, which the template reads
+/// (`X-Forwarded-User` / `-Email` / `-Preferred-Username`). When forwarded headers are trusted
+/// and the platform sent them, they pass as sent (`identity::user` has already refused a
+/// repeated one); otherwise (local runs, `identity.dev_user`) the proxy's resolved user stands
+/// in all three, never a browser's copy. The user's token passes too when the platform sent one.
+pub(super) fn set_app_identity(
+    from: &HeaderMap,
+    to: &mut HeaderMap,
+    user: &HeaderValue,
+    trusted: bool,
+) {
+    let platform = trusted && IDENTITY_HEADERS.iter().any(|n| from.contains_key(n));
+    for name in &IDENTITY_HEADERS {
+        match (platform, from.get(name)) {
+            (true, Some(v)) => {
+                to.insert(name.clone(), v.clone());
+            }
+            (true, None) => {}
+            (false, _) => {
+                to.insert(name.clone(), user.clone());
+            }
+        }
+    }
+    if let Some(token) = platform_user_token(from, trusted) {
+        to.insert(FORWARDED_ACCESS_TOKEN, token);
+    }
+}
 
 pub(super) fn header_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     headers
@@ -252,6 +313,53 @@ mod tests {
         for kept in ["traceparent", "content-type", "content-length", "accept"] {
             assert!(out.contains_key(kept), "{kept} was dropped");
         }
+    }
+
+    #[test]
+    fn the_users_token_only_when_trusted_and_unambiguous() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            FORWARDED_ACCESS_TOKEN,
+            HeaderValue::from_static("eyJ.user.tok"),
+        );
+        assert_eq!(platform_user_token(&h, false), None);
+        let tok = platform_user_token(&h, true).unwrap();
+        assert!(tok.is_sensitive());
+        assert_eq!(bearer(&tok).unwrap(), "Bearer eyJ.user.tok");
+        h.append(FORWARDED_ACCESS_TOKEN, HeaderValue::from_static("other"));
+        assert_eq!(platform_user_token(&h, true), None);
+        h.insert(FORWARDED_ACCESS_TOKEN, HeaderValue::from_static("a b"));
+        assert_eq!(platform_user_token(&h, true), None);
+    }
+
+    #[test]
+    fn the_template_learns_the_platforms_identity_or_the_resolved_user() {
+        let mut from = HeaderMap::new();
+        from.insert(
+            "x-forwarded-email",
+            HeaderValue::from_static("ada@example.com"),
+        );
+        from.insert("x-forwarded-user", HeaderValue::from_static("ada-id"));
+        from.insert(FORWARDED_ACCESS_TOKEN, HeaderValue::from_static("tok"));
+        let user = HeaderValue::from_static("ada@example.com");
+        let mut to = HeaderMap::new();
+        set_app_identity(&from, &mut to, &user, true);
+        assert_eq!(to["x-forwarded-user"], "ada-id");
+        assert_eq!(to["x-forwarded-email"], "ada@example.com");
+        assert!(!to.contains_key("x-forwarded-preferred-username"));
+        assert_eq!(to[FORWARDED_ACCESS_TOKEN], "tok");
+        // Untrusted: the browser's copies are ignored, the resolved user stands in.
+        let mut to = HeaderMap::new();
+        set_app_identity(
+            &from,
+            &mut to,
+            &HeaderValue::from_static("dev@example.com"),
+            false,
+        );
+        for name in &IDENTITY_HEADERS {
+            assert_eq!(to[name], "dev@example.com");
+        }
+        assert!(!to.contains_key(FORWARDED_ACCESS_TOKEN));
     }
 
     #[test]

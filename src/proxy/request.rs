@@ -22,10 +22,7 @@ pub struct ClientIds {
 /// Whether `s` is acceptable as a client-supplied message or chat id: 1–128 characters of
 /// letters, digits and `-_.:`. Anything else is ignored (and a message id is minted instead).
 pub fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    super::trace::valid_message_id(s)
 }
 
 /// A new message id (UUID v7: time-ordered, unguessable enough that nobody can pre-claim
@@ -85,6 +82,19 @@ pub fn peek_ids(body: &[u8]) -> ClientIds {
         message_id: id_of(peek.message_id),
         chat_id: chat,
     }
+}
+
+#[derive(Deserialize, Default)]
+struct ChatBody {
+    #[serde(default)]
+    id: Option<Value>,
+}
+
+/// The chat id of a chat app template's `/api/chat` body (its top-level `id`; the user
+/// message's own `message.id` is not it).
+pub fn ai_sdk_chat_id(body: &[u8]) -> Option<String> {
+    let body: ChatBody = serde_json::from_slice(body).unwrap_or_default();
+    id_of(body.id)
 }
 
 /// What to add to a JSON request body.
@@ -156,6 +166,7 @@ mod tests {
         AgentRoute {
             path: "/invocations".into(),
             upstream_path: None,
+            kind: crate::config::RouteKind::Agent,
             return_trace,
             context,
             client_request_id: crid,
@@ -174,6 +185,22 @@ mod tests {
         assert_eq!(peek_ids(b"not json"), ClientIds::default());
         let ids = peek_ids(br#"{"messageId": "has space", "chatId": 5}"#);
         assert_eq!(ids, ClientIds::default());
+    }
+
+    #[test]
+    fn the_templates_chat_id_is_the_bodys_id() {
+        let body = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/samples/110_ai_sdk_app_chat.request.json"
+        ))
+        .unwrap();
+        assert_eq!(
+            ai_sdk_chat_id(&body).as_deref(),
+            Some("f2cad496-9638-445f-9136-83d8418c55c7")
+        );
+        assert_eq!(ai_sdk_chat_id(br#"{"message": {"id": "m"}}"#), None);
+        assert_eq!(ai_sdk_chat_id(br#"{"id": "a b"}"#), None);
+        assert_eq!(ai_sdk_chat_id(b"nope"), None);
     }
 
     #[test]

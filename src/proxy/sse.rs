@@ -14,6 +14,12 @@
 //!   valid trace id
 //!   wins and ends inspection; [`Inspector::feed`] then says where that event ended in the
 //!   frame, so the proxy can inject its own `feedback-proxy.trace` event right after it.
+//! - **AI SDK UI message stream** ([`Inspector::ui_messages`], the chat app template's
+//!   `/api/chat`): the same framing and pre-filter with the keys `"messageId"` and `traceId"`
+//!   (the latter closes both `"data-traceId"` and a `"traceId"` key); candidates go to
+//!   [`trace::ui::from_ui_part`]. The `start` part's message id is kept ([`Inspector::message_id`]);
+//!   the trace id ends inspection as above, and so does a `data-traceId` part with `null` data
+//!   ([`Inspector::no_trace`]), which says there will be none.
 //! - **JSON** ([`Inspector::json`]): a non-streaming body is copied as it passes (the frames
 //!   themselves are still forwarded at once) and parsed when it ends ([`Inspector::finish`]).
 //!
@@ -49,17 +55,32 @@ const CLIENT_REQUEST_ID_KEY: &[u8] = b"\"client_request_id\"";
 static TRACE_ID_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(TRACE_ID_KEY));
 static CLIENT_REQUEST_ID_FINDER: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(CLIENT_REQUEST_ID_KEY));
+/// The UI message stream's keys: the `start` part's `messageId`, and the end of
+/// `"data-traceId"` (the part's type) or of a `"traceId"` key in a data part's object. Both keep
+/// a closing quote, so text that merely mentions them (escaped inside a JSON string) does not
+/// match.
+const MESSAGE_ID_KEY: &[u8] = b"\"messageId\"";
+const UI_TRACE_KEY: &[u8] = b"traceId\"";
+static MESSAGE_ID_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(MESSAGE_ID_KEY));
+static UI_TRACE_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(UI_TRACE_KEY));
 
 /// Inspects an agent response body as it passes, by reference, with bounded memory.
 #[derive(Debug)]
 pub struct Inspector {
     mode: Mode,
-    /// Pre-filter searchers, built once per process (building one costs more than searching
-    /// a small frame).
+    /// Whether the events are AI SDK UI message stream parts (else agent events).
+    ui: bool,
+    /// Pre-filter searchers for events, built once per process (building one costs more than
+    /// searching a small frame): `trace_id`/`client_request_id`, or the UI stream's keys.
+    keys: [&'static Finder<'static>; 2],
+    /// For a JSON body's final check.
     trace_key: &'static Finder<'static>,
-    client_request_id_key: &'static Finder<'static>,
     trace_id: Option<Found>,
     client_request_id: Option<String>,
+    /// The UI stream's message id (its `start` part).
+    message_id: Option<String>,
+    /// The UI stream said it has no trace id.
+    no_trace: bool,
     rejected: Option<Source>,
     overflowed: bool,
 }
@@ -81,6 +102,15 @@ impl Inspector {
         Self::new(Mode::Sse(Framer::new(max_event)))
     }
 
+    /// For an AI SDK UI message stream (`text/event-stream` from the chat app template's
+    /// `/api/chat`); an event whose data exceeds `max_event` bytes stops inspection.
+    pub fn ui_messages(max_event: usize) -> Self {
+        let mut insp = Self::new(Mode::Sse(Framer::new(max_event)));
+        insp.ui = true;
+        insp.keys = [&MESSAGE_ID_FINDER, &UI_TRACE_FINDER];
+        insp
+    }
+
     /// For a JSON body; a body larger than `max_body` is not inspected.
     pub fn json(max_body: usize) -> Self {
         Self::new(Mode::Json {
@@ -92,10 +122,13 @@ impl Inspector {
     fn new(mode: Mode) -> Self {
         Self {
             mode,
+            ui: false,
+            keys: [&TRACE_ID_FINDER, &CLIENT_REQUEST_ID_FINDER],
             trace_key: &TRACE_ID_FINDER,
-            client_request_id_key: &CLIENT_REQUEST_ID_FINDER,
             trace_id: None,
             client_request_id: None,
+            message_id: None,
+            no_trace: false,
             rejected: None,
             overflowed: false,
         }
@@ -112,8 +145,9 @@ impl Inspector {
         match &mut self.mode {
             Mode::Sse(framer) => {
                 let mut hits = KeyHits::default();
+                let keys = self.keys;
+                let ui = self.ui;
                 let at = framer.feed(chunk, |ev| {
-                    let keys = [self.trace_key, self.client_request_id_key];
                     // The frame-wide search first (cheap per event); then the event's own data,
                     // which rules out a key seen only in a comment or another field.
                     let candidate = ev
@@ -123,15 +157,27 @@ impl Inspector {
                     if !candidate {
                         return ControlFlow::Continue(());
                     }
-                    on_event(
-                        ev.data,
-                        &mut self.trace_id,
-                        &mut self.client_request_id,
-                        &mut self.rejected,
-                    )
+                    if ui {
+                        on_ui_part(
+                            ev.data,
+                            &mut self.message_id,
+                            &mut self.trace_id,
+                            &mut self.no_trace,
+                            &mut self.rejected,
+                        )
+                    } else {
+                        on_event(
+                            ev.data,
+                            &mut self.trace_id,
+                            &mut self.client_request_id,
+                            &mut self.rejected,
+                        )
+                    }
                 });
                 self.overflowed = framer.overflowed();
-                at
+                // A stream that said it has no trace stops there, but reports no offset: there
+                // is no trace event to follow.
+                at.filter(|_| self.trace_id.is_some())
             }
             Mode::Json { body, max } => {
                 if let Some(buf) = body {
@@ -174,7 +220,17 @@ impl Inspector {
 
     /// Whether inspecting further chunks could still change anything.
     pub fn is_done(&self) -> bool {
-        self.trace_id.is_some() || self.overflowed
+        self.trace_id.is_some() || self.overflowed || self.no_trace
+    }
+
+    /// The message id a UI message stream's `start` part named.
+    pub fn message_id(&self) -> Option<&str> {
+        self.message_id.as_deref()
+    }
+
+    /// Whether a UI message stream said it carries no trace id (`data-traceId` with `null`).
+    pub fn no_trace(&self) -> bool {
+        self.no_trace
     }
 
     /// The first valid trace id found.
@@ -256,6 +312,35 @@ fn on_event(
             rejected.get_or_insert(source);
         }
         Candidate::None => {}
+    }
+    match found.trace_id {
+        Candidate::Valid(f) => {
+            *trace_id = Some(f);
+            ControlFlow::Break(())
+        }
+        Candidate::Rejected(source) => {
+            rejected.get_or_insert(source);
+            ControlFlow::Continue(())
+        }
+        Candidate::None => ControlFlow::Continue(()),
+    }
+}
+
+/// [`on_event`] for a UI message stream part.
+fn on_ui_part(
+    data: &[u8],
+    message_id: &mut Option<String>,
+    trace_id: &mut Option<Found>,
+    no_trace: &mut bool,
+    rejected: &mut Option<Source>,
+) -> ControlFlow<()> {
+    let found = trace::ui::from_ui_part(data);
+    if let Some(m) = found.message_id {
+        message_id.get_or_insert(m);
+    }
+    if found.no_trace {
+        *no_trace = true;
+        return ControlFlow::Break(());
     }
     match found.trace_id {
         Candidate::Valid(f) => {
@@ -369,6 +454,40 @@ mod tests {
         insp.feed(format!("data: {{\"trace_id\": \"{TRACE}\"}}\n").as_bytes());
         assert!(!insp.finish());
         assert_eq!(insp.trace_id(), None);
+    }
+
+    #[test]
+    fn ui_stream_message_id_then_trace_id() {
+        let s = "data: {\"type\":\"start\",\"messageId\":\"m-1\"}\n\n\
+                 data: {\"type\":\"text-delta\",\"id\":\"t\",\"delta\":\"say \\\"traceId\\\" and \\\"messageId\\\"\"}\n\n\
+                 data: {\"type\":\"data-traceId\",\"data\":\"tr-1\"}\n\ndata: [DONE]\n\n";
+        for size in 1..=s.len() {
+            let mut insp = Inspector::ui_messages(1 << 20);
+            let at = run(&mut insp, s.as_bytes(), size).expect("found");
+            assert_eq!(&s[at..], "data: [DONE]\n\n", "{size}");
+            assert_eq!(insp.message_id(), Some("m-1"));
+            assert_eq!(insp.trace_id().unwrap().id, "tr-1");
+            assert_eq!(insp.trace_id().unwrap().source, Source::UiDataPart);
+        }
+        // Agent shapes are not looked for in a UI stream, nor UI shapes in an agent stream.
+        let mut insp = Inspector::ui_messages(1 << 20);
+        assert_eq!(insp.feed(b"data: {\"trace_id\": \"tr-2\"}\n\n"), None);
+        assert!(!insp.is_done());
+        let mut insp = Inspector::sse(1 << 20);
+        assert_eq!(insp.feed(s.as_bytes()), None);
+        assert_eq!(insp.message_id(), None);
+    }
+
+    #[test]
+    fn ui_stream_without_trace_ends_inspection_without_offset() {
+        let s = "data: {\"type\":\"start\",\"messageId\":\"m-1\"}\n\n\
+                 data: {\"type\":\"data-traceId\",\"data\":null}\n\n\
+                 data: {\"type\":\"data-traceId\",\"data\":\"tr-late\"}\n\n";
+        let mut insp = Inspector::ui_messages(1 << 20);
+        assert_eq!(insp.feed(s.as_bytes()), None);
+        assert!(insp.no_trace() && insp.is_done());
+        assert_eq!(insp.trace_id(), None);
+        assert_eq!(insp.message_id(), Some("m-1"));
     }
 
     #[test]

@@ -10,7 +10,12 @@
 //!   `databricks_output` at the top level) → [`Source::DatabricksOutput`];
 //! - `metadata.trace_id` in a non-streaming JSON body → [`Source::ResponseMetadata`];
 //! - seed 001's `{"type": "trace.client_request_id", "client_request_id": "req-…"}` event;
-//! - configured response headers ([`from_headers`]) → [`Source::Header`].
+//! - configured response headers ([`from_headers`]) → [`Source::Header`];
+//! - in an AI SDK UI message stream (the chat app template's `/api/chat`, [`from_ui_part`]):
+//!   the assistant message id of the `start` part, and the trace id of the
+//!   `{"type": "data-traceId", "data": "tr-…"}` part (`data: null`: the endpoint emits no
+//!   trace) or of another data part whose `data` object has a `traceId` →
+//!   [`Source::UiDataPart`] (in [`ui`]).
 //!
 //! It deliberately does NOT decide which bytes are worth parsing (the cheap pre-filter lives with
 //! the framing in `proxy::sse`), and does not interpret ids beyond validation: trace ids are
@@ -51,6 +56,10 @@ macro_rules! scalars_are {
     };
 }
 
+// Spelt out so that the fuzz crate, which compiles this file on its own, finds it too.
+#[path = "trace/ui.rs"]
+pub mod ui;
+
 /// Where an id came from (metric label `source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
@@ -64,6 +73,8 @@ pub enum Source {
     ClientRequestIdEvent,
     /// A configured response header.
     Header,
+    /// A data part of an AI SDK UI message stream (`data-traceId`).
+    UiDataPart,
 }
 
 impl Source {
@@ -74,6 +85,7 @@ impl Source {
             Self::ResponseMetadata => "response_metadata",
             Self::ClientRequestIdEvent => "client_request_id_event",
             Self::Header => "header",
+            Self::UiDataPart => "ui_data_part",
         }
     }
 }
@@ -102,6 +114,15 @@ pub fn valid_trace_id(id: &str) -> bool {
 /// characters.
 pub fn valid_client_request_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_ID_LEN && !id.chars().any(char::is_control)
+}
+
+/// Whether `s` is acceptable as a message or chat id: 1–128 characters of letters, digits and
+/// `-_.:` (what the feedback API accepts; UUIDs and the AI SDK's ids qualify).
+pub fn valid_message_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 /// Result of looking at the configured trace-id response headers.

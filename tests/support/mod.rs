@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod chat_app;
 pub mod mlflow;
 pub mod pg;
 pub mod process;
