@@ -125,7 +125,7 @@ impl Review {
     /// gap filling), the totals, and the delivery counts.
     pub async fn summary(&self, q: &SummaryQuery) -> Result<Value, Error> {
         let (cells, stats) =
-            tokio::join!(self.store.review_summary(q), self.store.delivery_stats());
+            tokio::join!(self.store.review_summary(q), self.store.review_backlog());
         let (cells, stats) = (cells?, stats?);
         let (from_h, to_h) = q.hours();
         let per = i64::from(q.bucket_hours.max(1));

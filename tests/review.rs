@@ -569,6 +569,8 @@ mod suite {
         assert_eq!(r.comment.as_deref(), Some("no"));
         assert_eq!(r.chat_id, "chat");
         assert_eq!(r.value, Bool(false));
+        let backlog = store.review_backlog().await.unwrap();
+        assert_eq!((backlog.pending, backlog.waiting, backlog.dead), (0, 1, 0));
     }
 }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 pub use super::review::{
-    ListQuery, ReviewCursor, ReviewScope, ReviewedVote, SummaryCell, SummaryQuery,
+    Backlog, ListQuery, ReviewCursor, ReviewScope, ReviewedVote, SummaryCell, SummaryQuery,
 };
 pub use super::state::{DeliveryCursor, DeliveryState};
 pub use crate::domain::{FeedbackValue, LinkRecord, MessageLink, VoteKey};
@@ -354,6 +354,9 @@ pub trait Store: Send + Sync + 'static {
     /// Current votes in `q.scope` counted per bucket, assessment name and value, from the
     /// hourly rollup (cells whose count is zero are left out). See `store::review`.
     async fn review_summary(&self, q: &SummaryQuery) -> Result<Vec<SummaryCell>, StoreError>;
+
+    /// The pending, waiting and dead deliveries (see [`Backlog`]).
+    async fn review_backlog(&self) -> Result<Backlog, StoreError>;
 
     /// One page of current votes in `q.scope` matching its filters, newest first (keyset:
     /// `updated_at` descending, then the key descending), after `after`. A vote cast while a

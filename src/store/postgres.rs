@@ -217,6 +217,10 @@ impl Store for PgStore {
         self.run("review_summary", review::summary(self, q)).await
     }
 
+    async fn review_backlog(&self) -> Result<Backlog, StoreError> {
+        self.run("review_backlog", review::backlog(self)).await
+    }
+
     async fn review_votes(
         &self,
         q: &ListQuery,

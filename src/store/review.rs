@@ -28,6 +28,29 @@ pub struct ReviewScope {
     pub route: Option<String>,
 }
 
+/// The deliveries not done yet, for the summary's delivery health. Counted through the
+/// `deliveries_due` index over the unfinished states only, so its cost does not grow with the
+/// delivered history (unlike `Store::delivery_stats`, which also counts `done`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub pending: u64,
+    pub waiting: u64,
+    pub dead: u64,
+}
+
+impl Backlog {
+    /// Adds `count` deliveries in `state` (`done` is ignored).
+    pub fn add(&mut self, state: DeliveryState, count: i64) {
+        let n = u64::try_from(count).unwrap_or(0);
+        match state {
+            DeliveryState::Pending => self.pending += n,
+            DeliveryState::Waiting => self.waiting += n,
+            DeliveryState::Dead => self.dead += n,
+            DeliveryState::Done => {}
+        }
+    }
+}
+
 /// Counts of current votes with one value, per bucket.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SummaryCell {

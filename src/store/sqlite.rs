@@ -306,6 +306,10 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn review_backlog(&self) -> Result<Backlog, StoreError> {
+        self.call("review_backlog", review::backlog).await
+    }
+
     async fn review_votes(
         &self,
         q: &ListQuery,

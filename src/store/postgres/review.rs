@@ -11,7 +11,7 @@ use super::handle::PgStore;
 use super::pool::query_error;
 use crate::domain::Polarity;
 use crate::store::api::{
-    ListQuery, ReviewCursor, ReviewedVote, StoreError, SummaryCell, SummaryQuery, VoteKey,
+    Backlog, ListQuery, ReviewCursor, ReviewedVote, StoreError, SummaryCell, SummaryQuery, VoteKey,
 };
 use crate::store::codec;
 use crate::store::review::{json_word_list, words};
@@ -50,6 +50,24 @@ pub(super) async fn summary(
             })
         })
         .collect()
+}
+
+pub(super) async fn backlog(store: &PgStore) -> Result<Backlog, StoreError> {
+    const SQL: &str = "SELECT state, count(*) AS n FROM deliveries
+        WHERE state IN ('pending', 'waiting', 'dead') GROUP BY state";
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.statements.get(&c.client, SQL).await?;
+    let rows = c.client.query(&stmt, &[]).await.map_err(query_error)?;
+    let mut b = Backlog::default();
+    for row in rows {
+        let state: String = row.try_get("state").map_err(query_error)?;
+        b.add(
+            codec::state(&state)?,
+            row.try_get("n").map_err(query_error)?,
+        );
+    }
+    Ok(b)
 }
 
 /// `1`, `-1` or `0` for `v.value` (jsonb), by `domain::FeedbackValue::polarity`'s rules; `$9`

@@ -9,7 +9,7 @@ use rusqlite::{Connection, named_params};
 use super::conn::{from_ms, sql_error, to_ms};
 use crate::domain::Polarity;
 use crate::store::api::{
-    ListQuery, ReviewCursor, ReviewedVote, StoreError, SummaryCell, SummaryQuery, VoteKey,
+    Backlog, ListQuery, ReviewCursor, ReviewedVote, StoreError, SummaryCell, SummaryQuery, VoteKey,
 };
 use crate::store::codec;
 use crate::store::review::{json_word_list, words};
@@ -62,6 +62,26 @@ pub(super) fn summary(
             })
         })
         .collect()
+}
+
+pub(super) fn backlog(conn: &mut Connection) -> Result<Backlog, StoreError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT state, count(*) AS n FROM deliveries
+            WHERE state IN ('pending', 'waiting', 'dead') GROUP BY state",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |r| {
+                Ok((r.get::<_, String>("state")?, r.get::<_, i64>("n")?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(sql_error)?;
+    let mut b = Backlog::default();
+    for (state, n) in rows {
+        b.add(codec::state(&state)?, n);
+    }
+    Ok(b)
 }
 
 /// `1`, `-1` or `0` for `v.value` (JSON text), by `domain::FeedbackValue::polarity`'s rules.
