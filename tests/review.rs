@@ -479,7 +479,19 @@ mod suite {
             .await;
         }
         let before: HashSet<String> = (0..40).map(|i| format!("m{i:02}")).collect();
-        let walk = scope(SystemTime::UNIX_EPOCH, SystemTime::now());
+        // The walk's range ends just after the newest of those votes (as the store's clock wrote
+        // it, in its precision), and the concurrent votes start only once the clock has passed
+        // that end, so that they are newer than the walk's range whatever the clock's grain.
+        let newest = store
+            .review_votes(&list(around_now(), 1), None)
+            .await
+            .unwrap()[0]
+            .updated_at;
+        let end = newest + Duration::from_millis(1);
+        let walk = scope(SystemTime::UNIX_EPOCH, end);
+        while SystemTime::now() <= end + Duration::from_millis(1) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         // Votes keep arriving while the walk pages (they are newer than its range).
         let writer = {
             let store = store.clone();

@@ -476,15 +476,18 @@ async fn connections_are_replaced_after_max_lifetime() {
         .await
         .unwrap();
     store.health().await.unwrap();
+    // On a busy machine the first connection may already be past its lifetime (and its
+    // replacement open beside it, until it closes) by the time it is read: every connection
+    // seen now must be gone later, replaced.
     let first = pg::backend_pids(&admin, &app).await;
-    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(!first.is_empty() && first.len() <= 2, "{first:?}");
     pg::wait_until(
         "a replacement connection",
         Duration::from_secs(10),
         || async {
             store.health().await.unwrap();
             let now = pg::backend_pids(&admin, &app).await;
-            !now.is_empty() && !now.contains(&first[0])
+            !now.is_empty() && !now.iter().any(|p| first.contains(p))
         },
     )
     .await;

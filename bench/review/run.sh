@@ -98,8 +98,8 @@ CREATE TRIGGER votes_rollup AFTER INSERT OR UPDATE OR DELETE ON votes FOR EACH R
   "$BIN" serve --config "$RUN/$backend.toml" > "$RUN/proxy-$backend.log" 2>&1 &
   PROXY_PID=$!
   PIDS+=("$PROXY_PID")
-  for _ in $(seq 200); do http_ok "$P_PROXY" /readyz && break; sleep 0.1; done
-  http_ok "$P_PROXY" /readyz || { log "the proxy did not start: $(tail -3 "$RUN/proxy-$backend.log")"; exit 1; }
+  for _ in $(seq 200); do http_ok "$P_PROXY" /healthz && break; sleep 0.1; done
+  http_ok "$P_PROXY" /healthz || { log "the proxy did not start: $(tail -3 "$RUN/proxy-$backend.log")"; exit 1; }
 
   log "$backend: review queries, $N requests each, one connection"
   python3 bench/review/timing.py "http://127.0.0.1:$P_PROXY" "$REVIEWER" "$N"
