@@ -65,24 +65,8 @@ enum Command {
     Export {
         #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
         config: PathBuf,
-        /// Only votes changed at or after this time (RFC 3339, a UTC date, or epoch ms).
-        #[arg(long)]
-        from: Option<String>,
-        /// Only votes changed before this time.
-        #[arg(long)]
-        to: Option<String>,
-        /// negative, positive or all.
-        #[arg(long)]
-        value: Option<String>,
-        /// Only this assessment name.
-        #[arg(long)]
-        name: Option<String>,
-        /// Only this agent route (its path, e.g. /invocations).
-        #[arg(long)]
-        route: Option<String>,
-        /// Only votes with (true) or without (false) a comment.
-        #[arg(long)]
-        has_comment: Option<bool>,
+        #[command(flatten)]
+        filters: export::Filters,
         #[arg(long, value_enum, default_value = "jsonl")]
         format: CliExportFormat,
         /// Write here instead of standard output.
@@ -234,24 +218,11 @@ fn main() -> ExitCode {
         },
         Command::Export {
             config,
-            from,
-            to,
-            value,
-            name,
-            route,
-            has_comment,
+            filters,
             format,
             output,
         } => match Config::load(&config, &env) {
             Ok(c) => {
-                let filters = export::Filters {
-                    from,
-                    to,
-                    value,
-                    name,
-                    route,
-                    has_comment,
-                };
                 let format = match format {
                     CliExportFormat::Jsonl => export::Format::Jsonl,
                     CliExportFormat::Csv => export::Format::Csv,

@@ -126,16 +126,7 @@ async fn link(
 }
 
 async fn vote(proxy: &TestProxy, user: &str, body: Value) -> (u16, Value) {
-    let res = send(
-        &h1(),
-        Request::post(proxy.url("/api/feedback"))
-            .header("content-type", "application/json")
-            .header("x-forwarded-email", user),
-        body.to_string(),
-    )
-    .await;
-    let status = res.status().as_u16();
-    (status, body_json(res).await)
+    support::proxy::post_vote(proxy, user, &body).await
 }
 
 async fn votes_of(proxy: &TestProxy, user: &str, chat: &str) -> Value {

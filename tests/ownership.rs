@@ -9,11 +9,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use feedback_proxy::store::MessageLink;
 use http::Request;
 use serde_json::{Value, json};
 use support::pg::{TestDb, shared_url};
-use support::proxy::{TestProxy, body_bytes, body_json, h1, send};
+use support::proxy::{TestProxy, body_bytes, body_json, closed_link, h1, send};
 use support::upstream::{Streamer, Upstream, streamed};
 use tokio::sync::mpsc;
 
@@ -89,23 +88,6 @@ async fn vote(proxy: &TestProxy, user: &str, message_id: &str, up: bool) -> (u16
     .await;
     let status = res.status().as_u16();
     (status, body_json(res).await)
-}
-
-/// The link of `message_id` once its stream has ended (bounded wait).
-async fn closed_link(proxy: &TestProxy, message_id: &str) -> MessageLink {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(l)) = proxy.state.store.get_link(message_id).await {
-            if !l.open {
-                return l;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no closed link for {message_id} within 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Alice chats through `chat_via`; the moment her response headers arrive, Bob votes on the

@@ -39,16 +39,53 @@ fn link(m: &str, user: &str, route: &str) -> LinkRecord {
     }
 }
 
-/// Links `m` to `user` on `route` and stores the vote.
-async fn cast(
-    store: &SharedStore,
-    m: &str,
-    user: &str,
-    name: &str,
+/// A vote to cast: its name, value and comment.
+struct V {
+    name: &'static str,
     value: FeedbackValue,
-    comment: Option<&str>,
-    route: &str,
-) {
+    comment: Option<&'static str>,
+}
+
+fn thumbs(up: bool) -> V {
+    V {
+        name: "user_feedback",
+        value: FeedbackValue::Bool(up),
+        comment: None,
+    }
+}
+
+fn rating(n: f64) -> V {
+    V {
+        name: "rating",
+        value: FeedbackValue::Number(n),
+        comment: None,
+    }
+}
+
+fn word(w: &str) -> V {
+    V {
+        name: "user_feedback",
+        value: FeedbackValue::String(w.to_owned()),
+        comment: None,
+    }
+}
+
+impl V {
+    fn said(self, comment: &'static str) -> V {
+        V {
+            comment: Some(comment),
+            ..self
+        }
+    }
+}
+
+/// Links `m` to `user` on `route` and stores the vote.
+async fn cast(store: &SharedStore, m: &str, user: &str, v: V, route: &str) {
+    let V {
+        name,
+        value,
+        comment,
+    } = v;
     store
         .record_links(&[link(m, user, route)])
         .await
@@ -129,69 +166,22 @@ fn list(scope: ReviewScope, limit: u32) -> ListQuery {
 
 mod suite {
     use super::*;
-    use FeedbackValue::{Bool, Number, String as Text};
+    use FeedbackValue::Bool;
 
     pub async fn summary_counts_current_votes_per_value(store: SharedStore) {
-        cast(
-            &store,
-            "m1",
-            "a",
-            "user_feedback",
-            Bool(true),
-            None,
-            "/invocations",
-        )
-        .await;
-        cast(
-            &store,
-            "m2",
-            "b",
-            "user_feedback",
-            Bool(true),
-            None,
-            "/invocations",
-        )
-        .await;
+        cast(&store, "m1", "a", thumbs(true), "/invocations").await;
+        cast(&store, "m2", "b", thumbs(true), "/invocations").await;
         cast(
             &store,
             "m3",
             "c",
-            "user_feedback",
-            Bool(false),
-            Some("wrong"),
+            thumbs(false).said("wrong"),
             "/invocations",
         )
         .await;
-        cast(
-            &store,
-            "m4",
-            "d",
-            "rating",
-            Number(5.0),
-            None,
-            "/invocations",
-        )
-        .await;
-        cast(
-            &store,
-            "m5",
-            "e",
-            "rating",
-            Number(1.0),
-            Some("bad"),
-            "/invocations",
-        )
-        .await;
-        cast(
-            &store,
-            "m6",
-            "f",
-            "user_feedback",
-            Text("thumbs_down".into()),
-            None,
-            "/invocations",
-        )
-        .await;
+        cast(&store, "m4", "d", rating(5.0), "/invocations").await;
+        cast(&store, "m5", "e", rating(1.0).said("bad"), "/invocations").await;
+        cast(&store, "m6", "f", word("thumbs_down"), "/invocations").await;
         assert_eq!(
             by_value(&summary(&store, around_now(), 1).await),
             vec![
@@ -208,22 +198,11 @@ mod suite {
             &store,
             "m1",
             "a",
-            "user_feedback",
-            Bool(false),
-            Some("changed my mind"),
+            thumbs(false).said("changed my mind"),
             "/invocations",
         )
         .await;
-        cast(
-            &store,
-            "m4",
-            "d",
-            "rating",
-            Number(4.0),
-            None,
-            "/invocations",
-        )
-        .await;
+        cast(&store, "m4", "d", rating(4.0), "/invocations").await;
         // A retracted vote is no longer counted.
         let gone = VoteKey {
             message_id: "m2".into(),
@@ -238,16 +217,7 @@ mod suite {
                 .is_some()
         );
         // Re-voting the same value with another comment changes only the comment count.
-        cast(
-            &store,
-            "m3",
-            "c",
-            "user_feedback",
-            Bool(false),
-            None,
-            "/invocations",
-        )
-        .await;
+        cast(&store, "m3", "c", thumbs(false), "/invocations").await;
         let cells = summary(&store, around_now(), 24).await;
         assert_eq!(
             by_value(&cells),
@@ -263,16 +233,7 @@ mod suite {
     }
 
     pub async fn summary_bucket_edges_and_empty_ranges(store: SharedStore) {
-        cast(
-            &store,
-            "m1",
-            "a",
-            "user_feedback",
-            Bool(true),
-            None,
-            "/invocations",
-        )
-        .await;
+        cast(&store, "m1", "a", thumbs(true), "/invocations").await;
         // The hour the vote was stored in, from the store's own clock.
         let at = store.list_votes("chat", "a").await.unwrap()[0].updated_at;
         let secs = at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
@@ -321,27 +282,9 @@ mod suite {
     }
 
     pub async fn summary_filters_by_name_and_route(store: SharedStore) {
-        cast(
-            &store,
-            "m1",
-            "a",
-            "user_feedback",
-            Bool(true),
-            None,
-            "/invocations",
-        )
-        .await;
-        cast(
-            &store,
-            "m2",
-            "a",
-            "user_feedback",
-            Bool(false),
-            None,
-            "/responses",
-        )
-        .await;
-        cast(&store, "m3", "a", "rating", Number(2.0), None, "/responses").await;
+        cast(&store, "m1", "a", thumbs(true), "/invocations").await;
+        cast(&store, "m2", "a", thumbs(false), "/responses").await;
+        cast(&store, "m3", "a", rating(2.0), "/responses").await;
         let mut s = around_now();
         s.route = Some("/responses".into());
         assert_eq!(
@@ -366,9 +309,7 @@ mod suite {
             &store,
             "m1",
             "a",
-            "user_feedback",
-            Bool(true),
-            Some("great"),
+            thumbs(true).said("great"),
             "/invocations",
         )
         .await;
@@ -376,34 +317,14 @@ mod suite {
             &store,
             "m2",
             "b",
-            "user_feedback",
-            Bool(false),
-            Some("wrong"),
+            thumbs(false).said("wrong"),
             "/invocations",
         )
         .await;
-        cast(
-            &store,
-            "m3",
-            "c",
-            "user_feedback",
-            Text("thumbs_down".into()),
-            None,
-            "/responses",
-        )
-        .await;
-        cast(&store, "m4", "d", "rating", Number(2.0), None, "/responses").await;
-        cast(
-            &store,
-            "m5",
-            "e",
-            "rating",
-            Number(3.0),
-            Some("meh"),
-            "/responses",
-        )
-        .await;
-        cast(&store, "m6", "f", "rating", Number(4.5), None, "/responses").await;
+        cast(&store, "m3", "c", word("thumbs_down"), "/responses").await;
+        cast(&store, "m4", "d", rating(2.0), "/responses").await;
+        cast(&store, "m5", "e", rating(3.0).said("meh"), "/responses").await;
+        cast(&store, "m6", "f", rating(4.5), "/responses").await;
         let ids = |rows: Vec<feedback_proxy::store::ReviewedVote>| {
             rows.into_iter()
                 .map(|r| r.key.message_id)
@@ -466,14 +387,11 @@ mod suite {
         store: SharedStore,
     ) {
         for i in 0..40 {
-            let v = if i % 3 == 0 { Bool(false) } else { Bool(true) };
             cast(
                 &store,
                 &format!("m{i:02}"),
                 &format!("u{}", i % 7),
-                "user_feedback",
-                v,
-                None,
+                thumbs(i % 3 != 0),
                 "/invocations",
             )
             .await;
@@ -501,9 +419,7 @@ mod suite {
                         &store,
                         &format!("new{i:02}"),
                         "w",
-                        "user_feedback",
-                        Bool(false),
-                        None,
+                        thumbs(false),
                         "/invocations",
                     )
                     .await;
@@ -596,7 +512,7 @@ mod http_surface {
     use serde_json::{Value, json};
 
     use super::support;
-    use support::proxy::{TestProxy, body_json, h1, send};
+    use support::proxy::{TestProxy, h1, send};
     use support::upstream::Upstream;
 
     pub const OWNER: &str = "owner@example.com";
@@ -640,36 +556,16 @@ mod http_surface {
         assert_eq!(res.status(), 200);
         let m = res.headers()["x-message-id"].to_str().unwrap().to_owned();
         support::proxy::body_bytes(res).await;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            if let Ok(Some(l)) = proxy.state.store.get_link(&m).await {
-                if !l.open {
-                    return m;
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no closed link for {m}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        support::proxy::closed_link(proxy, &m).await;
+        m
     }
 
     pub async fn vote(proxy: &TestProxy, user: &str, m: &str, body: Value) {
         let mut body = body;
         body["chatId"] = json!("c1");
         body["messageId"] = json!(m);
-        let res = send(
-            &h1(),
-            Request::post(proxy.url("/api/feedback"))
-                .header("content-type", "application/json")
-                .header("x-forwarded-email", user),
-            body.to_string(),
-        )
-        .await;
-        let status = res.status();
-        let v = body_json(res).await;
-        assert_eq!(status, 200, "{v}");
+        let (status, answer) = support::proxy::post_vote(proxy, user, &body).await;
+        assert_eq!(status, 200, "{answer}");
     }
 
     async fn get(proxy: &TestProxy, path: &str, user: Option<&str>) -> (u16, Value) {

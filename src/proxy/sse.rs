@@ -313,7 +313,17 @@ fn on_event(
         }
         Candidate::None => {}
     }
-    match found.trace_id {
+    take_trace_id(found.trace_id, trace_id, rejected)
+}
+
+/// A trace id candidate of one event: a valid one is taken (`Break`: inspection is done), a
+/// rejected one remembered (for the metrics) while inspection goes on.
+fn take_trace_id(
+    candidate: Candidate,
+    trace_id: &mut Option<Found>,
+    rejected: &mut Option<Source>,
+) -> ControlFlow<()> {
+    match candidate {
         Candidate::Valid(f) => {
             *trace_id = Some(f);
             ControlFlow::Break(())
@@ -342,17 +352,7 @@ fn on_ui_part(
         *no_trace = true;
         return ControlFlow::Break(());
     }
-    match found.trace_id {
-        Candidate::Valid(f) => {
-            *trace_id = Some(f);
-            ControlFlow::Break(())
-        }
-        Candidate::Rejected(source) => {
-            rejected.get_or_insert(source);
-            ControlFlow::Continue(())
-        }
-        Candidate::None => ControlFlow::Continue(()),
-    }
+    take_trace_id(found.trace_id, trace_id, rejected)
 }
 
 #[cfg(test)]

@@ -131,14 +131,26 @@ fn cell(v: Option<&Value>) -> String {
     }
 }
 
-/// The command line's filters, as the listing's query parameters.
-#[derive(Debug, Clone, Default)]
+/// The command line's filters (`feedback-proxy export`), as the listing's query parameters.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Filters {
+    /// Only votes changed at or after this time (RFC 3339, a UTC date, or epoch ms).
+    #[arg(long)]
     pub from: Option<String>,
+    /// Only votes changed before this time.
+    #[arg(long)]
     pub to: Option<String>,
+    /// negative, positive or all.
+    #[arg(long)]
     pub value: Option<String>,
+    /// Only this assessment name.
+    #[arg(long)]
     pub name: Option<String>,
+    /// Only this agent route (its path, e.g. /invocations).
+    #[arg(long)]
     pub route: Option<String>,
+    /// Only votes with (true) or without (false) a comment.
+    #[arg(long)]
     pub has_comment: Option<bool>,
 }
 

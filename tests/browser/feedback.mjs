@@ -10,7 +10,7 @@
 
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
-import { chromium } from "playwright-core";
+import { launch, required, step } from "./lib.mjs";
 
 const CHAT_URL = required("CHAT_URL");
 const MLFLOW_URL = required("MLFLOW_URL");
@@ -19,15 +19,7 @@ const SCREENSHOTS = process.env.SCREENSHOT_DIR || "target/browser";
 const COMMENT = "missing the 2024 numbers";
 const PROMPT = "hello from the browser test";
 
-function required(name) {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set (run through make test)`);
-  return v;
-}
 
-function step(msg) {
-  console.log(`    [browser] ${msg}`);
-}
 
 async function waitFor(what, fn, timeoutMs = 30_000, everyMs = 200) {
   const deadline = Date.now() + timeoutMs;
@@ -51,21 +43,7 @@ async function mlflow(path) {
 }
 
 mkdirSync(SCREENSHOTS, { recursive: true });
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  // Offline-friendly: no background traffic to Google's hosts on a closed network.
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-  ],
-});
+const browser = await launch();
 
 let page;
 try {

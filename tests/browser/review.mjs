@@ -10,22 +10,14 @@
 
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
-import { chromium } from "playwright-core";
+import { launch, required, step } from "./lib.mjs";
 
 const CHAT_URL = required("CHAT_URL").replace(/\/+$/, "");
 const SCREENSHOTS = process.env.SCREENSHOT_DIR || "target/browser";
 const RUN = Date.now().toString(36);
 const COMMENTS = [`wrong year in the table (${RUN})`, `made up a citation (${RUN})`];
 
-function required(name) {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set (run through make test)`);
-  return v;
-}
 
-function step(msg) {
-  console.log(`    [browser] ${msg}`);
-}
 
 /// One answer through the proxy's chat route; resolves with its message id once it ended.
 async function chat(chatId, text) {
@@ -77,13 +69,7 @@ assert.equal(after.votes - before.votes, cast.length, "the summary counts every 
 assert.equal(after.down - before.down, 3, "two thumbs down and a rating of 2 are negative");
 assert.equal(after.up - before.up, 3, "a thumbs up and ratings of 4 and 5 are positive");
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage"],
-});
+const browser = await launch();
 let page;
 try {
   const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });

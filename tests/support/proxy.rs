@@ -177,3 +177,42 @@ impl std::io::Write for LogWriter {
         Ok(())
     }
 }
+
+/// POSTs the vote `body` to `/api/feedback` as `user` (a trusted identity header); the status
+/// and the JSON answer.
+pub async fn post_vote(
+    proxy: &TestProxy,
+    user: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let res = send(
+        &h1(),
+        http::Request::post(proxy.url("/api/feedback"))
+            .header("content-type", "application/json")
+            .header("x-forwarded-email", user),
+        body.to_string(),
+    )
+    .await;
+    let status = res.status().as_u16();
+    (status, body_json(res).await)
+}
+
+/// The link of `message_id` once its stream has ended (bounded wait: 20 s).
+pub async fn closed_link(
+    proxy: &TestProxy,
+    message_id: &str,
+) -> feedback_proxy::store::MessageLink {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(l)) = proxy.state.store.get_link(message_id).await {
+            if !l.open {
+                return l;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no closed link for {message_id} within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
