@@ -18,6 +18,7 @@ use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
@@ -163,14 +164,93 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     res
 }
 
+/// A request body as the service receives it: hyper's own (what a socket delivers, no
+/// allocation), or any other body boxed (what a test or an embedding caller hands
+/// [`crate::app::service`]). An enum so that the socket path pays nothing for the generality.
+#[derive(Debug)]
+pub enum ReqBody {
+    Hyper(Incoming),
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl ReqBody {
+    /// Any body, boxed.
+    pub fn boxed<B>(body: B) -> Self
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self::Boxed(body.map_err(Into::into).boxed_unsync())
+    }
+}
+
+impl From<Incoming> for ReqBody {
+    fn from(b: Incoming) -> Self {
+        Self::Hyper(b)
+    }
+}
+
+impl From<Body> for ReqBody {
+    fn from(b: Body) -> Self {
+        Self::boxed(b)
+    }
+}
+
+impl From<http_body_util::Full<Bytes>> for ReqBody {
+    fn from(b: http_body_util::Full<Bytes>) -> Self {
+        Self::boxed(b)
+    }
+}
+
+impl From<http_body_util::Empty<Bytes>> for ReqBody {
+    fn from(b: http_body_util::Empty<Bytes>) -> Self {
+        Self::boxed(b)
+    }
+}
+
+impl From<UnsyncBoxBody<Bytes, BoxError>> for ReqBody {
+    fn from(b: UnsyncBoxBody<Bytes, BoxError>) -> Self {
+        Self::Boxed(b)
+    }
+}
+
+impl http_body::Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(b) => b.is_end_stream(),
+            Self::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper(b) => b.size_hint(),
+            Self::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A request body as read by the handlers: the client's body under the progress timeout.
-pub type RequestBody = TimedBody<Incoming>;
+pub type RequestBody = TimedBody<ReqBody>;
 
 /// `body` under the progress timeout `after` (`server.request_body_timeout`; `None`: none).
 /// Whoever reads a request body wraps it with this. (Handed to the handlers by their
 /// constructors rather than in each request's extensions: a first extension allocates a map
 /// per request.)
-pub fn timed(body: Incoming, after: Option<Duration>) -> RequestBody {
+pub fn timed(body: ReqBody, after: Option<Duration>) -> RequestBody {
     TimedBody::new(body, after)
 }
 

@@ -213,6 +213,10 @@ impl Error {
                 .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         match &self {
+            Self::MethodNotAllowed { allowed, .. } => {
+                res.headers_mut()
+                    .insert(http::header::ALLOW, HeaderValue::from_static(allowed));
+            }
             Self::RouteMethodNotAllowed { allowed, .. } => {
                 if let Ok(v) = HeaderValue::from_str(allowed) {
                     res.headers_mut().insert(http::header::ALLOW, v);

@@ -27,14 +27,10 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::body::ReqBody;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http::header::{
-    ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
-    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, HeaderValue, ORIGIN, VARY,
-};
 use http::{HeaderMap, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::{Map, Value, json};
 
 use crate::body::{Body, CollectError, collect_limited, json_response};
@@ -107,17 +103,16 @@ impl Feedback {
         }
     }
 
+    /// Serves a feedback route. Errors leave as `Err`: the service stack turns them into the
+    /// response and logs them, once, with the request's span (`app::respond`); CORS headers
+    /// are added around this by tower-http's `CorsLayer` (`app::stack`), on errors too.
     pub async fn handle(
         &self,
         route: Route<'_>,
-        req: Request<Incoming>,
-        request_id: &HeaderValue,
+        req: Request<ReqBody>,
     ) -> Result<Response<Body>, Error> {
-        let label = route.label();
-        let cors = self.cors_origin(req.headers());
-        let mut res = match route {
-            Route::FeedbackPreflight => return self.preflight(req.headers()),
-            Route::FeedbackSubmit => self.submit(req, request_id).await,
+        match route {
+            Route::FeedbackSubmit => self.submit(req).await,
             Route::FeedbackList { chat_id, template } => {
                 let chat_id = decode_segment("chatId", chat_id)?;
                 if template {
@@ -132,21 +127,10 @@ impl Feedback {
             } => {
                 let chat_id = decode_segment("chatId", chat_id)?;
                 let message_id = decode_segment("messageId", message_id)?;
-                self.retract(req, &chat_id, &message_id, request_id).await
+                self.retract(req, &chat_id, &message_id).await
             }
             _ => Err(Error::NotFound("no such feedback route".into())),
         }
-        .unwrap_or_else(|e| e.respond(request_id, label));
-        if let Some(origin) = cors {
-            let h = res.headers_mut();
-            h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-            h.insert(
-                ACCESS_CONTROL_ALLOW_CREDENTIALS,
-                HeaderValue::from_static("true"),
-            );
-            h.append(VARY, HeaderValue::from_static("origin"));
-        }
-        Ok(res)
     }
 
     /// The user, after the rate limit.
@@ -161,11 +145,7 @@ impl Feedback {
         Ok(user)
     }
 
-    async fn submit(
-        &self,
-        req: Request<Incoming>,
-        request_id: &HeaderValue,
-    ) -> Result<Response<Body>, Error> {
+    async fn submit(&self, req: Request<ReqBody>) -> Result<Response<Body>, Error> {
         require_json(req.headers())?;
         let user = self.user(req.headers())?;
         let body = read_body(req, self.config.max_body_bytes, self.body_timeout).await?;
@@ -291,7 +271,7 @@ impl Feedback {
         }
         out.insert("name".into(), Value::String(vote.name));
         out.insert("value".into(), vote.value.to_json());
-        self.status_fields(&mut out, &status, trace_id, request_id);
+        self.status_fields(&mut out, &status, trace_id);
         Ok(json_response(StatusCode::OK, &Value::Object(out)))
     }
 
@@ -300,7 +280,6 @@ impl Feedback {
         out: &mut Map<String, Value>,
         status: &Status,
         trace_id: Option<String>,
-        request_id: &HeaderValue,
     ) {
         self.metrics
             .feedback_responses
@@ -317,9 +296,8 @@ impl Feedback {
         }
         if let Status::Error { reason, detail, .. } = status {
             // The client sees the short public reason; MLflow's own words (principal ids,
-            // experiment paths) go to the log under the request id.
+            // experiment paths) go to the log, in the request's span (its request id).
             tracing::warn!(
-                request_id = request_id.to_str().unwrap_or(""),
                 error = %detail,
                 "feedback delivery to MLflow failed permanently"
             );
@@ -384,10 +362,9 @@ impl Feedback {
 
     async fn retract(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         chat_id: &str,
         message_id: &str,
-        request_id: &HeaderValue,
     ) -> Result<Response<Body>, Error> {
         require_json(req.headers())?;
         let user = self.user(req.headers())?;
@@ -432,44 +409,8 @@ impl Feedback {
         let mut out = Map::new();
         out.insert("success".into(), Value::Bool(true));
         let trace_id = status.trace_id().map(str::to_owned).or(delivery.trace_id);
-        self.status_fields(&mut out, &status, trace_id, request_id);
+        self.status_fields(&mut out, &status, trace_id);
         Ok(json_response(StatusCode::OK, &Value::Object(out)))
-    }
-
-    fn cors_origin(&self, headers: &HeaderMap) -> Option<HeaderValue> {
-        let origin = headers.get(ORIGIN)?;
-        self.config
-            .cors_origins
-            .iter()
-            .any(|o| o.as_bytes().eq_ignore_ascii_case(origin.as_bytes()))
-            .then(|| origin.clone())
-    }
-
-    fn preflight(&self, headers: &HeaderMap) -> Result<Response<Body>, Error> {
-        let Some(origin) = self.cors_origin(headers) else {
-            return Err(Error::Forbidden(
-                "cross-origin requests to the feedback API are not allowed (see feedback.cors_origins)".into(),
-            ));
-        };
-        let mut res = Response::new(Body::Empty);
-        *res.status_mut() = StatusCode::NO_CONTENT;
-        let h = res.headers_mut();
-        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        h.insert(
-            ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, DELETE"),
-        );
-        h.insert(
-            ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("content-type"),
-        );
-        h.insert(
-            ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        );
-        h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-        h.insert(VARY, HeaderValue::from_static("origin"));
-        Ok(res)
     }
 }
 
@@ -482,7 +423,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), Error> {
 
 /// The body of `req` (under `server.request_body_timeout`), at most `limit` bytes.
 async fn read_body(
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     limit: usize,
     timeout: Duration,
 ) -> Result<bytes::Bytes, Error> {

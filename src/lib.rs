@@ -200,19 +200,20 @@ impl App {
             tokio::spawn(async move {
                 // `/readyz` here is the detailed readiness (checks, delivery counts) that the
                 // public port no longer shows; every other path is the metrics.
-                let handler = move |req: http::Request<hyper::body::Incoming>| {
-                    let state = state.clone();
-                    async move {
-                        if req.uri().path() == "/readyz" {
-                            app::ready_detailed(&state).await
-                        } else {
-                            app::scrape(&state).await
+                let service =
+                    tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let state = state.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(if req.uri().path() == "/readyz" {
+                                app::ready_detailed(&state).await
+                            } else {
+                                app::scrape(&state).await
+                            })
                         }
-                    }
-                };
+                    });
                 server::serve(
                     l,
-                    handler,
+                    service,
                     async move {
                         let _ = rx.wait_for(|s| *s).await;
                     },
@@ -224,8 +225,7 @@ impl App {
             })
         });
 
-        let state = self.state.clone();
-        let handler = move |req| app::handle(state.clone(), req);
+        let service = app::service(self.state.clone());
         // One drain deadline: connections get the grace period; what is still open then is cut
         // (streams end with an error event, recording their final link and access line) and
         // the rest — delivery attempts, queued and held links — must be done `tail` later. The
@@ -236,7 +236,7 @@ impl App {
         let streams = self.state.proxy.streams().clone();
         let main = server::serve_with_cut(
             listener,
-            handler,
+            service,
             {
                 let began = began.clone();
                 async move {

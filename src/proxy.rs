@@ -32,12 +32,12 @@ pub mod trace;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::body::ReqBody;
 use http::header::{
     ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, HeaderMap, HeaderValue,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 
 pub use body::ResponseBody;
 use body::{BodyOptions, LinkMode, StreamEnd};
@@ -157,7 +157,7 @@ impl Proxy {
     /// Forwards one request to the agent and returns the (streaming) response.
     pub async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         fwd: Forward<'_>,
     ) -> Result<Response<Body>, Error> {
         let route = fwd.route;
@@ -242,6 +242,9 @@ impl Proxy {
                 .await;
             (chat_id, id)
         };
+        if !message_id.is_empty() {
+            tracing::Span::current().record("message_id", message_id.as_str());
+        }
         let client_request_id = route
             .client_request_id
             .then(|| request::client_request_id_for(&message_id, &fwd.user));
@@ -441,6 +444,7 @@ impl Proxy {
             recorder: self.links.clone(),
             metrics: self.metrics.clone(),
             request_id: fwd.request_id.to_str().unwrap_or("").to_owned(),
+            span: tracing::Span::current(),
             method: parts.method,
             path: parts.uri.path().to_owned(),
             status: rparts.status.as_u16(),

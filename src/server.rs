@@ -51,7 +51,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::body::Body;
+use bytes::Bytes;
+use tower::{Service, ServiceExt};
+
+use crate::body::BoxError;
 use crate::config::ServerConfig;
 use track::{Tracked, Tracker, Watched};
 
@@ -63,21 +66,27 @@ const SATURATION_LOG_EVERY: Duration = Duration::from_secs(60);
 /// opens many connections; the rest are logged at debug level).
 const RESET_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Serves `listener` with `handler` until `shutdown` resolves, then drains for at most `grace`.
-pub async fn serve<H, F>(
+/// Serves `listener` with `service` until `shutdown` resolves, then drains for at most `grace`.
+pub async fn serve<S, B>(
     listener: TcpListener,
-    handler: H,
+    service: S,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     name: &'static str,
     limits: &ServerConfig,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     serve_with_cut(
         listener,
-        handler,
+        service,
         shutdown,
         grace,
         name,
@@ -91,9 +100,9 @@ pub async fn serve<H, F>(
 /// [`serve`], and when the grace period is over: calls `on_cut`, gives the remaining
 /// connections `cut_budget` to end, then drops them.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve_with_cut<H, F>(
+pub async fn serve_with_cut<S, B>(
     listener: TcpListener,
-    handler: H,
+    service: S,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     name: &'static str,
@@ -101,8 +110,14 @@ pub async fn serve_with_cut<H, F>(
     on_cut: impl FnOnce(),
     cut_budget: Duration,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     // Connection tasks, so that the cut can drop them and wait for them (a JoinSet: its
     // bookkeeping is per connection, nothing per poll).
@@ -167,7 +182,7 @@ pub async fn serve_with_cut<H, F>(
             stream,
             peer,
             builder.clone(),
-            handler.clone(),
+            service.clone(),
             lifetimes.clone(),
             stop.child_token(),
             slot,
@@ -243,17 +258,23 @@ impl Lifetimes {
 /// (an atomic and a waker). The connection's own poll loop thus costs one atomic load per wake,
 /// where a `select!` over the stop token, the abuse notifier and a timer took two locks
 /// (tokio's `Notified` re-registers under its waiter list's mutex on every poll).
-async fn connection<H, F>(
+async fn connection<S, B>(
     stream: TcpStream,
     peer: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    handler: H,
+    service: S,
     lifetimes: Arc<Lifetimes>,
     stop: CancellationToken,
     _slot: OwnedSemaphorePermit,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     let track = Arc::new(Tracker::new(lifetimes.reset_quota));
     let io = TokioIo::new(Watched {
@@ -263,12 +284,12 @@ async fn connection<H, F>(
     });
     let service_track = track.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        // Taken before the handler runs and moved into the response body: it counts the
+        // Taken before the service runs and moved into the response body: it counts the
         // request as in flight until the body ends, and as abandoned if dropped before that.
         let guard = service_track.begin();
-        let fut = handler(req);
+        let fut = service.clone().oneshot(req);
         async move {
-            let res = fut.await;
+            let res = fut.await?;
             Ok::<_, Infallible>(res.map(|body| Tracked { inner: body, guard }))
         }
     });

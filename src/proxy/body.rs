@@ -266,7 +266,10 @@ impl ResponseBody {
     /// Ends the stream once: link, metrics, access log.
     fn finish(&mut self, reason: EndReason, error: Option<&str>) {
         let may_link = self.may_link();
-        let Some(end) = self.end.take() else { return };
+        let Some(mut end) = self.end.take() else {
+            return;
+        };
+        let _span = std::mem::replace(&mut end.span, tracing::Span::none()).entered();
         let now = Instant::now();
         let m = &end.metrics;
         m.streams_open.dec();

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::body::{Body, BoxError};
+use crate::body::BoxError;
 
 /// The HTTP/2 connection preface; a connection has identified itself once this many bytes came.
 const PREFACE_LEN: usize = 24;
@@ -95,12 +95,16 @@ impl Drop for RequestGuard {
 
 /// A response body that reports to its connection's [`Tracker`] when it ends. One field check
 /// per frame; nothing allocated or locked.
-pub(super) struct Tracked {
-    pub(super) inner: Body,
+pub(super) struct Tracked<B: http_body::Body> {
+    pub(super) inner: B,
     pub(super) guard: RequestGuard,
 }
 
-impl http_body::Body for Tracked {
+impl<B> http_body::Body for Tracked<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -109,7 +113,7 @@ impl http_body::Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             this.guard.completed = true;
         }
@@ -125,7 +129,10 @@ impl http_body::Body for Tracked {
     }
 }
 
-impl Drop for Tracked {
+impl<B> Drop for Tracked<B>
+where
+    B: http_body::Body,
+{
     fn drop(&mut self) {
         // hyper drops a body without polling it again once it says it has ended.
         if http_body::Body::is_end_stream(&self.inner) {

@@ -51,6 +51,9 @@ pub struct StreamEnd {
     /// The user's slot under `agent.max_concurrent_per_user`, freed with this (at the end of
     /// the stream or when the client goes away).
     pub permit: Option<UserPermit>,
+    /// The request's span: the end of the stream (its link, access line and warnings) is
+    /// logged in it even when it comes from a drop, outside any poll.
+    pub span: tracing::Span,
 }
 
 /// Options for one wrapped body.
