@@ -1425,11 +1425,26 @@ mod suite {
                 }
             })
         };
+        // The worker runs until the voter is done AND it has finished one attempt (a fixed
+        // number of rounds could all fall before the first vote is due on a busy machine),
+        // bounded by a deadline.
+        let voting = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let worker = {
             let store = store.clone();
+            let voting = voting.clone();
             tokio::spawn(async move {
                 let mut done_versions = Vec::new();
-                for _ in 0..200 {
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                let mut rounds = 0;
+                while rounds < 200
+                    || voting.load(std::sync::atomic::Ordering::SeqCst)
+                    || done_versions.is_empty()
+                {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no attempt finished within 30 s"
+                    );
+                    rounds += 1;
                     for d in store.claim_due(1, LEASE).await.unwrap() {
                         let fact = AssessmentFact::Exists {
                             assessment_id: "a-1".into(),
@@ -1449,6 +1464,7 @@ mod suite {
             })
         };
         voter.await.unwrap();
+        voting.store(false, std::sync::atomic::Ordering::SeqCst);
         let done_versions = worker.await.unwrap();
         let d = delivery_of(&store, &k).await;
         assert_eq!(d.version, 31);
