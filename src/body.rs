@@ -49,6 +49,8 @@ pub enum Body {
     Incoming(RequestBody),
     /// An agent's response streamed back through the inspector.
     Proxied(Pin<Box<dyn ProxiedBody>>),
+    /// Any other streamed body of ours (a static file).
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
 
 impl Body {
@@ -79,6 +81,7 @@ impl http_body::Body for Body {
                 .poll_frame(cx)
                 .map_err(|e| Box::new(ClientBodyError(e)) as BoxError),
             Self::Proxied(inner) => inner.as_mut().poll_frame(cx),
+            Self::Boxed(inner) => Pin::new(inner).poll_frame(cx),
         }
     }
 
@@ -88,6 +91,7 @@ impl http_body::Body for Body {
             Self::Full(data) => data.is_none(),
             Self::Incoming(inner) => inner.is_end_stream(),
             Self::Proxied(inner) => inner.is_end_stream(),
+            Self::Boxed(inner) => inner.is_end_stream(),
         }
     }
 
@@ -97,6 +101,7 @@ impl http_body::Body for Body {
             Self::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Self::Incoming(inner) => inner.size_hint(),
             Self::Proxied(inner) => inner.size_hint(),
+            Self::Boxed(inner) => inner.size_hint(),
         }
     }
 }

@@ -8,14 +8,25 @@
 //! 404, never the SPA fallback: a build directory can hold secrets nobody meant to publish. A path without a file extension that matches no
 //! file is a client-side route and gets `index.html`; a missing asset is a 404.
 //!
-//! Files are read whole: front-end bundles are small, and this is not a general file server.
+//! Files are served by tower-http's `ServeDir` (streamed, with `ETag`, `Last-Modified`,
+//! conditional requests and `Range`), through a [`Guarded`] backend that refuses anything
+//! outside the canonical root or hidden; the embedded page carries a strong `ETag` of its own.
 
+use std::future::Future;
+use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 
-use http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderValue};
-use http::{Method, Response, StatusCode};
+use http::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, ETAG, HeaderValue, IF_NONE_MATCH,
+};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_http::services::fs::{Backend, ServeDir, TokioBackend, TokioFile};
 
-use crate::body::Body;
+use crate::body::{Body, ReqBody};
 use crate::config::UiConfig;
 use crate::error::Error;
 
@@ -26,37 +37,68 @@ const INDEX_HTML: &str = include_str!("../ui/index.html");
 const PAGE_CSP: &str = "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 pub struct Ui {
-    /// Canonical root of a configured front end.
-    dir: Option<PathBuf>,
+    /// A configured front end: `ServeDir` over its canonical root.
+    dir: Option<ServeDir<tower_http::services::fs::DefaultServeDirFallback, Guarded>>,
+    /// The embedded page's strong `ETag` (a digest of its bytes).
+    etag: HeaderValue,
 }
 
 impl Ui {
     pub fn new(config: &UiConfig) -> Self {
-        let dir = config.dir.as_ref().map(|d| match d.canonicalize() {
-            Ok(c) => c,
-            Err(e) => {
-                // Keep the configured path: every request then answers 404 and the start-up
-                // log says why.
-                tracing::error!(dir = %d.display(), error = %e, "ui.dir cannot be opened");
-                d.clone()
-            }
+        let dir = config.dir.as_ref().map(|d| {
+            let root = match d.canonicalize() {
+                Ok(c) => c,
+                Err(e) => {
+                    // Keep the configured path: every request then answers 404 and the
+                    // start-up log says why.
+                    tracing::error!(dir = %d.display(), error = %e, "ui.dir cannot be opened");
+                    d.clone()
+                }
+            };
+            ServeDir::with_backend(
+                &root,
+                Guarded {
+                    root: root.clone().into(),
+                },
+            )
+            // A directory without its slash is a client-side route (the SPA fallback), not a
+            // redirect.
+            .redirect_to_trailing_slash(false)
         });
-        Self { dir }
+        let digest = ring::digest::digest(&ring::digest::SHA256, INDEX_HTML.as_bytes());
+        let hex: String = digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let etag = HeaderValue::from_str(&format!("\"{hex}\""))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"index\""));
+        Self { dir, etag }
     }
 
-    pub async fn serve(&self, method: &Method, path: &str) -> Result<Response<Body>, Error> {
-        let head = *method == Method::HEAD;
+    pub async fn serve(&self, req: Request<ReqBody>) -> Result<Response<Body>, Error> {
+        let head = *req.method() == Method::HEAD;
+        let path = req.uri().path().to_owned();
         match &self.dir {
-            None => match path {
-                "/" | "/index.html" => Ok(page(
-                    INDEX_HTML.as_bytes().to_vec(),
-                    "text/html; charset=utf-8",
-                    head,
-                    true,
-                )),
-                _ => Err(not_found(path)),
+            None => match path.as_str() {
+                "/" | "/index.html" => {
+                    let fresh = req
+                        .headers()
+                        .get(IF_NONE_MATCH)
+                        .is_some_and(|v| etag_matches(v.as_bytes(), self.etag.as_bytes()));
+                    let mut res = if fresh {
+                        let mut res = Response::new(Body::Empty);
+                        *res.status_mut() = StatusCode::NOT_MODIFIED;
+                        res
+                    } else {
+                        page(INDEX_HTML.as_bytes().to_vec(), head)
+                    };
+                    headers(&mut res, true);
+                    res.headers_mut().insert(ETAG, self.etag.clone());
+                    Ok(res)
+                }
+                _ => Err(not_found(&path)),
             },
-            Some(root) => serve_dir(root, path, head).await,
+            Some(dir) => serve_dir(dir, req, &path).await,
         }
     }
 }
@@ -65,25 +107,95 @@ fn not_found(path: &str) -> Error {
     Error::NotFound(format!("no route for {}", crate::text::echo(path)))
 }
 
-async fn serve_dir(root: &Path, path: &str, head: bool) -> Result<Response<Body>, Error> {
+/// Whether an `If-None-Match` list names `etag` (or is `*`).
+fn etag_matches(list: &[u8], etag: &[u8]) -> bool {
+    list.split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        let t = t.strip_prefix(b"W/").unwrap_or(t);
+        t == etag || t == b"*"
+    })
+}
+
+async fn serve_dir(
+    dir: &ServeDir<tower_http::services::fs::DefaultServeDirFallback, Guarded>,
+    req: Request<ReqBody>,
+    path: &str,
+) -> Result<Response<Body>, Error> {
     let Some(rel) = safe_relative(path) else {
         return Err(not_found(path));
     };
-    let candidate = if rel.as_os_str().is_empty() {
-        root.join("index.html")
-    } else {
-        root.join(&rel)
-    };
-    if let Some(file) = resolve(root, &candidate).await {
-        return read(&file, head).await;
-    }
-    // A client-side route (no extension) falls back to the app's index.
-    if rel.extension().is_none() {
-        if let Some(index) = resolve(root, &root.join("index.html")).await {
-            return read(&index, head).await;
+    // A client-side route (no extension) falls back to the app's index, with the request's
+    // method and conditional headers.
+    let fallback = rel.extension().is_none().then(|| {
+        let mut index = Request::new(());
+        *index.method_mut() = req.method().clone();
+        *index.headers_mut() = req.headers().clone();
+        *index.uri_mut() = http::Uri::from_static("/index.html");
+        index
+    });
+    let Ok(res) = dir.clone().oneshot(req).await;
+    let res = match (res.status(), fallback) {
+        (StatusCode::NOT_FOUND, Some(index)) => {
+            let Ok(res) = dir.clone().oneshot(index).await;
+            res
         }
+        _ => res,
+    };
+    if res.status() == StatusCode::NOT_FOUND {
+        return Err(not_found(path));
     }
-    Err(not_found(path))
+    let is_html = res
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+    let mut res = res.map(|b| Body::Boxed(b.map_err(Into::into).boxed_unsync()));
+    if res.status().is_success() || res.status() == StatusCode::NOT_MODIFIED {
+        headers(&mut res, is_html);
+    }
+    Ok(res)
+}
+
+/// `ServeDir`'s file system, refusing what the module documentation says: a path whose
+/// canonical form is outside the root or passes through a hidden name is "not found".
+#[derive(Clone)]
+pub struct Guarded {
+    root: Arc<Path>,
+}
+
+type IoFuture<T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send>>;
+
+impl Backend for Guarded {
+    type File = TokioFile;
+    type Metadata = std::fs::Metadata;
+    type OpenFuture = IoFuture<TokioFile>;
+    type MetadataFuture = IoFuture<std::fs::Metadata>;
+
+    fn open(&self, path: PathBuf) -> Self::OpenFuture {
+        let root = self.root.clone();
+        Box::pin(async move { TokioBackend.open(inside(&root, &path).await?).await })
+    }
+
+    fn metadata(&self, path: PathBuf) -> Self::MetadataFuture {
+        let root = self.root.clone();
+        Box::pin(async move { TokioBackend.metadata(inside(&root, &path).await?).await })
+    }
+}
+
+/// The canonical path of `candidate` if it is inside `root` without passing through a
+/// dot-directory or being a dotfile (a symlink to `.env` is refused too).
+async fn inside(root: &Path, candidate: &Path) -> io::Result<PathBuf> {
+    let real = tokio::fs::canonicalize(candidate).await?;
+    let refused = match real.strip_prefix(root) {
+        Ok(rel) => rel.components().any(|c| match c {
+            Component::Normal(n) => hidden(n),
+            _ => true,
+        }),
+        Err(_) => true,
+    };
+    if refused {
+        return Err(io::Error::from(io::ErrorKind::NotFound));
+    }
+    Ok(real)
 }
 
 /// The path as a relative path with only normal components, or `None` if it tries anything
@@ -112,43 +224,26 @@ fn hidden(name: &std::ffi::OsStr) -> bool {
     name.as_encoded_bytes().first() == Some(&b'.')
 }
 
-/// The canonical file if it exists, is a regular file, and is inside `root` without passing
-/// through a dot-directory or being a dotfile (a symlink to `.env` is refused too).
-async fn resolve(root: &Path, candidate: &Path) -> Option<PathBuf> {
-    let real = tokio::fs::canonicalize(candidate).await.ok()?;
-    let inside = real.strip_prefix(root).ok()?;
-    if inside.components().any(|c| match c {
-        Component::Normal(n) => hidden(n),
-        _ => true,
-    }) {
-        return None;
-    }
-    let meta = tokio::fs::metadata(&real).await.ok()?;
-    meta.is_file().then_some(real)
-}
-
-async fn read(file: &Path, head: bool) -> Result<Response<Body>, Error> {
-    let bytes = tokio::fs::read(file)
-        .await
-        .map_err(|e| Error::Internal(format!("cannot read {}: {e}", file.display())))?;
-    let mime = mime_guess::from_path(file).first_or_octet_stream();
-    let is_html = mime.essence_str() == "text/html";
-    Ok(page(bytes, mime.as_ref(), head, is_html))
-}
-
-fn page(bytes: Vec<u8>, content_type: &str, head: bool, is_html: bool) -> Response<Body> {
+/// The embedded page (its body omitted for HEAD, its length kept).
+fn page(bytes: Vec<u8>, head: bool) -> Response<Body> {
     let len = bytes.len();
     let mut res = Response::new(if head { Body::Empty } else { Body::full(bytes) });
-    *res.status_mut() = StatusCode::OK;
-    let h = res.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(content_type) {
-        h.insert(CONTENT_TYPE, v);
-    }
     if head {
-        h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+        res.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
     }
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    res
+}
+
+/// Caching and hardening headers: HTML names the assets, so it must be revalidated for a new
+/// build to take effect, and it gets the page's CSP; assets may be cached for five minutes.
+fn headers(res: &mut Response<Body>, is_html: bool) {
+    let h = res.headers_mut();
     if is_html {
-        // HTML names the assets; it must be revalidated so that a new build takes effect.
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(PAGE_CSP));
         h.insert(
@@ -161,7 +256,6 @@ fn page(bytes: Vec<u8>, content_type: &str, head: bool, is_html: bool) -> Respon
             HeaderValue::from_static("public, max-age=300"),
         );
     }
-    res
 }
 
 #[cfg(test)]
@@ -195,7 +289,10 @@ mod tests {
     }
 
     async fn get(ui: &Ui, path: &str) -> (u16, String) {
-        match ui.serve(&Method::GET, path).await {
+        let req = Request::get(path)
+            .body(ReqBody::from(http_body_util::Empty::<bytes::Bytes>::new()))
+            .unwrap();
+        match ui.serve(req).await {
             Ok(res) => {
                 let status = res.status().as_u16();
                 let body = res.into_body().collect().await.unwrap().to_bytes();
