@@ -83,6 +83,10 @@ pub enum Error {
         "this agent is called on behalf of the signed-in user, and the platform sent no user token (x-forwarded-access-token): declare user API scopes for the app, or use agent.auth = \"user-or-app\""
     )]
     UserTokenRequired,
+    /// More requests of this kind are in flight than the service takes at once
+    /// (`feedback.max_in_flight`): shed at once rather than queued.
+    #[error("the service is overloaded; retry shortly")]
+    Overloaded,
 }
 
 impl Error {
@@ -121,6 +125,7 @@ impl Error {
             Self::TooManyConcurrent { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UnknownMessage(_) => StatusCode::NOT_FOUND,
             Self::UserTokenRequired => StatusCode::UNAUTHORIZED,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -143,6 +148,7 @@ impl Error {
             Self::TooManyConcurrent { .. } => "TOO_MANY_CONCURRENT_REQUESTS",
             Self::UnknownMessage(_) => "UNKNOWN_MESSAGE",
             Self::UserTokenRequired => "USER_TOKEN_REQUIRED",
+            Self::Overloaded => "OVERLOADED",
         }
     }
 
@@ -166,7 +172,8 @@ impl Error {
             | Self::UserTokenRequired
             | Self::PayloadTooLarge { .. }
             | Self::UnsupportedMediaType
-            | Self::RateLimited { .. } => self.to_string(),
+            | Self::RateLimited { .. }
+            | Self::Overloaded => self.to_string(),
             Self::Upstream(e) => e.public_message().to_owned(),
             Self::Auth { hop, .. } => format!("the proxy cannot authenticate to {hop}"),
             Self::Store(_) => "the vote store is unavailable; try again later".to_owned(),
@@ -222,8 +229,9 @@ impl Error {
                     res.headers_mut().insert(http::header::ALLOW, v);
                 }
             }
-            // A stream frees its slot when it ends; there is no better estimate than "soon".
-            Self::TooManyConcurrent { .. } => {
+            // A stream frees its slot when it ends, a vote within its store round trips;
+            // there is no better estimate than "soon".
+            Self::TooManyConcurrent { .. } | Self::Overloaded => {
                 res.headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }

@@ -243,7 +243,7 @@ impl Proxy {
             (chat_id, id)
         };
         if !message_id.is_empty() {
-            tracing::Span::current().record("message_id", message_id.as_str());
+            tracing::Span::current().record("message_id", tracing::field::display(&message_id));
         }
         let client_request_id = route
             .client_request_id

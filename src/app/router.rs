@@ -18,7 +18,9 @@ use std::time::Instant;
 use http::header::{ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue};
 use http::{Request, Response, StatusCode};
 use serde_json::json;
-use tower::{Service, ServiceExt};
+use tower::limit::ConcurrencyLimit;
+use tower::load_shed::LoadShed;
+use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_http::cors::Cors;
 
 use super::state::{self as ops, AppState};
@@ -74,7 +76,7 @@ async fn serve(
     let route = route::classify(&method, &path, &state.config);
     let label = route.label();
     let route_index = route.index();
-    tracing::Span::current().record("route", label);
+    tracing::Span::current().record("route", tracing::field::display(label));
 
     let res = match route {
         Route::FeedbackPreflight => preflight(feedback, req, &request_id).await,
@@ -204,7 +206,7 @@ async fn dispatch(
                 .handle(page, req.method(), req.headers(), req.uri().query())
                 .await
         }
-        Route::Ui => state.ui.serve(req.method(), req.uri().path()).await,
+        Route::Ui => state.ui.serve(req).await,
         // Routed to the feedback endpoint before this.
         Route::FeedbackSubmit
         | Route::FeedbackList { .. }
@@ -239,19 +241,55 @@ async fn preflight(
     respond(result, request_id, route::LABELS[7])
 }
 
-/// `/api/feedback*` as a service, so that the CORS layer can wrap it alone.
+/// `/api/feedback*` as a service, so that the CORS layer can wrap it alone. Inside it, tower's
+/// load shedding over a concurrency limit (`feedback.max_in_flight`): past the limit a vote is
+/// refused at once (503 `OVERLOADED`, `Retry-After: 1`) rather than queued on the store's pool
+/// until its connect timeout.
 #[derive(Clone)]
 pub struct FeedbackEndpoint {
-    state: Arc<AppState>,
+    inner: LoadShed<ConcurrencyLimit<FeedbackHandler>>,
 }
 
 impl FeedbackEndpoint {
     pub fn new(state: Arc<AppState>) -> Self {
-        Self { state }
+        let limit = state.config.feedback.max_in_flight;
+        let inner = ServiceBuilder::new()
+            .load_shed()
+            .concurrency_limit(limit)
+            .service(FeedbackHandler { state });
+        Self { inner }
     }
 }
 
 impl Service<Request<ReqBody>> for FeedbackEndpoint {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
+        let request_id = request_id(&req);
+        let shed = self.inner.clone().oneshot(req);
+        Box::pin(async move {
+            Ok(match shed.await {
+                Ok(res) => res,
+                // The handler never fails (its errors are responses): this is the shedding.
+                Err(_) => respond(Err(Error::Overloaded), &request_id, route::LABELS[4]),
+            })
+        })
+    }
+}
+
+/// The feedback handlers, errors turned into responses.
+#[derive(Clone)]
+pub struct FeedbackHandler {
+    state: Arc<AppState>,
+}
+
+impl Service<Request<ReqBody>> for FeedbackHandler {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture;

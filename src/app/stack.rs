@@ -148,7 +148,7 @@ impl<B> MakeSpan<B> for RequestSpan {
             .unwrap_or("");
         tracing::info_span!(
             "request",
-            request_id = id,
+            request_id = %id,
             method = %req.method(),
             route = tracing::field::Empty,
             message_id = tracing::field::Empty,

@@ -60,6 +60,9 @@ pub struct FeedbackConfig {
     pub cors_origins: Vec<HeaderValue>,
     /// Per-user rate limit; `None` disables it.
     pub rate_limit: Option<RateLimit>,
+    /// Feedback requests in flight at once, all users together; past it a request is shed at
+    /// once (503 `OVERLOADED`) instead of queueing on the store's pool.
+    pub max_in_flight: usize,
 }
 
 impl Validator {
@@ -149,7 +152,12 @@ impl Validator {
                 Some(RateLimit { per_second, burst })
             }
         };
+        let max_in_flight = raw.max_in_flight.unwrap_or(1024);
+        if !(1..=1_000_000).contains(&max_in_flight) {
+            self.problem("feedback.max_in_flight", "must be between 1 and 1000000");
+        }
         FeedbackConfig {
+            max_in_flight,
             max_body_bytes: self.size("feedback.max_body_bytes", raw.max_body_bytes, 64 << 10),
             max_comment_bytes: self.size("feedback.max_comment_bytes", raw.max_comment_bytes, 4096),
             default_name,

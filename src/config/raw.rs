@@ -146,6 +146,7 @@ pub struct RawFeedback {
     pub default_name: Option<String>,
     pub names: Option<BTreeMap<String, Vec<String>>>,
     pub cors_origins: Option<Vec<String>>,
+    pub max_in_flight: Option<usize>,
     #[serde(default)]
     pub rate_limit: RawRateLimit,
 }
