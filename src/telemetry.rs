@@ -21,7 +21,9 @@ pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            // The request's span (request id, route, message id) on every line it logs.
+            .with_current_span(true)
+            .with_span_list(false)
             .try_init(),
         LogFormat::Text => builder
             .with_target(false)
