@@ -70,7 +70,7 @@ pub(super) async fn claim_due(
     }
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c
         .client
         .query(&stmt, &[&i64::from(limit), &millis(lease)])
@@ -101,7 +101,7 @@ pub(super) async fn claim(
     );
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let row = c
         .client
         .query_opt(
@@ -130,7 +130,7 @@ pub(super) async fn renew_lease(
             AND lease_until IS NOT NULL";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let n = c
         .client
         .execute(
@@ -181,7 +181,7 @@ pub(super) async fn finish(
     let key = &ticket.key;
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let row = c
         .client
         .query_opt(
@@ -224,7 +224,7 @@ pub(super) async fn list_deliveries(
     );
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c
         .client
         .query(
@@ -251,7 +251,7 @@ pub(super) async fn dead_reasons(
         WHERE state = 'dead' GROUP BY 1 ORDER BY n DESC, 1 LIMIT $1";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c
         .client
         .query(&stmt, &[&i64::from(limit)])
@@ -278,7 +278,7 @@ pub(super) async fn requeue(
             AND ($2::text IS NULL OR (message_id = $2 AND user_id = $3 AND name = $4))";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     c.client
         .execute(
             &stmt,
@@ -300,7 +300,7 @@ pub(super) async fn requeue_held(store: &PgStore, reason: &str) -> Result<u64, S
         WHERE state = 'waiting' AND last_error = $1";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     c.client
         .execute(&stmt, &[&reason])
         .await
@@ -314,7 +314,7 @@ pub(super) async fn delivery_stats(store: &PgStore) -> Result<DeliveryStats, Sto
         FROM deliveries GROUP BY state";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c.client.query(&stmt, &[]).await.map_err(query_error)?;
     let mut stats = DeliveryStats::default();
     for row in rows {

@@ -31,7 +31,7 @@ pub(super) async fn summary(
     let per = i64::from(q.bucket_hours.max(1));
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c
         .client
         .query(&stmt, &[&per, &from, &to, &q.scope.name, &q.scope.route])
@@ -57,7 +57,7 @@ pub(super) async fn backlog(store: &PgStore) -> Result<Backlog, StoreError> {
         WHERE state IN ('pending', 'waiting', 'dead') GROUP BY state";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c.client.query(&stmt, &[]).await.map_err(query_error)?;
     let mut b = Backlog::default();
     for row in rows {
@@ -115,7 +115,11 @@ pub(super) async fn votes(
     let limit = i64::from(q.limit);
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, list_sql()).await?;
+    let stmt = c
+        .client
+        .prepare_cached(list_sql())
+        .await
+        .map_err(query_error)?;
     let rows = c
         .client
         .query(

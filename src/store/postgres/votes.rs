@@ -53,8 +53,8 @@ pub(super) async fn upsert_vote(
     if state == DeliveryState::Waiting && awaits_trace {
         // Serialized with `record_links` for this message: either its wake-up runs after we
         // commit (and finds our waiting delivery), or it committed before this check.
-        lock_messages(&tx, &mut c.statements, &[k.message_id.as_str()]).await?;
-        let linked = c.statements.get(&tx, LINKED).await?;
+        lock_messages(&tx, &[k.message_id.as_str()]).await?;
+        let linked = tx.prepare_cached(LINKED).await.map_err(query_error)?;
         let row = tx
             .query_one(&linked, &[&k.message_id, &k.user_id])
             .await
@@ -66,8 +66,8 @@ pub(super) async fn upsert_vote(
     }
     // The two upserts are independent: sent together, they cost one round trip (tokio-postgres
     // pipelines queries polled concurrently on one connection, in order).
-    let vote_stmt = c.statements.get(&tx, VOTE).await?;
-    let delivery_stmt = c.statements.get(&tx, DELIVERY).await?;
+    let vote_stmt = tx.prepare_cached(VOTE).await.map_err(query_error)?;
+    let delivery_stmt = tx.prepare_cached(DELIVERY).await.map_err(query_error)?;
     let state_name = state.as_str();
     let vote_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
         &k.message_id,
@@ -123,7 +123,7 @@ pub(super) async fn retract_vote(
     let mut conn = store.conn().await?;
     let c = &mut *conn;
     let tx = c.client.transaction().await.map_err(query_error)?;
-    let stmt = c.statements.get(&tx, VOTE).await?;
+    let stmt = tx.prepare_cached(VOTE).await.map_err(query_error)?;
     let Some(row) = tx
         .query_opt(&stmt, &[&key.message_id, &key.user_id, &key.name])
         .await
@@ -133,7 +133,7 @@ pub(super) async fn retract_vote(
         return Ok(None);
     };
     let chat_id: String = row.try_get(0).map_err(query_error)?;
-    let stmt = c.statements.get(&tx, DELIVERY).await?;
+    let stmt = tx.prepare_cached(DELIVERY).await.map_err(query_error)?;
     let row = tx
         .query_one(
             &stmt,
@@ -162,7 +162,7 @@ pub(super) async fn list_votes(
         FROM votes WHERE chat_id = $1 AND user_id = $2 ORDER BY message_id, name";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c
         .client
         .query(&stmt, &[&chat_id, &user_id])
