@@ -3,10 +3,9 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::Row;
-
 use super::handle::{PgStore, lock_messages};
 use super::pool::query_error;
+use super::rows::link;
 use crate::store::api::{Claim, LinkRecord, MessageLink, StoreError};
 
 pub(super) async fn claim_message(store: &PgStore, link: &LinkRecord) -> Result<Claim, StoreError> {
@@ -184,21 +183,6 @@ pub(super) async fn get_link(
         .await
         .map_err(query_error)?;
     row.as_ref().map(link).transpose()
-}
-
-fn link(row: &Row) -> Result<MessageLink, StoreError> {
-    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("message link: {e}"));
-    Ok(MessageLink {
-        message_id: row.try_get(0).map_err(corrupt)?,
-        chat_id: row.try_get(1).map_err(corrupt)?,
-        user_id: row.try_get(2).map_err(corrupt)?,
-        trace_id: row.try_get(3).map_err(corrupt)?,
-        client_request_id: row.try_get(4).map_err(corrupt)?,
-        open: row.try_get(5).map_err(corrupt)?,
-        created_at: row.try_get(6).map_err(corrupt)?,
-        updated_at: row.try_get(7).map_err(corrupt)?,
-        route: row.try_get(8).map_err(corrupt)?,
-    })
 }
 
 pub(super) async fn set_link_trace_id(

@@ -3,47 +3,14 @@
 
 use std::time::Duration;
 
-use tokio_postgres::Row;
-
 use super::handle::PgStore;
 use super::pool::query_error;
+use super::rows::delivery;
 use crate::store::api::{
     AssessmentFact, Delivery, DeliveryCursor, DeliveryState, DeliveryStats, Finished, Outcome,
     StoreError, Ticket, VoteKey,
 };
 use crate::store::codec::{self, millis};
-
-/// Decodes a row selected with `delivery_columns!()`.
-pub(super) fn delivery(row: &Row) -> Result<Delivery, StoreError> {
-    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("delivery: {e}"));
-    let desired: String = row.try_get(4).map_err(corrupt)?;
-    let state: String = row.try_get(11).map_err(corrupt)?;
-    Ok(Delivery {
-        key: VoteKey {
-            message_id: row.try_get(0).map_err(corrupt)?,
-            user_id: row.try_get(1).map_err(corrupt)?,
-            name: row.try_get(2).map_err(corrupt)?,
-        },
-        chat_id: row.try_get(3).map_err(corrupt)?,
-        desired: codec::desired(
-            &desired,
-            row.try_get(5).map_err(corrupt)?,
-            row.try_get(6).map_err(corrupt)?,
-        )?,
-        version: row.try_get(7).map_err(corrupt)?,
-        assessment_id: row.try_get(8).map_err(corrupt)?,
-        generation: row.try_get(9).map_err(corrupt)?,
-        trace_id: row.try_get(10).map_err(corrupt)?,
-        state: codec::state(&state)?,
-        attempts: row.try_get(12).map_err(corrupt)?,
-        next_attempt_at: row.try_get(13).map_err(corrupt)?,
-        enqueued_at: row.try_get(14).map_err(corrupt)?,
-        last_error: row.try_get(15).map_err(corrupt)?,
-        updated_at: row.try_get(16).map_err(corrupt)?,
-        claims: row.try_get(17).map_err(corrupt)?,
-    })
-}
-
 pub(super) async fn claim_due(
     store: &PgStore,
     limit: u32,

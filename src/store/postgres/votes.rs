@@ -1,10 +1,8 @@
 //! Votes in Postgres: each vote change and its delivery in ONE transaction.
 
-use tokio_postgres::Row;
-
 use super::handle::{PgStore, lock_messages};
-use super::outbox::delivery;
 use super::pool::query_error;
+use super::rows::{delivery, vote};
 use crate::store::api::{
     AWAITING_TRACE, Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
 };
@@ -169,20 +167,4 @@ pub(super) async fn list_votes(
         .await
         .map_err(query_error)?;
     rows.iter().map(vote).collect()
-}
-
-fn vote(row: &Row) -> Result<Vote, StoreError> {
-    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("vote: {e}"));
-    let value: serde_json::Value = row.try_get(4).map_err(corrupt)?;
-    Ok(Vote {
-        key: VoteKey {
-            message_id: row.try_get(0).map_err(corrupt)?,
-            user_id: row.try_get(1).map_err(corrupt)?,
-            name: row.try_get(2).map_err(corrupt)?,
-        },
-        chat_id: row.try_get(3).map_err(corrupt)?,
-        value: codec::value_from_json(&value)?,
-        comment: row.try_get(5).map_err(corrupt)?,
-        updated_at: row.try_get(6).map_err(corrupt)?,
-    })
 }
