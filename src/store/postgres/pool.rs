@@ -13,7 +13,8 @@
 //! deadpool-postgres supplies the pooled connection ([`ClientWrapper`]: the connection's task is
 //! aborted when it is dropped) and its per-connection statement cache (`prepare_cached`, on
 //! the client and on its transactions). The [`deadpool::managed::Manager`] is our own, not
-//! `deadpool_postgres::Manager::from_connect`, which was tried and lacks two things:
+//! `deadpool_postgres::Manager::from_connect`, which (read in deadpool-postgres 0.14.2 and
+//! deadpool 0.13.1) lacks two things:
 //! - a `deadpool_postgres::Connect` can mint a fresh password per connection (it gets the
 //!   `tokio_postgres::Config` and may copy it with a password), but it must fail with a
 //!   `tokio_postgres::Error`, which nothing outside tokio-postgres can construct. A failing
