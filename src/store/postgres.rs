@@ -6,7 +6,8 @@
 //! - passwords (static, the app's OAuth token, or minted Lakebase credentials cached until
 //!   shortly before they expire) come from `auth::password`;
 //! - `migrate`: versioned migrations under a session advisory lock;
-//! - `links`, `votes`, `outbox`: the [`Store`] operations, each with its SQL next to it.
+//! - `links`, `votes`, `outbox`, `review`: the [`Store`] operations, each with its SQL next to
+//!   it; `rows`: every row type they return, decoded by column name.
 //!
 //! Tables live in their own schema (`store.schema`, default `feedback_proxy`), which every
 //! connection puts on its `search_path`. Timestamps come from the database clock (`now()`),
@@ -17,16 +18,8 @@
 //! transaction advisory lock per message (two-int4 key space, namespace `MESSAGE_LOCK`) so
 //! that a delivery can never be parked after its wake-up already ran.
 
-/// The delivery columns every query returning deliveries selects, in the order
-/// `outbox::delivery` decodes them.
-macro_rules! delivery_columns {
-    () => {
-        "message_id, user_id, name, chat_id, desired, desired_value, desired_comment, version, \
-         assessment_id, generation, trace_id, state, attempts, next_attempt_at, enqueued_at, \
-         last_error, updated_at, claims"
-    };
-}
-
+#[macro_use]
+mod rows;
 mod handle;
 mod links;
 mod migrate;

@@ -17,19 +17,12 @@
 //! blocking-pool thread. The async runtime's threads never block on SQLite.
 //!
 //! Timestamps are integer milliseconds since the Unix epoch from this process's clock; vote
-//! values are JSON text. The SQL is in `links`, `votes` and `outbox`, next to the function that
-//! runs it; `conn` has the shared helpers.
+//! values are JSON text. The SQL is in `links`, `votes`, `outbox` and `review`, next to the
+//! function that runs it; `rows` decodes every row type by column name; `conn` has the shared
+//! helpers.
 
-/// The delivery columns every query returning deliveries selects, in the order
-/// `conn::delivery` decodes them.
-macro_rules! delivery_columns {
-    () => {
-        "message_id, user_id, name, chat_id, desired, desired_value, desired_comment, version, \
-         assessment_id, generation, trace_id, state, attempts, next_attempt_at, enqueued_at, \
-         last_error, updated_at, claims"
-    };
-}
-
+#[macro_use]
+mod rows;
 mod conn;
 mod links;
 mod migrate;

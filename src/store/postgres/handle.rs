@@ -8,7 +8,7 @@ use std::sync::Arc;
 use deadpool::Runtime;
 use deadpool::managed::{Object, Pool, PoolError, TimeoutType};
 
-use super::pool::{self, Manager, Target, query_error};
+use super::pool::{Manager, Target, query_error};
 use super::tls;
 use crate::auth::password::Credentials;
 use crate::auth::password::PasswordDeps as Deps;
@@ -123,13 +123,12 @@ impl PgStore {
 /// two transactions locking several messages cannot deadlock), held until the transaction
 /// ends.
 pub(super) async fn lock_messages(
-    tx: &tokio_postgres::Transaction<'_>,
-    statements: &mut pool::Statements,
+    tx: &deadpool_postgres::Transaction<'_>,
     message_ids: &[&str],
 ) -> Result<(), StoreError> {
     const SQL: &str = "SELECT pg_advisory_xact_lock($1::int4, h)
         FROM (SELECT DISTINCT hashtext(m) AS h FROM unnest($2::text[]) AS m ORDER BY h) AS keys";
-    let stmt = statements.get(tx, SQL).await?;
+    let stmt = tx.prepare_cached(SQL).await.map_err(query_error)?;
     tx.execute(&stmt, &[&MESSAGE_LOCK, &message_ids])
         .await
         .map_err(query_error)?;

@@ -3,10 +3,9 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::Row;
-
 use super::handle::{PgStore, lock_messages};
 use super::pool::query_error;
+use super::rows::link;
 use crate::store::api::{Claim, LinkRecord, MessageLink, StoreError};
 
 pub(super) async fn claim_message(store: &PgStore, link: &LinkRecord) -> Result<Claim, StoreError> {
@@ -19,7 +18,7 @@ pub(super) async fn claim_message(store: &PgStore, link: &LinkRecord) -> Result<
         WHERE message_id = $1 AND user_id = $2";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let insert = c.statements.get(&c.client, INSERT).await?;
+    let insert = c.client.prepare_cached(INSERT).await.map_err(query_error)?;
     let inserted = c
         .client
         .execute(
@@ -38,7 +37,7 @@ pub(super) async fn claim_message(store: &PgStore, link: &LinkRecord) -> Result<
     if inserted == 1 {
         return Ok(Claim::Created);
     }
-    let reopen = c.statements.get(&c.client, REOPEN).await?;
+    let reopen = c.client.prepare_cached(REOPEN).await.map_err(query_error)?;
     let reopened = c
         .client
         .execute(&reopen, &[&link.message_id, &link.user_id])
@@ -147,8 +146,8 @@ pub(super) async fn record_links(store: &PgStore, links: &[LinkRecord]) -> Resul
     let mut conn = store.conn().await?;
     let c = &mut *conn;
     let tx = c.client.transaction().await.map_err(query_error)?;
-    lock_messages(&tx, &mut c.statements, &message_ids).await?;
-    let upsert = c.statements.get(&tx, UPSERT).await?;
+    lock_messages(&tx, &message_ids).await?;
+    let upsert = tx.prepare_cached(UPSERT).await.map_err(query_error)?;
     for round in &rounds {
         let m: Vec<&str> = round.iter().map(|f| f.message_id).collect();
         let ch: Vec<Option<&str>> = round.iter().map(|f| f.chat_id).collect();
@@ -161,7 +160,7 @@ pub(super) async fn record_links(store: &PgStore, links: &[LinkRecord]) -> Resul
             .await
             .map_err(query_error)?;
     }
-    let wake = c.statements.get(&tx, WAKE).await?;
+    let wake = tx.prepare_cached(WAKE).await.map_err(query_error)?;
     tx.execute(&wake, &[&message_ids])
         .await
         .map_err(query_error)?;
@@ -177,28 +176,13 @@ pub(super) async fn get_link(
         FROM message_links WHERE message_id = $1";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let row = c
         .client
         .query_opt(&stmt, &[&message_id])
         .await
         .map_err(query_error)?;
     row.as_ref().map(link).transpose()
-}
-
-fn link(row: &Row) -> Result<MessageLink, StoreError> {
-    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("message link: {e}"));
-    Ok(MessageLink {
-        message_id: row.try_get(0).map_err(corrupt)?,
-        chat_id: row.try_get(1).map_err(corrupt)?,
-        user_id: row.try_get(2).map_err(corrupt)?,
-        trace_id: row.try_get(3).map_err(corrupt)?,
-        client_request_id: row.try_get(4).map_err(corrupt)?,
-        open: row.try_get(5).map_err(corrupt)?,
-        created_at: row.try_get(6).map_err(corrupt)?,
-        updated_at: row.try_get(7).map_err(corrupt)?,
-        route: row.try_get(8).map_err(corrupt)?,
-    })
 }
 
 pub(super) async fn set_link_trace_id(
@@ -210,7 +194,7 @@ pub(super) async fn set_link_trace_id(
         WHERE message_id = $1 AND trace_id IS NULL";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     c.client
         .execute(&stmt, &[&message_id, &trace_id])
         .await

@@ -3,47 +3,14 @@
 
 use std::time::Duration;
 
-use tokio_postgres::Row;
-
 use super::handle::PgStore;
 use super::pool::query_error;
+use super::rows::delivery;
 use crate::store::api::{
     AssessmentFact, Delivery, DeliveryCursor, DeliveryState, DeliveryStats, Finished, Outcome,
     StoreError, Ticket, VoteKey,
 };
 use crate::store::codec::{self, millis};
-
-/// Decodes a row selected with `delivery_columns!()`.
-pub(super) fn delivery(row: &Row) -> Result<Delivery, StoreError> {
-    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("delivery: {e}"));
-    let desired: String = row.try_get(4).map_err(corrupt)?;
-    let state: String = row.try_get(11).map_err(corrupt)?;
-    Ok(Delivery {
-        key: VoteKey {
-            message_id: row.try_get(0).map_err(corrupt)?,
-            user_id: row.try_get(1).map_err(corrupt)?,
-            name: row.try_get(2).map_err(corrupt)?,
-        },
-        chat_id: row.try_get(3).map_err(corrupt)?,
-        desired: codec::desired(
-            &desired,
-            row.try_get(5).map_err(corrupt)?,
-            row.try_get(6).map_err(corrupt)?,
-        )?,
-        version: row.try_get(7).map_err(corrupt)?,
-        assessment_id: row.try_get(8).map_err(corrupt)?,
-        generation: row.try_get(9).map_err(corrupt)?,
-        trace_id: row.try_get(10).map_err(corrupt)?,
-        state: codec::state(&state)?,
-        attempts: row.try_get(12).map_err(corrupt)?,
-        next_attempt_at: row.try_get(13).map_err(corrupt)?,
-        enqueued_at: row.try_get(14).map_err(corrupt)?,
-        last_error: row.try_get(15).map_err(corrupt)?,
-        updated_at: row.try_get(16).map_err(corrupt)?,
-        claims: row.try_get(17).map_err(corrupt)?,
-    })
-}
-
 pub(super) async fn claim_due(
     store: &PgStore,
     limit: u32,
@@ -70,7 +37,7 @@ pub(super) async fn claim_due(
     }
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c
         .client
         .query(&stmt, &[&i64::from(limit), &millis(lease)])
@@ -101,7 +68,7 @@ pub(super) async fn claim(
     );
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let row = c
         .client
         .query_opt(
@@ -130,7 +97,7 @@ pub(super) async fn renew_lease(
             AND lease_until IS NOT NULL";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let n = c
         .client
         .execute(
@@ -181,7 +148,7 @@ pub(super) async fn finish(
     let key = &ticket.key;
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let row = c
         .client
         .query_opt(
@@ -224,7 +191,7 @@ pub(super) async fn list_deliveries(
     );
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c
         .client
         .query(
@@ -251,7 +218,7 @@ pub(super) async fn dead_reasons(
         WHERE state = 'dead' GROUP BY 1 ORDER BY n DESC, 1 LIMIT $1";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c
         .client
         .query(&stmt, &[&i64::from(limit)])
@@ -278,7 +245,7 @@ pub(super) async fn requeue(
             AND ($2::text IS NULL OR (message_id = $2 AND user_id = $3 AND name = $4))";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     c.client
         .execute(
             &stmt,
@@ -300,7 +267,7 @@ pub(super) async fn requeue_held(store: &PgStore, reason: &str) -> Result<u64, S
         WHERE state = 'waiting' AND last_error = $1";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     c.client
         .execute(&stmt, &[&reason])
         .await
@@ -314,7 +281,7 @@ pub(super) async fn delivery_stats(store: &PgStore) -> Result<DeliveryStats, Sto
         FROM deliveries GROUP BY state";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c.client.query(&stmt, &[]).await.map_err(query_error)?;
     let mut stats = DeliveryStats::default();
     for row in rows {

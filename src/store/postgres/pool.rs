@@ -1,22 +1,42 @@
 //! Postgres connections: how one is opened (hosts in order, `sslmode` fallbacks, a fresh
 //! password per connection) and how the pool keeps them healthy.
 //!
-//! A custom [`deadpool`] manager, because the password may change between connections
-//! (Lakebase credentials are minted and rotate): each NEW connection asks [`Credentials`]
-//! for its password. Recycling replaces a connection that is closed (the server restarted or
-//! dropped it), that has outlived `max_lifetime` (so rotated credentials take over), or that
-//! has been idle long enough to be suspect and does not answer a ping. The pool bounds
-//! waiting for a slot, connecting and checking by `connect_timeout`, so a database that is
-//! down makes operations fail fast with [`StoreError::Unavailable`] instead of hanging.
+//! Each NEW connection asks [`Credentials`] for its password, because the password may change
+//! between connections (Lakebase credentials are minted and rotate). Recycling replaces a
+//! connection that is closed (the server restarted or dropped it), that has outlived
+//! `max_lifetime` minus a per-connection jitter (so rotated credentials take over, and
+//! connections opened together do not all reconnect at once), or that has been idle for 30 s
+//! and does not answer a ping. The pool bounds waiting for a slot, connecting and checking by
+//! `connect_timeout`, so a database that is down makes operations fail fast with
+//! [`StoreError::Unavailable`] instead of hanging.
+//!
+//! deadpool-postgres supplies the pooled connection ([`ClientWrapper`]: the connection's task is
+//! aborted when it is dropped) and its per-connection statement cache (`prepare_cached`, on
+//! the client and on its transactions). The [`deadpool::managed::Manager`] is our own, not
+//! `deadpool_postgres::Manager::from_connect`, which (read in deadpool-postgres 0.14.2 and
+//! deadpool 0.13.1) lacks two things:
+//! - a `deadpool_postgres::Connect` can mint a fresh password per connection (it gets the
+//!   `tokio_postgres::Config` and may copy it with a password), but it must fail with a
+//!   `tokio_postgres::Error`, which nothing outside tokio-postgres can construct. A failing
+//!   credential endpoint ("HTTP 403: PERMISSION_DENIED …") has no such error at all, and the
+//!   sentence naming each host and `sslmode` attempt ("127.0.0.1:5432 (with TLS): …") would
+//!   be reduced to one of the underlying errors; both are checked by `tests/store_pg.rs`, and
+//!   passing them around the pool through a side channel would be worse than this manager;
+//! - its `recycle` checks for a closed connection and runs the `RecyclingMethod`'s query on
+//!   EVERY checkout or never: there is no maximum lifetime and no ping only after idling (a
+//!   round trip per operation would cost the vote path). `pre_recycle` hooks could add both,
+//!   but deadpool runs hooks outside `recycle_timeout` and drops their errors unlogged, so a
+//!   ping to a silently dead peer would wait for `TCP_USER_TIMEOUT` (≥ 30 s).
 //!
 //! This module knows nothing about the proxy's tables; see the parent module for queries.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use deadpool_postgres::ClientWrapper;
+use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, GenericClient, NoTls, Statement};
+use tokio_postgres::{Client, NoTls};
 
 use super::tls::{self, Tls};
 use crate::auth::password::Credentials;
@@ -50,31 +70,11 @@ pub(super) struct Target {
     pub schema: String,
 }
 
-/// A pooled connection and its prepared statements.
+/// A pooled connection (with its statement cache: `client.prepare_cached`, or
+/// `prepare_cached` on a transaction from `client.transaction()`).
 pub(super) struct PgConn {
-    pub client: Client,
-    pub statements: Statements,
+    pub client: ClientWrapper,
     retire_at: Instant,
-}
-
-/// Prepared statements of one connection, keyed by their SQL text (all of it `'static`, next to
-/// the function that runs it).
-#[derive(Default)]
-pub(super) struct Statements(HashMap<&'static str, Statement>);
-
-impl Statements {
-    /// `prepare_cached`: prepares `sql` on first use on this connection.
-    pub async fn get<C>(&mut self, client: &C, sql: &'static str) -> Result<Statement, StoreError>
-    where
-        C: GenericClient + Sync,
-    {
-        if let Some(s) = self.0.get(sql) {
-            return Ok(s.clone());
-        }
-        let stmt = client.prepare(sql).await.map_err(query_error)?;
-        self.0.insert(sql, stmt.clone());
-        Ok(stmt)
-    }
 }
 
 pub(super) struct Manager {
@@ -143,7 +143,7 @@ impl Manager {
         let mut auth_refused = false;
         for host in &self.target.hosts {
             match self.connect_host(host, password.as_ref()).await {
-                Ok(client) => return self.finish(client).await,
+                Ok(connected) => return self.finish(connected).await,
                 Err(failures) => {
                     // allow / prefer make two attempts; say which failed how.
                     let several = failures.len() > 1;
@@ -184,7 +184,7 @@ impl Manager {
         &self,
         host: &str,
         password: Option<&Secret>,
-    ) -> Result<Client, Vec<(SslMode, tokio_postgres::Error)>> {
+    ) -> Result<Connected, Vec<(SslMode, tokio_postgres::Error)>> {
         let config = self.config(host, password);
         // libpq ignores sslmode for Unix sockets: there is nothing to encrypt.
         let connector = match &self.tls.connector {
@@ -243,7 +243,7 @@ impl Manager {
         c
     }
 
-    async fn finish(&self, client: Client) -> Result<PgConn, StoreError> {
+    async fn finish(&self, (client, task): Connected) -> Result<PgConn, StoreError> {
         // Unqualified table names in every query resolve to the proxy's schema. The schema
         // name is a validated plain identifier (config), quoted anyway. Both settings go in one
         // round trip; set per session (not as startup options) so that any Postgres-speaking
@@ -258,31 +258,31 @@ impl Manager {
             .map_err(query_error)?;
         let jitter = self.max_lifetime.mul_f64(LIFETIME_JITTER * fastrand::f64());
         Ok(PgConn {
-            client,
-            statements: Statements::default(),
+            client: ClientWrapper::new(client, task),
             retire_at: Instant::now() + self.max_lifetime.saturating_sub(jitter),
         })
     }
 }
 
-async fn plain(config: tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+/// An open connection: its client and the task driving its I/O.
+type Connected = (Client, JoinHandle<()>);
+
+async fn plain(config: tokio_postgres::Config) -> Result<Connected, tokio_postgres::Error> {
     let mut config = config;
     config.ssl_mode(tokio_postgres::config::SslMode::Disable);
     let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(drive(connection));
-    Ok(client)
+    Ok((client, tokio::spawn(drive(connection))))
 }
 
 async fn encrypted(
     config: tokio_postgres::Config,
     mode: tokio_postgres::config::SslMode,
     connector: &tokio_postgres_rustls::MakeRustlsConnect,
-) -> Result<Client, tokio_postgres::Error> {
+) -> Result<Connected, tokio_postgres::Error> {
     let mut config = config;
     config.ssl_mode(mode);
     let (client, connection) = config.connect(connector.clone()).await?;
-    tokio::spawn(drive(connection));
-    Ok(client)
+    Ok((client, tokio::spawn(drive(connection))))
 }
 
 /// Runs a connection's I/O until it closes.

@@ -1,14 +1,13 @@
 //! The review queries in Postgres: summaries from the hourly, sharded `vote_rollup` (kept by
 //! the vote trigger of `0003_review.sql`), listings from `votes` through the `votes_recent`
-//! index. Rows are decoded by column name.
+//! index. Rows are decoded by column name (`rows`).
 
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
-use tokio_postgres::Row;
-
 use super::handle::PgStore;
 use super::pool::query_error;
+use super::rows::reviewed;
 use crate::domain::Polarity;
 use crate::store::api::{
     Backlog, ListQuery, ReviewCursor, ReviewedVote, StoreError, SummaryCell, SummaryQuery, VoteKey,
@@ -31,7 +30,7 @@ pub(super) async fn summary(
     let per = i64::from(q.bucket_hours.max(1));
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c
         .client
         .query(&stmt, &[&per, &from, &to, &q.scope.name, &q.scope.route])
@@ -57,7 +56,7 @@ pub(super) async fn backlog(store: &PgStore) -> Result<Backlog, StoreError> {
         WHERE state IN ('pending', 'waiting', 'dead') GROUP BY state";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c.client.query(&stmt, &[]).await.map_err(query_error)?;
     let mut b = Backlog::default();
     for row in rows {
@@ -115,7 +114,11 @@ pub(super) async fn votes(
     let limit = i64::from(q.limit);
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, list_sql()).await?;
+    let stmt = c
+        .client
+        .prepare_cached(list_sql())
+        .await
+        .map_err(query_error)?;
     let rows = c
         .client
         .query(
@@ -139,25 +142,4 @@ pub(super) async fn votes(
         .await
         .map_err(query_error)?;
     rows.iter().map(reviewed).collect()
-}
-
-fn reviewed(row: &Row) -> Result<ReviewedVote, StoreError> {
-    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("review row: {e}"));
-    let value: serde_json::Value = row.try_get("value").map_err(corrupt)?;
-    let state: Option<String> = row.try_get("state").map_err(corrupt)?;
-    Ok(ReviewedVote {
-        key: VoteKey {
-            message_id: row.try_get("message_id").map_err(corrupt)?,
-            user_id: row.try_get("user_id").map_err(corrupt)?,
-            name: row.try_get("name").map_err(corrupt)?,
-        },
-        chat_id: row.try_get("chat_id").map_err(corrupt)?,
-        value: codec::value_from_json(&value)?,
-        comment: row.try_get("comment").map_err(corrupt)?,
-        updated_at: row.try_get("updated_at").map_err(corrupt)?,
-        route: row.try_get("route").map_err(corrupt)?,
-        delivery: state.as_deref().map(codec::state).transpose()?,
-        last_error: row.try_get("last_error").map_err(corrupt)?,
-        trace_id: row.try_get("trace_id").map_err(corrupt)?,
-    })
 }

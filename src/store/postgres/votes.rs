@@ -1,10 +1,8 @@
 //! Votes in Postgres: each vote change and its delivery in ONE transaction.
 
-use tokio_postgres::Row;
-
 use super::handle::{PgStore, lock_messages};
-use super::outbox::delivery;
 use super::pool::query_error;
+use super::rows::{delivery, vote};
 use crate::store::api::{
     AWAITING_TRACE, Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
 };
@@ -53,8 +51,8 @@ pub(super) async fn upsert_vote(
     if state == DeliveryState::Waiting && awaits_trace {
         // Serialized with `record_links` for this message: either its wake-up runs after we
         // commit (and finds our waiting delivery), or it committed before this check.
-        lock_messages(&tx, &mut c.statements, &[k.message_id.as_str()]).await?;
-        let linked = c.statements.get(&tx, LINKED).await?;
+        lock_messages(&tx, &[k.message_id.as_str()]).await?;
+        let linked = tx.prepare_cached(LINKED).await.map_err(query_error)?;
         let row = tx
             .query_one(&linked, &[&k.message_id, &k.user_id])
             .await
@@ -66,8 +64,8 @@ pub(super) async fn upsert_vote(
     }
     // The two upserts are independent: sent together, they cost one round trip (tokio-postgres
     // pipelines queries polled concurrently on one connection, in order).
-    let vote_stmt = c.statements.get(&tx, VOTE).await?;
-    let delivery_stmt = c.statements.get(&tx, DELIVERY).await?;
+    let vote_stmt = tx.prepare_cached(VOTE).await.map_err(query_error)?;
+    let delivery_stmt = tx.prepare_cached(DELIVERY).await.map_err(query_error)?;
     let state_name = state.as_str();
     let vote_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
         &k.message_id,
@@ -123,7 +121,7 @@ pub(super) async fn retract_vote(
     let mut conn = store.conn().await?;
     let c = &mut *conn;
     let tx = c.client.transaction().await.map_err(query_error)?;
-    let stmt = c.statements.get(&tx, VOTE).await?;
+    let stmt = tx.prepare_cached(VOTE).await.map_err(query_error)?;
     let Some(row) = tx
         .query_opt(&stmt, &[&key.message_id, &key.user_id, &key.name])
         .await
@@ -133,7 +131,7 @@ pub(super) async fn retract_vote(
         return Ok(None);
     };
     let chat_id: String = row.try_get(0).map_err(query_error)?;
-    let stmt = c.statements.get(&tx, DELIVERY).await?;
+    let stmt = tx.prepare_cached(DELIVERY).await.map_err(query_error)?;
     let row = tx
         .query_one(
             &stmt,
@@ -162,27 +160,11 @@ pub(super) async fn list_votes(
         FROM votes WHERE chat_id = $1 AND user_id = $2 ORDER BY message_id, name";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
-    let stmt = c.statements.get(&c.client, SQL).await?;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
     let rows = c
         .client
         .query(&stmt, &[&chat_id, &user_id])
         .await
         .map_err(query_error)?;
     rows.iter().map(vote).collect()
-}
-
-fn vote(row: &Row) -> Result<Vote, StoreError> {
-    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(format!("vote: {e}"));
-    let value: serde_json::Value = row.try_get(4).map_err(corrupt)?;
-    Ok(Vote {
-        key: VoteKey {
-            message_id: row.try_get(0).map_err(corrupt)?,
-            user_id: row.try_get(1).map_err(corrupt)?,
-            name: row.try_get(2).map_err(corrupt)?,
-        },
-        chat_id: row.try_get(3).map_err(corrupt)?,
-        value: codec::value_from_json(&value)?,
-        comment: row.try_get(5).map_err(corrupt)?,
-        updated_at: row.try_get(6).map_err(corrupt)?,
-    })
 }

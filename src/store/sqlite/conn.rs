@@ -1,5 +1,5 @@
 //! Helpers shared by the SQLite operations: time encoding (integer milliseconds since the Unix
-//! epoch), error mapping, `BEGIN IMMEDIATE` transactions, and decoding delivery rows.
+//! epoch), error mapping and `BEGIN IMMEDIATE` transactions (rows are decoded in `rows`).
 //!
 //! The operations themselves (`links`, `votes`, `outbox`) run on the connection's own thread
 //! (see the parent module), so they are plain blocking functions; writes that must be atomic
@@ -8,10 +8,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, Row, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 
-use crate::store::api::{Delivery, StoreError, VoteKey};
-use crate::store::codec;
+use crate::store::api::StoreError;
 
 pub(super) fn now_ms() -> i64 {
     to_ms(SystemTime::now())
@@ -70,79 +69,4 @@ pub(super) fn immediate(conn: &mut Connection) -> Result<rusqlite::Transaction<'
 pub(super) fn health(conn: &mut Connection) -> Result<(), StoreError> {
     conn.query_row("SELECT 1", [], |_| Ok(()))
         .map_err(sql_error)
-}
-
-/// The columns of a delivery row before decoding (decoding can fail with our own error type,
-/// which rusqlite's row closures cannot return).
-pub(super) struct RawDelivery {
-    key: VoteKey,
-    chat_id: String,
-    desired: String,
-    desired_value: Option<String>,
-    desired_comment: Option<String>,
-    version: i64,
-    assessment_id: Option<String>,
-    generation: i64,
-    trace_id: Option<String>,
-    state: String,
-    attempts: i32,
-    next_attempt_at: i64,
-    enqueued_at: i64,
-    last_error: Option<String>,
-    updated_at: i64,
-    claims: i64,
-}
-
-pub(super) fn raw_delivery(r: &Row<'_>) -> rusqlite::Result<RawDelivery> {
-    Ok(RawDelivery {
-        key: VoteKey {
-            message_id: r.get(0)?,
-            user_id: r.get(1)?,
-            name: r.get(2)?,
-        },
-        chat_id: r.get(3)?,
-        desired: r.get(4)?,
-        desired_value: r.get(5)?,
-        desired_comment: r.get(6)?,
-        version: r.get(7)?,
-        assessment_id: r.get(8)?,
-        generation: r.get(9)?,
-        trace_id: r.get(10)?,
-        state: r.get(11)?,
-        attempts: r.get(12)?,
-        next_attempt_at: r.get(13)?,
-        enqueued_at: r.get(14)?,
-        last_error: r.get(15)?,
-        updated_at: r.get(16)?,
-        claims: r.get(17)?,
-    })
-}
-
-pub(super) fn delivery(raw: RawDelivery) -> Result<Delivery, StoreError> {
-    let value = raw
-        .desired_value
-        .as_deref()
-        .map(serde_json::from_str::<serde_json::Value>)
-        .transpose()
-        .map_err(|e| StoreError::Corrupt(format!("delivery value is not JSON: {e}")))?;
-    Ok(Delivery {
-        key: raw.key,
-        chat_id: raw.chat_id,
-        desired: codec::desired(&raw.desired, value, raw.desired_comment)?,
-        version: raw.version,
-        assessment_id: raw.assessment_id,
-        generation: raw.generation,
-        trace_id: raw.trace_id,
-        state: codec::state(&raw.state)?,
-        attempts: raw.attempts,
-        next_attempt_at: from_ms(raw.next_attempt_at),
-        enqueued_at: from_ms(raw.enqueued_at),
-        last_error: raw.last_error,
-        updated_at: from_ms(raw.updated_at),
-        claims: raw.claims,
-    })
-}
-
-pub(super) fn deliveries(raws: Vec<RawDelivery>) -> Result<Vec<Delivery>, StoreError> {
-    raws.into_iter().map(delivery).collect()
 }

@@ -3,7 +3,8 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::conn::{from_ms, immediate, now_ms, sql_error};
+use super::conn::{immediate, now_ms, sql_error};
+use super::rows::link;
 use crate::store::api::{Claim, LinkRecord, MessageLink, StoreError};
 
 pub(super) fn claim_message(conn: &mut Connection, link: &LinkRecord) -> Result<Claim, StoreError> {
@@ -141,22 +142,7 @@ pub(super) fn get_link(
             created_at, updated_at, route
         FROM message_links WHERE message_id = ?1",
     )
-    .and_then(|mut s| {
-        s.query_row([message_id], |r| {
-            Ok(MessageLink {
-                message_id: r.get(0)?,
-                chat_id: r.get(1)?,
-                user_id: r.get(2)?,
-                trace_id: r.get(3)?,
-                client_request_id: r.get(4)?,
-                open: r.get(5)?,
-                created_at: from_ms(r.get(6)?),
-                updated_at: from_ms(r.get(7)?),
-                route: r.get(8)?,
-            })
-        })
-        .optional()
-    })
+    .and_then(|mut s| s.query_row([message_id], link).optional())
     .map_err(sql_error)
 }
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::conn::{deliveries, delivery, millis, now_ms, raw_delivery, sql_error, to_ms};
+use super::conn::{millis, now_ms, sql_error, to_ms};
+use super::rows::delivery;
 use crate::store::api::{
     AssessmentFact, Delivery, DeliveryCursor, DeliveryState, DeliveryStats, Finished, Outcome,
     StoreError, Ticket, VoteKey,
@@ -38,11 +39,11 @@ pub(super) fn claim_due(
             delivery_columns!()
         ))
         .and_then(|mut s| {
-            s.query_map((i64::from(limit), now, lease_until), raw_delivery)?
+            s.query_map((i64::from(limit), now, lease_until), delivery)?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql_error)?;
-    let mut out = deliveries(raws)?;
+    let mut out = raws.into_iter().collect::<Result<Vec<_>, _>>()?;
     // RETURNING has no order.
     out.sort_by_key(|d| d.next_attempt_at);
     Ok(out)
@@ -74,12 +75,12 @@ pub(super) fn claim(
                     now,
                     now.saturating_add(millis(lease)),
                 ),
-                raw_delivery,
+                delivery,
             )
             .optional()
         })
         .map_err(sql_error)?;
-    raw.map(delivery).transpose()
+    raw.transpose()
 }
 
 pub(super) fn renew_lease(
@@ -188,12 +189,12 @@ pub(super) fn list_deliveries(
                     after.map(|a| a.key.user_id.as_str()),
                     after.map(|a| a.key.name.as_str()),
                 ),
-                raw_delivery,
+                delivery,
             )?
             .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(sql_error)?;
-    deliveries(raws)
+    raws.into_iter().collect()
 }
 
 pub(super) fn dead_reasons(

@@ -1,15 +1,16 @@
 //! The review queries in SQLite: summaries from the hourly `vote_rollup` (kept by the vote
 //! triggers of `0003_review.sql`), listings from `votes` through the `votes_recent` index.
-//! Rows are decoded by column name.
+//! Rows are decoded by column name (`rows`).
 
 use std::sync::OnceLock;
 
 use rusqlite::{Connection, named_params};
 
-use super::conn::{from_ms, sql_error, to_ms};
+use super::conn::{sql_error, to_ms};
+use super::rows::reviewed;
 use crate::domain::Polarity;
 use crate::store::api::{
-    Backlog, ListQuery, ReviewCursor, ReviewedVote, StoreError, SummaryCell, SummaryQuery, VoteKey,
+    Backlog, ListQuery, ReviewCursor, ReviewedVote, StoreError, SummaryCell, SummaryQuery,
 };
 use crate::store::codec;
 use crate::store::review::{json_word_list, words};
@@ -128,18 +129,6 @@ fn list_sql() -> &'static str {
     })
 }
 
-type Raw = (
-    VoteKey,
-    String,
-    String,
-    Option<String>,
-    i64,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
-
 pub(super) fn votes(
     conn: &mut Connection,
     q: &ListQuery,
@@ -163,41 +152,9 @@ pub(super) fn votes(
                 ":negative_to": q.thresholds.negative_to,
                 ":limit": i64::from(q.limit),
             },
-            |r| -> rusqlite::Result<Raw> {
-                Ok((
-                    VoteKey {
-                        message_id: r.get("message_id")?,
-                        user_id: r.get("user_id")?,
-                        name: r.get("name")?,
-                    },
-                    r.get("chat_id")?,
-                    r.get("value")?,
-                    r.get("comment")?,
-                    r.get("updated_at")?,
-                    r.get("route")?,
-                    r.get("state")?,
-                    r.get("last_error")?,
-                    r.get("trace_id")?,
-                ))
-            },
+            reviewed,
         )
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
         .map_err(sql_error)?;
-    rows.into_iter()
-        .map(
-            |(key, chat_id, value, comment, at, route, state, last_error, trace_id)| {
-                Ok(ReviewedVote {
-                    key,
-                    chat_id,
-                    value: codec::value_from_text(&value)?,
-                    comment,
-                    updated_at: from_ms(at),
-                    route,
-                    delivery: state.as_deref().map(codec::state).transpose()?,
-                    last_error,
-                    trace_id,
-                })
-            },
-        )
-        .collect()
+    rows.into_iter().collect()
 }

@@ -2,7 +2,8 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::conn::{delivery, from_ms, immediate, now_ms, raw_delivery, sql_error};
+use super::conn::{immediate, now_ms, sql_error};
+use super::rows::{delivery, vote};
 use crate::store::api::{
     AWAITING_TRACE, Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
 };
@@ -53,7 +54,7 @@ pub(super) fn upsert_vote(
         ))
     })
     .map_err(sql_error)?;
-    let raw = tx
+    let d = tx
         .prepare_cached(concat!(
             "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
                 desired_comment, version, generation, state, attempts, next_attempt_at,
@@ -82,12 +83,12 @@ pub(super) fn upsert_vote(
                     reason,
                     now.saturating_add(delay_ms),
                 ),
-                raw_delivery,
+                delivery,
             )
         })
-        .map_err(sql_error)?;
+        .map_err(sql_error)??;
     tx.commit().map_err(sql_error)?;
-    delivery(raw)
+    Ok(d)
 }
 
 pub(super) fn retract_vote(
@@ -111,7 +112,7 @@ pub(super) fn retract_vote(
         return Ok(None);
     };
     // An upsert, so that a retraction reaches MLflow even if the delivery row was removed.
-    let raw = tx
+    let d = tx
         .prepare_cached(concat!(
             "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, version,
                 generation, state, attempts, next_attempt_at, enqueued_at, updated_at)
@@ -134,12 +135,12 @@ pub(super) fn retract_vote(
                     now,
                     now.saturating_add(codec::millis(hold)),
                 ),
-                raw_delivery,
+                delivery,
             )
         })
-        .map_err(sql_error)?;
+        .map_err(sql_error)??;
     tx.commit().map_err(sql_error)?;
-    delivery(raw).map(Some)
+    Ok(Some(d))
 }
 
 pub(super) fn list_votes(
@@ -147,37 +148,15 @@ pub(super) fn list_votes(
     chat_id: &str,
     user_id: &str,
 ) -> Result<Vec<Vote>, StoreError> {
-    let rows = conn
-        .prepare_cached(
-            "SELECT message_id, user_id, name, chat_id, value, comment, updated_at
-            FROM votes WHERE chat_id = ?1 AND user_id = ?2 ORDER BY message_id, name",
-        )
-        .and_then(|mut s| {
-            s.query_map((chat_id, user_id), |r| {
-                Ok((
-                    VoteKey {
-                        message_id: r.get(0)?,
-                        user_id: r.get(1)?,
-                        name: r.get(2)?,
-                    },
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, Option<String>>(5)?,
-                    r.get::<_, i64>(6)?,
-                ))
-            })?
+    conn.prepare_cached(
+        "SELECT message_id, user_id, name, chat_id, value, comment, updated_at
+        FROM votes WHERE chat_id = ?1 AND user_id = ?2 ORDER BY message_id, name",
+    )
+    .and_then(|mut s| {
+        s.query_map((chat_id, user_id), vote)?
             .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .map_err(sql_error)?;
-    rows.into_iter()
-        .map(|(key, chat_id, value, comment, updated_at)| {
-            Ok(Vote {
-                key,
-                chat_id,
-                value: codec::value_from_text(&value)?,
-                comment,
-                updated_at: from_ms(updated_at),
-            })
-        })
-        .collect()
+    })
+    .map_err(sql_error)?
+    .into_iter()
+    .collect()
 }
