@@ -446,7 +446,7 @@ impl Proxy {
             request_id: fwd.request_id.to_str().unwrap_or("").to_owned(),
             span: tracing::Span::current(),
             method: parts.method,
-            path: parts.uri.path().to_owned(),
+            uri: parts.uri,
             status: rparts.status.as_u16(),
             start: fwd.start,
             upstream: self.origin.clone(),

@@ -323,3 +323,75 @@ async fn votes_past_max_in_flight_are_shed_at_once() {
         .unwrap();
     assert_eq!(res.status(), 400, "a malformed vote is read, not shed");
 }
+
+/// Static files through tower-http's `ServeDir` (a configured `[ui] dir`): validators,
+/// conditional requests and ranges; the embedded page's own ETag.
+#[tokio::test]
+async fn static_files_have_etags_conditional_requests_and_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("dist");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("index.html"), "<html>app</html>").unwrap();
+    std::fs::write(root.join("app.js"), "console.log('0123456789')").unwrap();
+    let app_dir = app(&dir, &format!("[ui]\ndir = \"{}\"\n", root.display())).await;
+
+    let res = call(&app_dir, Request::get("/app.js"), "").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.body().as_ref(), b"console.log('0123456789')");
+    assert_eq!(res.headers()["cache-control"], "public, max-age=300");
+    let etag = res.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(res.headers().contains_key("last-modified"));
+
+    let res = call(
+        &app_dir,
+        Request::get("/app.js").header("if-none-match", etag.as_str()),
+        "",
+    )
+    .await;
+    assert_eq!(res.status(), 304);
+    assert!(res.body().is_empty());
+
+    let res = call(
+        &app_dir,
+        Request::get("/app.js").header("range", "bytes=0-6"),
+        "",
+    )
+    .await;
+    assert_eq!(res.status(), 206);
+    assert_eq!(res.body().as_ref(), b"console");
+    assert_eq!(res.headers()["content-range"], "bytes 0-6/25");
+
+    // A client-side route gets the app's index, with the page's headers.
+    let res = call(&app_dir, Request::get("/chat/42"), "").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.body().as_ref(), b"<html>app</html>");
+    assert_eq!(res.headers()["cache-control"], "no-cache");
+    assert!(res.headers().contains_key("content-security-policy"));
+    // A missing asset is a JSON 404, never the index.
+    let res = call(&app_dir, Request::get("/missing.js"), "").await;
+    assert_eq!(res.status(), 404);
+    assert_eq!(json(&res)["code"], "NOT_FOUND");
+
+    // The embedded page.
+    let other = tempfile::tempdir().unwrap();
+    let app_embedded = app(&other, "").await;
+    let res = call(&app_embedded, Request::get("/"), "").await;
+    assert_eq!(res.status(), 200);
+    let etag = res.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    let res = call(
+        &app_embedded,
+        Request::get("/").header("if-none-match", format!("W/{etag}")),
+        "",
+    )
+    .await;
+    assert_eq!(res.status(), 304);
+    assert!(res.body().is_empty());
+    let res = call(
+        &app_embedded,
+        Request::get("/").header("if-none-match", "\"other\""),
+        "",
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+}

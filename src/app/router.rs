@@ -37,16 +37,24 @@ use crate::route::{self, Route};
 pub type BoxFuture =
     Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send + 'static>>;
 
-/// Classifies and dispatches; see the module documentation.
+/// Classifies and dispatches; see the module documentation. Cloned per request (as tower
+/// services are), so everything is behind one `Arc`: the CORS service is cloned only for a
+/// feedback request.
 #[derive(Clone)]
 pub struct Router {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     state: Arc<AppState>,
     feedback: Cors<FeedbackEndpoint>,
 }
 
 impl Router {
     pub fn new(state: Arc<AppState>, feedback: Cors<FeedbackEndpoint>) -> Self {
-        Self { state, feedback }
+        Self {
+            inner: Arc::new(Inner { state, feedback }),
+        }
     }
 }
 
@@ -60,31 +68,30 @@ impl Service<Request<ReqBody>> for Router {
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> BoxFuture {
-        Box::pin(serve(self.state.clone(), self.feedback.clone(), req))
+        Box::pin(serve(self.inner.clone(), req))
     }
 }
 
-async fn serve(
-    state: Arc<AppState>,
-    feedback: Cors<FeedbackEndpoint>,
-    req: Request<ReqBody>,
-) -> Result<Response<Body>, Infallible> {
+async fn serve(inner: Arc<Inner>, req: Request<ReqBody>) -> Result<Response<Body>, Infallible> {
+    let state = &inner.state;
     let start = Instant::now();
     let request_id = request_id(&req);
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let route = route::classify(&method, &path, &state.config);
+    // A clone of the URI shares its bytes: no copy of the path per request.
+    let uri = req.uri().clone();
+    let path = uri.path();
+    let route = route::classify(&method, path, &state.config);
     let label = route.label();
     let route_index = route.index();
     tracing::Span::current().record("route", tracing::field::display(label));
 
     let res = match route {
-        Route::FeedbackPreflight => preflight(feedback, req, &request_id).await,
+        Route::FeedbackPreflight => preflight(inner.feedback.clone(), req, &request_id).await,
         Route::FeedbackSubmit | Route::FeedbackList { .. } | Route::FeedbackRetract { .. } => {
-            feedback.oneshot(req).await?
+            inner.feedback.clone().oneshot(req).await?
         }
         route => respond(
-            dispatch(&state, route, req, &request_id, start).await,
+            dispatch(state, route, req, &request_id, start).await,
             &request_id,
             label,
         ),

@@ -4,16 +4,16 @@
 //!
 //! 0. `MapRequest(into ReqBody)` (tower): the stack is generic over the request body; a
 //!    socket's `Incoming` passes unboxed, anything else (a test's `Full`) is boxed once.
-//! 1. `SetSensitiveHeaders` (tower-http): marks credentials (`authorization`, `cookie`, the
-//!    platform's user token, `set-cookie`) sensitive before anything below could print a header
-//!    map, so no log line or `Debug` shows them.
+//! 1. `SetSensitiveRequestHeaders` (tower-http): marks the credentials a request brings
+//!    (`authorization`, `cookie`, the platform's user token) sensitive before anything below
+//!    could print a header map, so no log line or `Debug` shows them.
 //! 2. `MapRequest(sanitize_request_id)` (tower): drops a client's `x-request-id` that we would
 //!    not echo into logs and answers (empty, over 128 bytes, not visible ASCII), so the next
 //!    layer mints one instead.
 //! 3. `SetRequestId` (tower-http): every request has an id (the client's or the platform's if it
 //!    is sane, else a UUID). Before the span, so the span carries it.
 //! 4. `PropagateRequestId` (tower-http): the id is on every response, errors and successes alike.
-//! 5. `Trace` (tower-http): one `request` span per request (request id, method; the router
+//! 5. `Trace` (tower-http): one `request` span per request (request id; the router
 //!    records the route and the proxy the message id), entered while the handler runs and while
 //!    the response body is polled, so every line a request logs, the streamed answer's final
 //!    access line included, carries its request id. Its own event hooks are off: the access
@@ -30,14 +30,12 @@
 
 use std::sync::Arc;
 
-use http::header::{
-    AUTHORIZATION, CONTENT_TYPE, COOKIE, HeaderName, HeaderValue, PROXY_AUTHORIZATION, SET_COOKIE,
-};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, HeaderName, HeaderValue};
 use http::{Method, Request};
 use tower::{Layer, ServiceBuilder};
 use tower_http::cors::{AllowCredentials, AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::{MakeSpan, TraceLayer};
 
 use super::router::{FeedbackEndpoint, Router};
@@ -78,12 +76,10 @@ where
     let feedback = cors(&state.config.feedback).layer(FeedbackEndpoint::new(state.clone()));
     ServiceBuilder::new()
         .map_request(|req: Request<B>| req.map(Into::<ReqBody>::into))
-        .layer(SetSensitiveHeadersLayer::new([
+        .layer(SetSensitiveRequestHeadersLayer::new([
             AUTHORIZATION,
-            PROXY_AUTHORIZATION,
             COOKIE,
             X_FORWARDED_ACCESS_TOKEN,
-            SET_COOKIE,
         ]))
         .map_request(sanitize_request_id::<ReqBody>)
         .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
@@ -134,7 +130,7 @@ fn sanitize_request_id<B>(mut req: Request<B>) -> Request<B> {
     req
 }
 
-/// The `request` span: its request id and method now; `route` (the router) and `message_id`
+/// The `request` span: its request id now (method and path are on the access line); `route` (the router) and `message_id`
 /// (the proxy) are recorded once known.
 #[derive(Clone, Copy)]
 struct RequestSpan;
@@ -149,7 +145,6 @@ impl<B> MakeSpan<B> for RequestSpan {
         tracing::info_span!(
             "request",
             request_id = %id,
-            method = %req.method(),
             route = tracing::field::Empty,
             message_id = tracing::field::Empty,
         )

@@ -326,7 +326,7 @@ impl ResponseBody {
             target: "feedback_proxy::access",
             request_id = %end.request_id,
             method = %end.method,
-            path = %end.path,
+            path = %end.uri.path(),
             route = "agent",
             status = end.status,
             duration_ms,

@@ -43,7 +43,8 @@ pub struct StreamEnd {
     pub metrics: Arc<Metrics>,
     pub request_id: String,
     pub method: http::Method,
-    pub path: String,
+    /// The request URI as received (its path goes to the access line; moved, not copied).
+    pub uri: http::Uri,
     pub status: u16,
     pub start: Instant,
     /// The upstream base, for error messages.
