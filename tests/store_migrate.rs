@@ -27,7 +27,7 @@ fn write_config(dir: &Path, store_url: &str) -> std::path::PathBuf {
 }
 
 /// The newest schema version (the number of migrations shipped).
-const LATEST: i32 = 3;
+const LATEST: i32 = 4;
 
 /// Starts two `feedback-proxy migrate` processes at once and waits for both.
 fn migrate_twice_at_once(config: &Path) -> [Output; 2] {
@@ -91,7 +91,7 @@ async fn postgres_concurrent_migrations_leave_one_schema_version() {
         .await
         .unwrap();
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, [1, 2, 3]);
+    assert_eq!(versions, [1, 2, 3, 4]);
     let tables: i64 = admin
         .query_one(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'feedback_proxy'",
@@ -148,7 +148,7 @@ async fn postgres_schema_checks() {
             .err()
             .expect("opened a newer schema");
         assert!(
-            matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 3)")),
+            matches!(&err, StoreError::Schema(m) if m.contains(&format!("version 999, newer than this binary supports (up to {LATEST})"))),
             "{err:?}"
         );
     }
@@ -179,7 +179,7 @@ async fn sqlite_concurrent_migrations_leave_one_schema_version() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(versions, [1, 2, 3]);
+    assert_eq!(versions, [1, 2, 3, 4]);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -224,7 +224,7 @@ async fn sqlite_schema_checks() {
         .err()
         .expect("opened a newer schema");
     assert!(
-        matches!(&err, StoreError::Schema(m) if m.contains("version 999, newer than this binary supports (up to 3)")),
+        matches!(&err, StoreError::Schema(m) if m.contains(&format!("version 999, newer than this binary supports (up to {LATEST})"))),
         "{err:?}"
     );
 
@@ -304,7 +304,7 @@ async fn upgrade_from_version_1(config: &StoreConfig, no_migrate: &StoreConfig) 
         .err()
         .expect("opened a version-1 store without migrating");
     assert!(
-        matches!(&err, StoreError::Schema(m) if m.contains("version 1 but this binary needs version 3") && m.contains("feedback-proxy migrate")),
+        matches!(&err, StoreError::Schema(m) if m.contains(&format!("version 1 but this binary needs version {LATEST}")) && m.contains("feedback-proxy migrate")),
         "{err:?}"
     );
     let m = feedback_proxy::store::migrate(config, pg::deps())
@@ -414,6 +414,205 @@ async fn sqlite_upgrades_a_version_1_file_with_its_data() {
     upgrade_from_version_1(
         &pg::store_config(&url, ""),
         &pg::store_config(&url, "migrate = false"),
+    )
+    .await;
+}
+
+/// Current votes and commented votes by value over all time, from the review summary.
+async fn review_cells(store: &SharedStore) -> Vec<(String, i64, i64)> {
+    let cells = store
+        .review_summary(&feedback_proxy::store::SummaryQuery {
+            scope: feedback_proxy::store::ReviewScope {
+                from: std::time::SystemTime::UNIX_EPOCH,
+                to: std::time::SystemTime::now() + Duration::from_secs(3600),
+                name: None,
+                route: None,
+            },
+            bucket_hours: 24,
+        })
+        .await
+        .unwrap();
+    let mut out: Vec<(String, i64, i64)> = Vec::new();
+    for c in cells {
+        let v = c.value.to_json().to_string();
+        match out.iter_mut().find(|(x, _, _)| *x == v) {
+            Some(e) => (e.1, e.2) = (e.1 + c.votes, e.2 + c.commented),
+            None => out.push((v, c.votes, c.commented)),
+        }
+    }
+    out.retain(|(_, n, _)| *n != 0);
+    out
+}
+
+fn thumb(up: bool, comment: Option<&str>) -> NewVote {
+    NewVote {
+        key: key(),
+        chat_id: "c1".into(),
+        value: FeedbackValue::Bool(up),
+        comment: comment.map(str::to_owned),
+    }
+}
+
+/// A store at version 3 with a vote counted in its rollup: the upgrade keeps the rollup right
+/// (version 4 changes when the rollup is written, not what it holds), a re-vote that changes
+/// nothing the rollup counts no longer writes it (`rollup_writes`, a count of rollup row writes
+/// the caller installs after migrating), and every change it does count still moves it.
+async fn upgrade_from_version_3(
+    config: &StoreConfig,
+    no_migrate: &StoreConfig,
+    count_rollup_writes: impl AsyncFn() -> i64,
+) {
+    let m = feedback_proxy::store::migrate(config, pg::deps())
+        .await
+        .unwrap();
+    assert_eq!((m.from, m.to), (3, LATEST));
+    let store: SharedStore = feedback_proxy::store::open(no_migrate, pg::deps())
+        .await
+        .unwrap();
+    assert_eq!(review_cells(&store).await, [("true".to_owned(), 1, 0)]);
+    let writes = count_rollup_writes().await;
+
+    // The first vote of this session moves the stored one to the current hour.
+    let vote = |up, comment| thumb(up, comment);
+    store
+        .upsert_vote(&vote(true, None), &Enqueue::Pending)
+        .await
+        .unwrap();
+    assert_eq!(review_cells(&store).await, [("true".to_owned(), 1, 0)]);
+    let moved = count_rollup_writes().await;
+    assert!(moved > writes, "the move to this hour wrote no rollup row");
+
+    // The same vote again within the hour: nothing the rollup counts changed, nothing written.
+    store
+        .upsert_vote(&vote(true, None), &Enqueue::Pending)
+        .await
+        .unwrap();
+    assert_eq!(
+        count_rollup_writes().await,
+        moved,
+        "a no-op re-vote wrote the rollup"
+    );
+    assert_eq!(review_cells(&store).await, [("true".to_owned(), 1, 0)]);
+
+    // A comment, a changed comment, a flip, and a retraction are all counted.
+    store
+        .upsert_vote(&vote(true, Some("good")), &Enqueue::Pending)
+        .await
+        .unwrap();
+    assert_eq!(review_cells(&store).await, [("true".to_owned(), 1, 1)]);
+    store
+        .upsert_vote(&vote(true, Some("very good")), &Enqueue::Pending)
+        .await
+        .unwrap();
+    assert_eq!(review_cells(&store).await, [("true".to_owned(), 1, 1)]);
+    store
+        .upsert_vote(&vote(false, Some("very good")), &Enqueue::Pending)
+        .await
+        .unwrap();
+    assert_eq!(review_cells(&store).await, [("false".to_owned(), 1, 1)]);
+    store
+        .upsert_vote(&vote(false, None), &Enqueue::Pending)
+        .await
+        .unwrap();
+    assert_eq!(review_cells(&store).await, [("false".to_owned(), 1, 0)]);
+    store
+        .retract_vote(&key(), Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("retracted the vote");
+    assert_eq!(review_cells(&store).await, []);
+}
+
+/// Counts every insert or update of a `vote_rollup` row in `rollup_writes` (Postgres).
+const PG_COUNT_ROLLUP_WRITES: &str = "CREATE TABLE rollup_writes (n bigint NOT NULL);
+    INSERT INTO rollup_writes VALUES (0);
+    CREATE FUNCTION count_rollup_write() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+        BEGIN UPDATE rollup_writes SET n = n + 1; RETURN NULL; END $$;
+    CREATE TRIGGER count_rollup_writes AFTER INSERT OR UPDATE ON vote_rollup
+        FOR EACH ROW EXECUTE FUNCTION count_rollup_write();";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_upgrades_a_version_3_schema_with_its_rollup() {
+    let db = TestDb::create(&pg::shared_url()).await;
+    let admin = db.admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA feedback_proxy;
+            SET search_path TO feedback_proxy;
+            {}
+            {}
+            {}
+            CREATE TABLE schema_migrations (
+                version    integer     PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            );
+            INSERT INTO schema_migrations (version) VALUES (1), (2), (3);
+            {};
+            {PG_COUNT_ROLLUP_WRITES}",
+            include_str!("../src/store/migrations/postgres/0001_initial.sql"),
+            include_str!("../src/store/migrations/postgres/0002_delivery_claims.sql"),
+            include_str!("../src/store/migrations/postgres/0003_review.sql"),
+            V1_DELIVERY.replace("NOW", "now() - interval '2 days'")
+        ))
+        .await
+        .unwrap();
+    let count = async || {
+        admin
+            .query_one("SELECT n FROM feedback_proxy.rollup_writes", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    upgrade_from_version_3(
+        &pg::store_config(&db.url, ""),
+        &pg::store_config(&db.url, "migrate = false"),
+        count,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_upgrades_a_version_3_file_with_its_rollup() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("store.db");
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    conn.execute_batch(&format!(
+        "{}
+        {}
+        {}
+        CREATE TABLE schema_migrations (
+            version    INTEGER PRIMARY KEY,
+            applied_at INTEGER NOT NULL
+        );
+        INSERT INTO schema_migrations (version, applied_at) VALUES (1, 0), (2, 0), (3, 0);
+        {};
+        CREATE TABLE rollup_writes (n INTEGER NOT NULL);
+        INSERT INTO rollup_writes VALUES (0);
+        CREATE TRIGGER count_rollup_inserts AFTER INSERT ON vote_rollup BEGIN
+            UPDATE rollup_writes SET n = n + 1;
+        END;
+        CREATE TRIGGER count_rollup_updates AFTER UPDATE ON vote_rollup BEGIN
+            UPDATE rollup_writes SET n = n + 1;
+        END;",
+        include_str!("../src/store/migrations/sqlite/0001_initial.sql"),
+        include_str!("../src/store/migrations/sqlite/0002_delivery_claims.sql"),
+        include_str!("../src/store/migrations/sqlite/0003_review.sql"),
+        V1_DELIVERY.replace("NOW", "1700000000000")
+    ))
+    .unwrap();
+    drop(conn);
+    let count = async || {
+        rusqlite::Connection::open(&file)
+            .unwrap()
+            .query_row("SELECT n FROM rollup_writes", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+    let url = format!("sqlite://{}", file.display());
+    upgrade_from_version_3(
+        &pg::store_config(&url, ""),
+        &pg::store_config(&url, "migrate = false"),
+        count,
     )
     .await;
 }

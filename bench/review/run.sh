@@ -6,6 +6,12 @@
 #
 #   bash bench/review/run.sh            # both backends
 #   BACKENDS=sqlite bash bench/review/run.sh
+#   REVIEW_VOTES=100000 bash bench/review/run.sh   # fewer votes, for quicker iteration
+#   REVIEW_SPLIT=1 bash bench/review/run.sh        # also: the triggers alone, the indexes alone
+#
+# The review objects on `votes` (its triggers, and its indexes other than the primary key and
+# votes_chat_user) are read from the migrated database itself, dropped and re-created between
+# rounds.
 #
 # Needs: a release build (made here), wrk, psql and a Postgres at DATABASE_URL (default
 # postgres://postgres@127.0.0.1:5432/postgres) for the Postgres half, python3.
@@ -17,6 +23,8 @@ N=${REVIEW_SAMPLES:-200}
 ROUNDS=${REVIEW_ROUNDS:-3}
 SECS=${REVIEW_WRK_SECS:-10}
 CONNS=${REVIEW_WRK_CONNS:-16}
+VOTES=${REVIEW_VOTES:-1000000}
+SPLIT=${REVIEW_SPLIT:-0}
 ADMIN_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 REVIEWER=reviewer@bench.example
 RUN=$(mktemp -d /tmp/fp-review-bench.XXXXXX)
@@ -73,9 +81,12 @@ for backend in $BACKENDS; do
     sqlite)
       URL="sqlite://$RUN/review.db"
       sql() { python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.stdin.read()); c.commit()' "$RUN/review.db"; }
-      DROP="DROP TRIGGER votes_rollup_insert; DROP TRIGGER votes_rollup_update; DROP TRIGGER votes_rollup_delete; DROP INDEX votes_recent;"
-      RESTORE="CREATE INDEX IF NOT EXISTS votes_recent ON votes (updated_at, message_id, user_id, name);
-$(sed -n '/^CREATE TRIGGER/,$p' src/store/migrations/sqlite/0003_review.sql)"
+      sqlq() { python3 -c 'import sqlite3,sys; print("\n".join(str(r[0]) for r in sqlite3.connect(sys.argv[1]).execute(sys.argv[2]) if r[0] is not None))' "$RUN/review.db" "$1"; }
+      Q_TRIGGERS="SELECT sql || ';' FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'votes'"
+      Q_DROP_TRIGGERS="SELECT 'DROP TRIGGER ' || name || ';' FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'votes'"
+      Q_INDEXES="SELECT sql || ';' FROM sqlite_master WHERE type = 'index' AND tbl_name = 'votes' AND sql IS NOT NULL AND name <> 'votes_chat_user'"
+      Q_DROP_INDEXES="SELECT 'DROP INDEX ' || name || ';' FROM sqlite_master WHERE type = 'index' AND tbl_name = 'votes' AND sql IS NOT NULL AND name <> 'votes_chat_user'"
+      GENERATE() { sed "s/i < 1000000/i < $VOTES/" bench/review/generate-sqlite.sql | sql; }
       ;;
     postgres)
       command -v psql >/dev/null || { log "no psql: Postgres skipped"; continue; }
@@ -83,17 +94,20 @@ $(sed -n '/^CREATE TRIGGER/,$p' src/store/migrations/sqlite/0003_review.sql)"
       DB_URL="${ADMIN_URL%/*}/fp_review_bench"
       URL="$DB_URL?sslmode=disable"
       sql() { psql -q -v ON_ERROR_STOP=1 "$DB_URL" -c "SET search_path = feedback_proxy" -f -; }
-      DROP="DROP TRIGGER votes_rollup ON votes; DROP INDEX votes_recent;"
-      RESTORE="CREATE INDEX votes_recent ON votes (updated_at, message_id, user_id, name);
-CREATE TRIGGER votes_rollup AFTER INSERT OR UPDATE OR DELETE ON votes FOR EACH ROW EXECUTE FUNCTION vote_rollup_apply();"
+      sqlq() { psql -qAt -v ON_ERROR_STOP=1 "$DB_URL" -c "SET search_path = feedback_proxy" -c "$1"; }
+      Q_TRIGGERS="SELECT pg_get_triggerdef(oid) || ';' FROM pg_trigger WHERE tgrelid = 'votes'::regclass AND NOT tgisinternal"
+      Q_DROP_TRIGGERS="SELECT 'DROP TRIGGER ' || quote_ident(tgname) || ' ON votes;' FROM pg_trigger WHERE tgrelid = 'votes'::regclass AND NOT tgisinternal"
+      Q_INDEXES="SELECT pg_get_indexdef(indexrelid) || ';' FROM pg_index WHERE indrelid = 'votes'::regclass AND NOT indisprimary AND indexrelid::regclass::text <> 'votes_chat_user'"
+      Q_DROP_INDEXES="SELECT 'DROP INDEX ' || indexrelid::regclass::text || ';' FROM pg_index WHERE indrelid = 'votes'::regclass AND NOT indisprimary AND indexrelid::regclass::text <> 'votes_chat_user'"
+      GENERATE() { sed "s/set n 1000000/set n $VOTES/" bench/review/generate-postgres.sql | sql; }
       ;;
     *) log "unknown backend $backend"; exit 1 ;;
   esac
   config "$RUN/$backend.toml" "$URL"
   "$BIN" migrate --config "$RUN/$backend.toml" >/dev/null
-  log "$backend: generating 1,000,000 votes (with links and deliveries)"
+  log "$backend: generating $VOTES votes (with links and deliveries)"
   t0=$(date +%s)
-  if [ "$backend" = sqlite ]; then sql < bench/review/generate-sqlite.sql; else sql < bench/review/generate-postgres.sql; fi
+  GENERATE
   log "$backend: generated in $(( $(date +%s) - t0 )) s"
   "$BIN" serve --config "$RUN/$backend.toml" > "$RUN/proxy-$backend.log" 2>&1 &
   PROXY_PID=$!
@@ -104,23 +118,40 @@ CREATE TRIGGER votes_rollup AFTER INSERT OR UPDATE OR DELETE ON votes FOR EACH R
   log "$backend: review queries, $N requests each, one connection"
   python3 bench/review/timing.py "http://127.0.0.1:$P_PROXY" "$REVIEWER" "$N"
 
-  log "$backend: POST /api/feedback, wrk -c$CONNS ${SECS}s × $ROUNDS rounds, with and without the review trigger and index"
+  TRIGGERS=$(sqlq "$Q_TRIGGERS"); DROP_TRIGGERS=$(sqlq "$Q_DROP_TRIGGERS")
+  INDEXES=$(sqlq "$Q_INDEXES"); DROP_INDEXES=$(sqlq "$Q_DROP_INDEXES")
+  log "$backend: the review objects on votes:"$'\n'"$TRIGGERS"$'\n'"$INDEXES"
+  log "$backend: POST /api/feedback, wrk -c$CONNS ${SECS}s × $ROUNDS rounds, with and without the review triggers and indexes"
   "$FPB" feedback-seed --url "http://127.0.0.1:$P_PROXY" --users 100 --messages 10 --tag a \
     --check-status no_experiment_id >&2
-  with=(); without=()
+  arms=(with without); [ "$SPLIT" = 1 ] && arms+=(triggers-only indexes-only)
+  declare -A rates=()
   for r in $(seq "$ROUNDS"); do
-    with+=("$(wrk_votes)")
-    sql <<<"$DROP"
-    without+=("$(wrk_votes)")
-    sql <<<"$RESTORE"
-    printf '    round %s: with %s votes/s, without %s votes/s\n' "$r" "${with[-1]}" "${without[-1]}" >&2
+    line="    round $r:"
+    for arm in "${arms[@]}"; do
+      case $arm in
+        without) sql <<<"$DROP_TRIGGERS"$'\n'"$DROP_INDEXES" ;;
+        triggers-only) sql <<<"$DROP_INDEXES" ;;
+        indexes-only) sql <<<"$DROP_TRIGGERS" ;;
+      esac
+      rate=$(wrk_votes)
+      case $arm in
+        without) sql <<<"$INDEXES"$'\n'"$TRIGGERS" ;;
+        triggers-only) sql <<<"$INDEXES" ;;
+        indexes-only) sql <<<"$TRIGGERS" ;;
+      esac
+      rates[$arm]="${rates[$arm]:-} $rate"
+      line+=" $arm $rate"
+    done
+    printf '%s votes/s\n' "$line" >&2
   done
-  python3 - "${with[*]}" "${without[*]}" <<'EOF'
+  args=(); for arm in "${arms[@]}"; do args+=("$arm=${rates[$arm]}"); done
+  python3 - "${args[@]}" <<'EOF'
 import statistics, sys
-w = [float(x) for x in sys.argv[1].split()]
-wo = [float(x) for x in sys.argv[2].split()]
-mw, mwo = statistics.median(w), statistics.median(wo)
-print(f"    votes/s median: with the review trigger and index {mw:.0f}, without {mwo:.0f}: {mw / mwo:.3f}x ({(1 - mw / mwo) * 100:+.1f} % cost)")
+med = {a.split("=")[0]: statistics.median(float(x) for x in a.split("=")[1].split()) for a in sys.argv[1:]}
+base = med["without"]
+for arm, m in med.items():
+    print(f"    votes/s median, {arm}: {m:.0f} = {m / base:.3f}x of without ({(1 - m / base) * 100:+.1f} % cost)")
 EOF
   kill "$PROXY_PID"; wait "$PROXY_PID" 2>/dev/null || true
 done

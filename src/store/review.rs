@@ -3,8 +3,8 @@
 //!
 //! Both read CURRENT votes: a changed vote counts once, with its last value, at the time of its
 //! last change; a retracted vote is gone. Summaries read the hourly `vote_rollup` table the
-//! vote triggers keep (see the backends' `0003_review.sql`), so their ranges are whole UTC
-//! hours; listings read `votes` newest first with a keyset cursor.
+//! vote triggers keep (see the backends' `0003_review.sql` and `0004_review_write_cost.sql`), so
+//! their ranges are whole UTC hours; listings read `votes` newest first with a keyset cursor.
 //!
 //! [`Store::review_summary`]: super::Store::review_summary
 //! [`Store::review_votes`]: super::Store::review_votes

@@ -1,6 +1,6 @@
 //! The review queries in Postgres: summaries from the hourly, sharded `vote_rollup` (kept by
-//! the vote trigger of `0003_review.sql`), listings from `votes` through the `votes_recent`
-//! index. Rows are decoded by column name (`rows`).
+//! the vote triggers of `0003_review.sql` and `0004_review_write_cost.sql`), listings from
+//! `votes` through the `votes_recent` index. Rows are decoded by column name (`rows`).
 
 use std::sync::OnceLock;
 use std::time::SystemTime;

@@ -28,6 +28,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         sql: include_str!("../migrations/sqlite/0003_review.sql"),
     },
+    Migration {
+        version: 4,
+        sql: include_str!("../migrations/sqlite/0004_review_write_cost.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

@@ -1,6 +1,6 @@
 //! The review queries in SQLite: summaries from the hourly `vote_rollup` (kept by the vote
-//! triggers of `0003_review.sql`), listings from `votes` through the `votes_recent` index.
-//! Rows are decoded by column name (`rows`).
+//! triggers of `0003_review.sql` and `0004_review_write_cost.sql`), listings from `votes`
+//! through the `votes_recent` index. Rows are decoded by column name (`rows`).
 
 use std::sync::OnceLock;
 
