@@ -157,6 +157,32 @@ where
     }
 }
 
+/// How much of a refused body is read and dropped before the refusal is sent.
+pub const DRAIN_MAX: u64 = 8 << 20;
+
+/// Reads and drops the rest of a body that was refused for its size, when it is small enough
+/// (at most [`DRAIN_MAX`] bytes, as far as its declared size or what arrives tells): the client
+/// then reads our 413 instead of a broken pipe on its unfinished upload (nginx's lingering
+/// close does the same after the answer; hyper has none). Stops at the first error (the
+/// body's own progress timeout included) or past the bound.
+pub async fn drain<B>(body: &mut B)
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    if body.size_hint().lower() > DRAIN_MAX {
+        return;
+    }
+    let mut seen: u64 = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            seen += data.len() as u64;
+            if seen > DRAIN_MAX {
+                return;
+            }
+        }
+    }
+}
+
 pub const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// A JSON response with the given status.

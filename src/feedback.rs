@@ -427,8 +427,12 @@ async fn read_body(
     limit: usize,
     timeout: Duration,
 ) -> Result<bytes::Bytes, Error> {
-    let body = crate::body::timed(req.into_body(), Some(timeout));
-    collect_limited(body, limit).await.map_err(|e| match e {
+    let mut body = crate::body::timed(req.into_body(), Some(timeout));
+    let collected = collect_limited(&mut body, limit).await;
+    if let Err(CollectError::TooLarge { .. }) = &collected {
+        crate::body::drain(&mut body).await;
+    }
+    collected.map_err(|e| match e {
         CollectError::TooLarge { limit } => Error::PayloadTooLarge { limit },
         CollectError::Read(e) => match crate::body::body_timeout_in(e.as_ref()) {
             Some(after) => Error::RequestBodyTimeout { after },
