@@ -13,8 +13,9 @@
 //! - ends the stream when shutdown cuts it at the end of the grace period (an SSE stream with a
 //!   final `event: error`, code `SHUTTING_DOWN`; see `streams.rs`);
 //! - reports the end exactly once — completion, upstream error, idle timeout, shutdown, or the
-//!   client going away (drop) — to record the message link, update metrics and write the access
-//!   log line.
+//!   client going away (drop) — as one summary to the stream's observer
+//!   (`end.rs`, `StreamEnd::observe`), which records the message link, updates the metrics and
+//!   writes the access line.
 //!
 //! Nothing on the per-frame path allocates, locks, or calls the store.
 
@@ -32,23 +33,13 @@ use tokio::time::Sleep;
 use super::sse::Inspector;
 use super::streams::StreamHandle;
 use crate::body::BoxError;
-use crate::metrics::{KindLabel, TraceIdLabels};
 use crate::store::LinkRecord;
 
 mod end;
 pub use end::{BodyOptions, LinkMode, StreamEnd};
+use end::{EndReason, Summary};
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EndReason {
-    Complete,
-    UpstreamError,
-    IdleTimeout,
-    ClientGone,
-    /// Cut at the end of the shutdown grace period.
-    Shutdown,
-}
 
 /// The sentence of the final error event of a stream cut by shutdown.
 const SHUTTING_DOWN: &str = "the proxy is shutting down; the answer was cut off";
@@ -263,107 +254,21 @@ impl ResponseBody {
         end.recorder.record(link);
     }
 
-    /// Ends the stream once: link, metrics, access log.
+    /// Ends the stream once: one summary to the stream's observer ([`StreamEnd::observe`]),
+    /// which writes the metrics, the access line and the final link.
     fn finish(&mut self, reason: EndReason, error: Option<&str>) {
-        let may_link = self.may_link();
-        let Some(mut end) = self.end.take() else {
+        let write_link = !self.trace_reported && self.may_link();
+        let Some(end) = self.end.take() else {
             return;
         };
-        let _span = std::mem::replace(&mut end.span, tracing::Span::none()).entered();
-        let now = Instant::now();
-        let m = &end.metrics;
-        m.streams_open.dec();
-        m.agent_stream_duration()
-            .observe(now.duration_since(end.start).as_secs_f64());
-        if let Some(fb) = self.first_byte {
-            m.agent_stream_first_byte()
-                .observe(fb.duration_since(end.start).as_secs_f64());
-        }
-        m.stream_bytes.inc_by(self.bytes);
-
-        let found = self
-            .inspector
-            .as_ref()
-            .and_then(|i| i.trace_id())
-            .or(end.header_trace.as_ref());
-        let rejected = self.inspector.as_ref().and_then(|i| i.rejected());
-        let (outcome, source) = match (found, rejected) {
-            (Some(f), _) => ("found", f.source.as_str()),
-            (None, Some(src)) => ("rejected", src.as_str()),
-            (None, None) if end.header_rejected => ("rejected", "header"),
-            (None, None) => ("not_found", "none"),
-        };
-        m.trace_ids
-            .get_or_create(&TraceIdLabels { outcome, source })
-            .inc();
-        if self.inspector.as_ref().is_some_and(Inspector::overflowed) {
-            m.inspector_overflows.inc();
-            if found.is_none() {
-                // Said once per exchange, with the knob: large traces returned inline (Model
-                // Serving's `return_trace`) are the usual cause.
-                tracing::warn!(
-                    request_id = %end.request_id,
-                    message_id = %end.link.message_id,
-                    "an agent event or response body was larger than agent.max_inspect_bytes, so it was not searched for a trace id (forwarding was not affected); raise agent.max_inspect_bytes if the agent returns large traces inline"
-                );
-            }
-        }
-
-        let trace_id = found.map(|f| f.id.as_str()).unwrap_or("");
-        let duration_ms = now.duration_since(end.start).as_secs_f64() * 1e3;
-        let ttfb_ms = self
-            .first_byte
-            .map(|fb| fb.duration_since(end.start).as_secs_f64() * 1e3);
-        let outcome = match reason {
-            EndReason::Complete => "complete",
-            EndReason::ClientGone => "client_gone",
-            EndReason::UpstreamError => "stream_error",
-            EndReason::IdleTimeout => "idle_timeout",
-            EndReason::Shutdown => "shutdown",
-        };
-        // The access line: one per request, whatever happened.
-        tracing::info!(
-            target: "feedback_proxy::access",
-            request_id = %end.request_id,
-            method = %end.method,
-            path = %end.uri.path(),
-            route = "agent",
-            status = end.status,
-            duration_ms,
-            ttfb_ms,
-            bytes = self.bytes,
-            message_id = %end.link.message_id,
-            trace_id,
-            outcome,
-            "request"
-        );
-        // A broken stream is also an error, logged once, here.
-        if let Some(error) = error {
-            m.upstream_errors
-                .get_or_create(&KindLabel { kind: outcome })
-                .inc();
-            tracing::warn!(
-                request_id = %end.request_id,
-                message_id = %end.link.message_id,
-                upstream = %end.upstream,
-                error,
-                "the agent stream ended early"
-            );
-        }
-
-        if !self.trace_reported && may_link {
-            let StreamEnd {
-                mut link, recorder, ..
-            } = end;
-            if let Some(insp) = &self.inspector {
-                link.trace_id = insp.trace_id().map(|f| f.id.clone());
-                if let Some(c) = insp.client_request_id() {
-                    link.client_request_id = Some(c.to_owned());
-                }
-            }
-            link.open = false;
-            recorder.record(link);
-        }
+        end.observe(Summary {
+            reason,
+            error,
+            bytes: self.bytes,
+            first_byte: self.first_byte,
+            inspector: self.inspector.as_ref(),
+            write_link,
+        });
         // Last: shutdown waits for this to learn that the link and the access line are out.
         self.cut = None;
     }

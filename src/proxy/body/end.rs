@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::metrics::Metrics;
+use crate::metrics::{KindLabel, Metrics, TraceIdLabels};
 use crate::proxy::limit::UserPermit;
 use crate::proxy::link::LinkRecorder;
 use crate::proxy::sse::Inspector;
@@ -66,4 +66,128 @@ pub struct BodyOptions {
     pub idle_timeout: Duration,
     /// The registry that shutdown cuts open streams through.
     pub streams: Arc<OpenStreams>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EndReason {
+    Complete,
+    UpstreamError,
+    IdleTimeout,
+    ClientGone,
+    /// Cut at the end of the shutdown grace period.
+    Shutdown,
+}
+
+/// What a stream tells its observer when it ends, once.
+pub(super) struct Summary<'a> {
+    pub reason: EndReason,
+    /// Why the agent's stream broke, for the log.
+    pub error: Option<&'a str>,
+    pub bytes: u64,
+    pub first_byte: Option<Instant>,
+    pub inspector: Option<&'a Inspector>,
+    /// Whether the final link is still to be written (not already written when the trace id
+    /// became known) and may be.
+    pub write_link: bool,
+}
+
+impl StreamEnd {
+    /// The stream's end, observed: the stream metrics, the trace-id outcome, the access line
+    /// (one per request, whatever happened), a warning for a broken stream, and the final link.
+    pub(super) fn observe(mut self, s: Summary<'_>) {
+        let _span = std::mem::replace(&mut self.span, tracing::Span::none()).entered();
+        let now = Instant::now();
+        let m = &self.metrics;
+        m.streams_open.dec();
+        m.agent_stream_duration()
+            .observe(now.duration_since(self.start).as_secs_f64());
+        if let Some(fb) = s.first_byte {
+            m.agent_stream_first_byte()
+                .observe(fb.duration_since(self.start).as_secs_f64());
+        }
+        m.stream_bytes.inc_by(s.bytes);
+
+        let found = s
+            .inspector
+            .and_then(|i| i.trace_id())
+            .or(self.header_trace.as_ref());
+        let rejected = s.inspector.and_then(|i| i.rejected());
+        let (outcome, source) = match (found, rejected) {
+            (Some(f), _) => ("found", f.source.as_str()),
+            (None, Some(src)) => ("rejected", src.as_str()),
+            (None, None) if self.header_rejected => ("rejected", "header"),
+            (None, None) => ("not_found", "none"),
+        };
+        m.trace_ids
+            .get_or_create(&TraceIdLabels { outcome, source })
+            .inc();
+        if s.inspector.is_some_and(Inspector::overflowed) {
+            m.inspector_overflows.inc();
+            if found.is_none() {
+                // Said once per exchange, with the knob: large traces returned inline (Model
+                // Serving's `return_trace`) are the usual cause.
+                tracing::warn!(
+                    request_id = %self.request_id,
+                    message_id = %self.link.message_id,
+                    "an agent event or response body was larger than agent.max_inspect_bytes, so it was not searched for a trace id (forwarding was not affected); raise agent.max_inspect_bytes if the agent returns large traces inline"
+                );
+            }
+        }
+
+        let trace_id = found.map(|f| f.id.as_str()).unwrap_or("");
+        let duration_ms = now.duration_since(self.start).as_secs_f64() * 1e3;
+        let ttfb_ms = s
+            .first_byte
+            .map(|fb| fb.duration_since(self.start).as_secs_f64() * 1e3);
+        let outcome = match s.reason {
+            EndReason::Complete => "complete",
+            EndReason::ClientGone => "client_gone",
+            EndReason::UpstreamError => "stream_error",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::Shutdown => "shutdown",
+        };
+        // The access line: one per request, whatever happened.
+        tracing::info!(
+            target: "feedback_proxy::access",
+            request_id = %self.request_id,
+            method = %self.method,
+            path = %self.uri.path(),
+            route = "agent",
+            status = self.status,
+            duration_ms,
+            ttfb_ms,
+            bytes = s.bytes,
+            message_id = %self.link.message_id,
+            trace_id,
+            outcome,
+            "request"
+        );
+        // A broken stream is also an error, logged once, here.
+        if let Some(error) = s.error {
+            m.upstream_errors
+                .get_or_create(&KindLabel { kind: outcome })
+                .inc();
+            tracing::warn!(
+                request_id = %self.request_id,
+                message_id = %self.link.message_id,
+                upstream = %self.upstream,
+                error,
+                "the agent stream ended early"
+            );
+        }
+
+        if s.write_link {
+            let StreamEnd {
+                mut link, recorder, ..
+            } = self;
+            if let Some(insp) = s.inspector {
+                link.trace_id = insp.trace_id().map(|f| f.id.clone());
+                if let Some(c) = insp.client_request_id() {
+                    link.client_request_id = Some(c.to_owned());
+                }
+            }
+            link.open = false;
+            recorder.record(link);
+        }
+    }
 }
