@@ -4,11 +4,12 @@
 //! # Map of the crate
 //!
 //! - [`config`]: TOML + environment → validated, typed [`Config`] (before any port is bound).
-//! - [`server`]: accept loop, HTTP/1.1 + h2c, graceful drain.
-//! - [`app`]: the shared [`app::AppState`] and the one request handler.
+//! - [`server`]: accept loop, HTTP/1.1 + h2c, graceful drain; runs any tower `Service`.
+//! - [`app`]: the shared [`app::AppState`] and the service stack ([`app::service`]: tower and
+//!   tower-http layers around the router, the one way out for errors).
 //! - [`route`]: classifies a request once into a [`route::Route`].
 //! - [`identity`]: who is calling; which identity headers are trusted.
-//! - [`proxy`]: forwarding to the agent; `proxy::sse` / `proxy::trace` read trace ids out of
+//! - [`proxy`]: forwarding to the agent (`proxy::exchange`: request, send, respond); `proxy::sse` / `proxy::trace` read trace ids out of
 //!   streams as they pass; `proxy::link` records message → trace links off the streaming path.
 //! - [`feedback`]: `/api/feedback*` and the delivery of votes to MLflow.
 //! - [`review`]: the owner's view (`/review`, `/api/review/*`) and the `export` command.

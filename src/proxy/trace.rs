@@ -11,7 +11,7 @@
 //! - `metadata.trace_id` in a non-streaming JSON body → [`Source::ResponseMetadata`];
 //! - seed 001's `{"type": "trace.client_request_id", "client_request_id": "req-…"}` event;
 //! - configured response headers ([`from_headers`]) → [`Source::Header`];
-//! - in an AI SDK UI message stream (the chat app template's `/api/chat`, [`from_ui_part`]):
+//! - in an AI SDK UI message stream (the chat app template's `/api/chat`, `ui::from_ui_part`):
 //!   the assistant message id of the `start` part, and the trace id of the
 //!   `{"type": "data-traceId", "data": "tr-…"}` part (`data: null`: the endpoint emits no
 //!   trace) or of another data part whose `data` object has a `traceId` →
