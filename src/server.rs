@@ -66,8 +66,37 @@ const SATURATION_LOG_EVERY: Duration = Duration::from_secs(60);
 /// opens many connections; the rest are logged at debug level).
 const RESET_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// What the server runs: a cloneable tower service that answers every request (its errors are
+/// responses already) with a body of bytes. Implemented for every such service.
+pub trait HttpService:
+    Service<
+        Request<Incoming>,
+        Response = Response<<Self as HttpService>::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    type Body: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Unpin + Send + 'static;
+}
+
+impl<S, B> HttpService for S
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Unpin + Send + 'static,
+{
+    type Body = B;
+}
+
 /// Serves `listener` with `service` until `shutdown` resolves, then drains for at most `grace`.
-pub async fn serve<S, B>(
+pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     shutdown: impl Future<Output = ()>,
@@ -75,14 +104,7 @@ pub async fn serve<S, B>(
     name: &'static str,
     limits: &ServerConfig,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService,
 {
     serve_with_cut(
         listener,
@@ -100,7 +122,7 @@ pub async fn serve<S, B>(
 /// [`serve`], and when the grace period is over: calls `on_cut`, gives the remaining
 /// connections `cut_budget` to end, then drops them.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve_with_cut<S, B>(
+pub async fn serve_with_cut<S>(
     listener: TcpListener,
     service: S,
     shutdown: impl Future<Output = ()>,
@@ -110,14 +132,7 @@ pub async fn serve_with_cut<S, B>(
     on_cut: impl FnOnce(),
     cut_budget: Duration,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService,
 {
     // Connection tasks, so that the cut can drop them and wait for them (a JoinSet: its
     // bookkeeping is per connection, nothing per poll).
@@ -258,7 +273,7 @@ impl Lifetimes {
 /// (an atomic and a waker). The connection's own poll loop thus costs one atomic load per wake,
 /// where a `select!` over the stop token, the abuse notifier and a timer took two locks
 /// (tokio's `Notified` re-registers under its waiter list's mutex on every poll).
-async fn connection<S, B>(
+async fn connection<S>(
     stream: TcpStream,
     peer: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -267,14 +282,7 @@ async fn connection<S, B>(
     stop: CancellationToken,
     _slot: OwnedSemaphorePermit,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService,
 {
     let track = Arc::new(Tracker::new(lifetimes.reset_quota));
     let io = TokioIo::new(Watched {
