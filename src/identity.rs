@@ -13,7 +13,7 @@ use crate::config::IdentityConfig;
 use crate::error::Error;
 
 /// The identity headers, in order of preference.
-pub const IDENTITY_HEADERS: [HeaderName; 3] = [
+pub static IDENTITY_HEADERS: [HeaderName; 3] = [
     HeaderName::from_static("x-forwarded-email"),
     HeaderName::from_static("x-forwarded-preferred-username"),
     HeaderName::from_static("x-forwarded-user"),

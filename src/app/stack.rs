@@ -137,14 +137,15 @@ struct RequestSpan;
 
 impl<B> MakeSpan<B> for RequestSpan {
     fn make_span(&mut self, req: &Request<B>) -> tracing::Span {
-        let id = req
-            .headers()
-            .get(X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        // The id is read inside the macro: a field's value is only evaluated when the span is
+        // enabled (not at the benchmark's `warn`).
         tracing::info_span!(
             "request",
-            request_id = %id,
+            request_id = req
+                .headers()
+                .get(X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
             route = tracing::field::Empty,
             message_id = tracing::field::Empty,
         )

@@ -31,7 +31,7 @@ pub(super) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the usual non-standard ones), never forwarded.
-pub(super) const HOP_BY_HOP: [HeaderName; 9] = [
+pub(super) static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -45,7 +45,10 @@ pub(super) const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Inbound headers that never reach the agent: credentials and identity a browser could spoof,
 /// plus the ones the proxy sets itself (set once, never appended beside a client copy).
-pub(super) const DROPPED_INBOUND: [HeaderName; 9] = [
+///
+/// `static`, as the other name lists here: a `const` array of names is built and dropped at
+/// every use, and these are tested against every header of every request.
+pub(super) static DROPPED_INBOUND: [HeaderName; 10] = [
     HOST,
     AUTHORIZATION,
     COOKIE,
@@ -54,6 +57,7 @@ pub(super) const DROPPED_INBOUND: [HeaderName; 9] = [
     FORWARDED_ACCESS_TOKEN,
     X_MLFLOW_RETURN_TRACE_ID,
     X_CLIENT_REQUEST_ID,
+    X_REQUEST_ID,
     ACCEPT_ENCODING,
 ];
 
