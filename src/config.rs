@@ -38,6 +38,8 @@ mod raw;
 mod redact;
 mod review;
 mod schema;
+#[cfg(test)]
+mod schema_tests;
 mod secret;
 mod ser;
 mod server;

@@ -1,6 +1,6 @@
 //! The feedback API (CONTRACT §4): `POST /api/feedback`, `GET /api/feedback/{chatId}`,
 //! `DELETE /api/feedback/{chatId}/{messageId}`, `POST /api/feedback/batch` (`batch.rs`),
-//! `GET /api/feedback/schema` (`label.rs`); and the chat app template's contract on the same
+//! `GET /api/feedback/schema` (`schema.rs`); and the chat app template's contract on the same
 //! store, so that its client works unchanged behind an `ai-sdk-app` route: `POST /api/feedback
 //! {messageId, feedbackType}` answered `{success, mlflowAssessmentId}` (plus this API's fields),
 //! and `GET /api/feedback/chat/{chatId}` answered `{<messageId>: {messageId, feedbackType,
@@ -26,6 +26,7 @@ pub mod input;
 pub mod label;
 pub mod label_sync;
 pub mod pace;
+mod schema;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

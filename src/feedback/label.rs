@@ -1,41 +1,13 @@
-//! Label schemas on the wire: a vote's `value` checked against its name's schema
-//! (`[feedback.names]`), with 400 `INVALID_VALUE` errors that say what the name accepts (the
-//! range, the allowed values, the length); and `GET /api/feedback/schema`, which tells a UI
-//! which control to draw for each name. The list form of a name (`["bool", "number"]`) is
+//! A vote's `value` checked against its name's label schema (`[feedback.names]`), with 400
+//! `INVALID_VALUE` errors that say what the name accepts (the range, the allowed values, the
+//! length). `GET /api/feedback/schema` is `schema.rs`. The list form of a name (`["bool", "number"]`) is
 //! checked by `input.rs` as before; this module serves the declared kinds.
 
-use http::{HeaderMap, Response, StatusCode};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
-use super::{Feedback, input::MAX_BATCH_VOTES};
-use crate::body::{Body, json_response};
 use crate::config::Kind;
 use crate::error::Error;
 use crate::store::FeedbackValue;
-
-impl Feedback {
-    /// `GET /api/feedback/schema`: `{"defaultName", "reasonName", "maxBatchVotes", "names":
-    /// {NAME: {"name", "kind", "title", …kind's fields}}}`. Needs an identity like every
-    /// feedback route.
-    pub(super) fn schema(&self, headers: &HeaderMap) -> Result<Response<Body>, Error> {
-        self.user(headers)?;
-        let names: Map<String, Value> = self
-            .config
-            .names
-            .iter()
-            .map(|(name, schema)| (name.clone(), schema.to_json(name)))
-            .collect();
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({
-                "defaultName": self.config.default_name,
-                "reasonName": self.config.reason_name,
-                "maxBatchVotes": MAX_BATCH_VOTES,
-                "names": names,
-            }),
-        ))
-    }
-}
 
 /// The values a categorical name lists, quoted, for an error (cut after 20).
 fn listed(values: &[String]) -> String {
