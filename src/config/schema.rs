@@ -81,8 +81,9 @@ pub enum Kind {
     Text { max_length: usize },
 }
 
-/// A name's schema: its kind and what a UI shows for it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A name's schema: its kind and what a UI shows for it. Prints (`check-config`) in the form it
+/// is written in.
+#[derive(Debug, Clone, PartialEq)]
 pub struct LabelSchema {
     pub kind: Kind,
     /// The question a UI asks (MLflow's label schema `title`); defaults to the name.
@@ -109,6 +110,36 @@ impl LabelSchema {
         }
     }
 
+    /// The TOML form of this schema (what `check-config` prints): the list of kinds, or the
+    /// table with its set fields.
+    fn config_form(&self) -> Json {
+        let mut out = match &self.kind {
+            Kind::Any { accepts } => return json!(accepts.names()),
+            Kind::Bool => json!({"kind": "bool"}),
+            Kind::Numeric { min, max, integer } => {
+                let mut n = json!({"kind": "numeric", "integer": integer});
+                if let Some(lo) = min {
+                    n["min"] = json!(lo);
+                }
+                if let Some(hi) = max {
+                    n["max"] = json!(hi);
+                }
+                n
+            }
+            Kind::Categorical { values, multi } => {
+                json!({"kind": "categorical", "values": values, "multi": multi})
+            }
+            Kind::Text { max_length } => json!({"kind": "text", "max_length": max_length}),
+        };
+        if let Some(t) = &self.title {
+            out["title"] = json!(t);
+        }
+        if let Some(i) = &self.instruction {
+            out["instruction"] = json!(i);
+        }
+        out
+    }
+
     /// What `GET /api/feedback/schema` shows for this name.
     pub fn to_json(&self, name: &str) -> Json {
         let mut out = match &self.kind {
@@ -128,6 +159,12 @@ impl LabelSchema {
             out["instruction"] = json!(i);
         }
         out
+    }
+}
+
+impl Serialize for LabelSchema {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.config_form().serialize(s)
     }
 }
 

@@ -174,3 +174,19 @@ fn schema_problems_name_the_key() {
         None
     );
 }
+
+#[test]
+fn check_config_prints_schemas_as_they_are_written() {
+    let c = load(
+        "[feedback.names]\nuser_feedback = [\"bool\", \"string\"]\nstars = { kind = \"numeric\", min = 1, integer = true, title = \"Stars\" }\n",
+    )
+    .unwrap();
+    let wrapped = serde_json::json!({"feedback": {"names": c.feedback.names}});
+    let printed = toml::to_string(&wrapped).unwrap();
+    let again = load(&printed).unwrap();
+    assert_eq!(again.feedback.names, c.feedback.names, "{printed}");
+    assert!(
+        printed.contains("user_feedback = [\"bool\", \"string\"]"),
+        "{printed}"
+    );
+}
