@@ -21,7 +21,8 @@
 //! - `validate`: [`ConfigError`] and the checks every section shares; `redact`: URLs made fit
 //!   to echo in a message; `ser`: how typed values print;
 //! - the sections: `agent`, `auth` (`[databricks]` and each hop's `auth`), `mlflow`, `delivery`,
-//!   `feedback`, `store`, `server` (with `[log]`, `[identity]`, `[ui]`, `[metrics]`), `secret`;
+//!   `feedback` (with `schema`: the label schemas of `[feedback.names]`), `store`, `server`
+//!   (with `[log]`, `[identity]`, `[ui]`, `[metrics]`), `secret`;
 //! - `env` and `raw`: the environment and the raw mirror of the file.
 //!
 //! This module only re-exports.
@@ -36,6 +37,9 @@ mod mlflow;
 mod raw;
 mod redact;
 mod review;
+mod schema;
+#[cfg(test)]
+mod schema_tests;
 mod secret;
 mod ser;
 mod server;
@@ -47,10 +51,11 @@ pub use agent::{AI_SDK_CHAT_PATH, AgentConfig, AgentRoute, RouteKind};
 pub use auth::{AuthSpec, DatabricksConfig};
 pub use delivery::DeliveryConfig;
 pub use env::{Env, Missing};
-pub use feedback::{FeedbackConfig, RateLimit, ValueKinds};
+pub use feedback::{FeedbackConfig, RateLimit};
 pub use load::Config;
 pub use mlflow::MlflowConfig;
 pub use review::{MAX_PAGE, PSEUDONYM_KEY_ENV, ReviewConfig};
+pub use schema::{Kind, LabelSchema, ValueKinds};
 pub use secret::Secret;
 pub use server::{IdentityConfig, LogConfig, LogFormat, MetricsConfig, ServerConfig, UiConfig};
 pub use store::{PasswordSource, PgConnect, SslMode, StoreConfig, StoreKind};

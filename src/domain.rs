@@ -9,13 +9,16 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-/// The value of a vote. Serialized as plain JSON (`true`, `4.5`, `"thumbs_up"`).
+/// The value of a vote. Serialized as plain JSON (`true`, `4.5`, `"thumbs_up"`, or for a
+/// multi-valued categorical name `["incorrect", "unsafe"]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum FeedbackValue {
     Bool(bool),
     Number(f64),
     String(String),
+    /// Several values of a categorical name with `multi = true` (MLflow takes a list value).
+    List(Vec<String>),
 }
 
 impl FeedbackValue {
@@ -26,6 +29,7 @@ impl FeedbackValue {
                 .map(serde_json::Value::Number)
                 .unwrap_or(serde_json::Value::Null),
             Self::String(s) => serde_json::Value::String(s.clone()),
+            Self::List(l) => l.iter().cloned().map(serde_json::Value::String).collect(),
         }
     }
 
@@ -35,6 +39,11 @@ impl FeedbackValue {
             serde_json::Value::Bool(b) => Some(Self::Bool(*b)),
             serde_json::Value::Number(n) => n.as_f64().map(Self::Number),
             serde_json::Value::String(s) => Some(Self::String(s.clone())),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|i| i.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .map(Self::List),
             _ => None,
         }
     }
@@ -95,7 +104,7 @@ impl FeedbackValue {
             Self::Number(_) => None,
             Self::String(s) if POSITIVE_WORDS.contains(&s.as_str()) => Some(Polarity::Positive),
             Self::String(s) if NEGATIVE_WORDS.contains(&s.as_str()) => Some(Polarity::Negative),
-            Self::String(_) => None,
+            Self::String(_) | Self::List(_) => None,
         }
     }
 }

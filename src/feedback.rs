@@ -1,5 +1,6 @@
 //! The feedback API (CONTRACT §4): `POST /api/feedback`, `GET /api/feedback/{chatId}`,
-//! `DELETE /api/feedback/{chatId}/{messageId}`; and the chat app template's contract on the same
+//! `DELETE /api/feedback/{chatId}/{messageId}`, `POST /api/feedback/batch` (`batch.rs`),
+//! `GET /api/feedback/schema` (`schema.rs`); and the chat app template's contract on the same
 //! store, so that its client works unchanged behind an `ai-sdk-app` route: `POST /api/feedback
 //! {messageId, feedbackType}` answered `{success, mlflowAssessmentId}` (plus this API's fields),
 //! and `GET /api/feedback/chat/{chatId}` answered `{<messageId>: {messageId, feedbackType,
@@ -19,9 +20,13 @@
 //! and one on a message that has no link at all is refused too (404 `UNKNOWN_MESSAGE`), so that
 //! no vote can sit on an id before its owner streams it.
 
+mod batch;
 pub mod delivery;
 pub mod input;
+pub mod label;
+pub mod label_sync;
 pub mod pace;
+mod schema;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -113,6 +118,8 @@ impl Feedback {
     ) -> Result<Response<Body>, Error> {
         match route {
             Route::FeedbackSubmit => self.submit(req).await,
+            Route::FeedbackBatch => self.batch(req).await,
+            Route::FeedbackSchema => self.schema(req.headers()),
             Route::FeedbackList { chat_id, template } => {
                 let chat_id = decode_segment("chatId", chat_id)?;
                 if template {
@@ -135,11 +142,26 @@ impl Feedback {
 
     /// The user, after the rate limit.
     fn user(&self, headers: &HeaderMap) -> Result<String, Error> {
+        self.user_charged(headers, 1)
+    }
+
+    /// The user, after taking `cost` tokens (at most the burst) from their rate limit at once.
+    fn user_charged(&self, headers: &HeaderMap, cost: u32) -> Result<String, Error> {
         let user = identity::user(headers, &self.identity)?;
-        if let Some(limiter) = &self.limiter {
-            if let Err(not_until) = limiter.check_key(&user) {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                return Err(Error::RateLimited { retry_after: wait });
+        if let (Some(limiter), Some(rl)) = (&self.limiter, self.config.rate_limit) {
+            let n = NonZeroU32::new(cost.clamp(1, rl.burst.max(1))).unwrap_or(NonZeroU32::MIN);
+            match limiter.check_key_n(&user, n) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(DefaultClock::default().now());
+                    return Err(Error::RateLimited { retry_after: wait });
+                }
+                // Cannot happen (the cost is capped at the burst); refuse like a full bucket.
+                Err(_) => {
+                    return Err(Error::RateLimited {
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
             }
         }
         Ok(user)
@@ -150,7 +172,14 @@ impl Feedback {
         let user = self.user(req.headers())?;
         let body = read_body(req, self.config.max_body_bytes, self.body_timeout).await?;
         let vote = input::parse_vote(&body, &self.config)?;
+        let out = self.commit(user, vote).await?;
+        Ok(json_response(StatusCode::OK, &out))
+    }
 
+    /// Authorises, stores and (inline, briefly) delivers one validated vote of `user`: the
+    /// whole of `POST /api/feedback` after parsing, shared with the batch endpoint. The answer
+    /// is the 200 body.
+    async fn commit(&self, user: String, vote: input::VoteRequest) -> Result<Value, Error> {
         // Ownership: a vote is stored only on a message whose link names the voter. Links never
         // change owner once written (the store's invariant), so this check cannot be raced by
         // another request on this replica or any other. A message with no link is unknown: a
@@ -272,7 +301,7 @@ impl Feedback {
         out.insert("name".into(), Value::String(vote.name));
         out.insert("value".into(), vote.value.to_json());
         self.status_fields(&mut out, &status, trace_id);
-        Ok(json_response(StatusCode::OK, &Value::Object(out)))
+        Ok(Value::Object(out))
     }
 
     fn status_fields(
@@ -472,6 +501,6 @@ pub fn vote_value_label(v: &FeedbackValue) -> String {
         {
             s.clone()
         }
-        FeedbackValue::String(_) => "other".to_owned(),
+        FeedbackValue::String(_) | FeedbackValue::List(_) => "other".to_owned(),
     }
 }

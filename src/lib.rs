@@ -135,6 +135,7 @@ impl App {
                 metrics.clone(),
             )
         });
+        let label_sync = mlflow.clone().filter(|_| config.mlflow.sync_label_schemas);
         let deliverer = Arc::new(feedback::delivery::Deliverer::new(
             store.clone(),
             mlflow,
@@ -172,6 +173,23 @@ impl App {
             state.clone(),
             stop.child_token(),
         )));
+        if state.config.mlflow.sync_label_schemas {
+            match (label_sync, state.config.mlflow.experiment_id.clone()) {
+                (Some(client), Some(experiment_id)) => {
+                    let names = state.config.feedback.names.clone();
+                    let stop = stop.child_token();
+                    background.push(tokio::spawn(async move {
+                        tokio::select! {
+                            _ = feedback::label_sync::sync(&client, &experiment_id, &names) => {}
+                            () = stop.cancelled() => {}
+                        }
+                    }));
+                }
+                _ => tracing::warn!(
+                    "mlflow.sync_label_schemas is on but MLflow is not configured (tracking_uri and experiment_id): no label schema is synced"
+                ),
+            }
+        }
         Ok(Self {
             state,
             link_writer,

@@ -1,6 +1,6 @@
 //! Typed client for the MLflow 3 tracking server's REST API: the assessment calls the delivery
-//! worker makes (create / update / delete / get), trace info, and trace search by client request
-//! id. Open-source `mlflow server` and Databricks speak the same API; CONTRACT §5 lists what was
+//! worker makes (create / update / delete / get), trace info, trace search by client request
+//! id, and label schemas (`label_schemas.rs`). Open-source `mlflow server` and Databricks speak the same API; CONTRACT §5 lists what was
 //! verified against a real server.
 //!
 //! Every call:
@@ -21,6 +21,7 @@
 //! decide what an assessment should contain (the feedback module).
 
 mod error;
+mod label_schemas;
 mod types;
 pub mod validate;
 mod wire;
@@ -65,6 +66,9 @@ enum Op {
     GetAssessment,
     GetTraceInfo,
     SearchTraces,
+    GetLabelSchema,
+    CreateLabelSchema,
+    UpdateLabelSchema,
 }
 
 impl Op {
@@ -76,6 +80,9 @@ impl Op {
             Self::GetAssessment => "get_assessment",
             Self::GetTraceInfo => "get_trace_info",
             Self::SearchTraces => "search_traces",
+            Self::GetLabelSchema => "get_label_schema",
+            Self::CreateLabelSchema => "create_label_schema",
+            Self::UpdateLabelSchema => "update_label_schema",
         }
     }
 

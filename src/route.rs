@@ -47,6 +47,10 @@ pub enum Route<'a> {
         chat_id: &'a str,
         message_id: &'a str,
     },
+    /// `GET /api/feedback/schema`: the label schemas of the accepted names.
+    FeedbackSchema,
+    /// `POST /api/feedback/batch`: up to 100 votes, each as `POST /api/feedback` would take it.
+    FeedbackBatch,
     /// `OPTIONS /api/feedback…` (CORS preflight)
     FeedbackPreflight,
     /// A feedback path with a method it does not support.
@@ -73,7 +77,7 @@ pub enum Route<'a> {
 }
 
 /// The routes' metric and log labels, by [`Route::index`].
-pub const LABELS: [&str; 14] = [
+pub const LABELS: [&str; 16] = [
     "agent",
     "healthz",
     "readyz",
@@ -88,6 +92,8 @@ pub const LABELS: [&str; 14] = [
     "review_summary",
     "review_feedback",
     "review_page",
+    "feedback_schema",
+    "feedback_batch",
 ];
 
 impl Route<'_> {
@@ -115,6 +121,8 @@ impl Route<'_> {
             Self::ReviewSummary => 11,
             Self::ReviewFeedback => 12,
             Self::ReviewPage => 13,
+            Self::FeedbackSchema => 14,
+            Self::FeedbackBatch => 15,
         }
     }
 }
@@ -214,6 +222,16 @@ fn feedback<'a>(method: &Method, rest: &'a str) -> Route<'a> {
                 Route::FeedbackMethodNotAllowed { allowed: "POST" }
             }
         }
+        // Shadows a chat named "schema" (GET) and the retraction of nothing; a chat named
+        // "batch" is still listed by GET.
+        (_, ["schema"]) => {
+            if *method == Method::GET || *method == Method::HEAD {
+                Route::FeedbackSchema
+            } else {
+                Route::FeedbackMethodNotAllowed { allowed: "GET" }
+            }
+        }
+        (_, ["batch"]) if *method == Method::POST => Route::FeedbackBatch,
         (_, [chat]) if !chat.is_empty() => {
             if *method == Method::GET || *method == Method::HEAD {
                 Route::FeedbackList {
@@ -304,6 +322,25 @@ mod tests {
             Route::FeedbackMethodNotAllowed { allowed: "POST" }
         );
         assert_eq!(classify(&get, "/api/feedback/a/b/c", &c), Route::NotFound);
+        assert_eq!(
+            classify(&get, "/api/feedback/schema", &c),
+            Route::FeedbackSchema
+        );
+        assert_eq!(
+            classify(&post, "/api/feedback/schema", &c),
+            Route::FeedbackMethodNotAllowed { allowed: "GET" }
+        );
+        assert_eq!(
+            classify(&post, "/api/feedback/batch/", &c),
+            Route::FeedbackBatch
+        );
+        assert_eq!(
+            classify(&get, "/api/feedback/batch", &c),
+            Route::FeedbackList {
+                chat_id: "batch",
+                template: false
+            }
+        );
         assert_eq!(classify(&post, "/nothing", &c), Route::NotFound);
         assert_eq!(
             classify(&get, "/api/review/summary", &c),

@@ -87,9 +87,11 @@ async fn serve(inner: Arc<Inner>, req: Request<ReqBody>) -> Result<Response<Body
 
     let res = match route {
         Route::FeedbackPreflight => preflight(inner.feedback.clone(), req, &request_id).await,
-        Route::FeedbackSubmit | Route::FeedbackList { .. } | Route::FeedbackRetract { .. } => {
-            inner.feedback.clone().oneshot(req).await?
-        }
+        Route::FeedbackSubmit
+        | Route::FeedbackList { .. }
+        | Route::FeedbackRetract { .. }
+        | Route::FeedbackSchema
+        | Route::FeedbackBatch => inner.feedback.clone().oneshot(req).await?,
         route => respond(
             dispatch(state, route, req, &request_id, start).await,
             &request_id,
@@ -218,6 +220,8 @@ async fn dispatch(
         Route::FeedbackSubmit
         | Route::FeedbackList { .. }
         | Route::FeedbackRetract { .. }
+        | Route::FeedbackSchema
+        | Route::FeedbackBatch
         | Route::FeedbackPreflight => Err(Error::Internal("feedback route not dispatched".into())),
         Route::NotFound => Err(Error::NotFound(format!(
             "no route for {} {}",

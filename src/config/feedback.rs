@@ -1,5 +1,5 @@
-//! `[feedback]`: accepted assessment names and value kinds, comment limits, rate limits, with
-//! their validation.
+//! `[feedback]`: accepted assessment names and their label schemas (`schema.rs`), comment
+//! limits, rate limits, with their validation.
 
 use std::collections::BTreeMap;
 
@@ -8,39 +8,9 @@ use serde::Serialize;
 use url::Url;
 
 use super::raw;
+use super::schema::{Kind, LabelSchema, default_names};
 use super::ser::ser_header_values;
 use super::validate::{Validator, valid_assessment_name};
-
-/// Kinds of value an assessment name accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct ValueKinds {
-    pub bool: bool,
-    pub number: bool,
-    pub string: bool,
-}
-
-impl ValueKinds {
-    pub const ANY: Self = Self {
-        bool: true,
-        number: true,
-        string: true,
-    };
-
-    /// A human list such as `"bool or number"`.
-    pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if self.bool {
-            parts.push("bool");
-        }
-        if self.number {
-            parts.push("number");
-        }
-        if self.string {
-            parts.push("string");
-        }
-        parts.join(" or ")
-    }
-}
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct RateLimit {
@@ -51,10 +21,15 @@ pub struct RateLimit {
 #[derive(Debug, Clone, Serialize)]
 pub struct FeedbackConfig {
     pub max_body_bytes: usize,
+    /// Largest `POST /api/feedback/batch` body (413 past it).
+    pub max_batch_bytes: usize,
     pub max_comment_bytes: usize,
     pub default_name: String,
-    /// Allowed assessment names and the value kinds each accepts.
-    pub names: BTreeMap<String, ValueKinds>,
+    /// Allowed assessment names and the label schema of each.
+    pub names: BTreeMap<String, LabelSchema>,
+    /// The categorical name whose values the reference page offers as reasons on a thumbs-down
+    /// (`None`: no reasons).
+    pub reason_name: Option<String>,
     /// Origins allowed to call the feedback API cross-site; empty sends no CORS headers.
     #[serde(serialize_with = "ser_header_values")]
     pub cors_origins: Vec<HeaderValue>,
@@ -69,18 +44,9 @@ impl Validator {
     pub(super) fn feedback(&mut self, raw: raw::RawFeedback) -> FeedbackConfig {
         let mut names = BTreeMap::new();
         match raw.names {
-            None => {
-                names.insert("user_feedback".to_owned(), ValueKinds::ANY);
-                names.insert(
-                    "rating".to_owned(),
-                    ValueKinds {
-                        number: true,
-                        ..ValueKinds::default()
-                    },
-                );
-            }
+            None => names = default_names(),
             Some(map) => {
-                for (name, kinds) in map {
+                for (name, spec) in map {
                     let key = format!("feedback.names.{name}");
                     if !valid_assessment_name(&name) {
                         self.problem(
@@ -89,24 +55,9 @@ impl Validator {
                         );
                         continue;
                     }
-                    let mut k = ValueKinds::default();
-                    for kind in &kinds {
-                        match kind.as_str() {
-                            "bool" => k.bool = true,
-                            "number" => k.number = true,
-                            "string" => k.string = true,
-                            other => self.problem(
-                                &key,
-                                format!(
-                                    "unknown value kind \"{other}\" (expected \"bool\", \"number\" or \"string\")"
-                                ),
-                            ),
-                        }
+                    if let Some(schema) = self.label_schema(&key, &spec) {
+                        names.insert(name, schema);
                     }
-                    if kinds.is_empty() {
-                        self.problem(&key, "lists no value kinds");
-                    }
-                    names.insert(name, k);
                 }
             }
         }
@@ -119,6 +70,25 @@ impl Validator {
                 format!("\"{default_name}\" is not one of feedback.names"),
             );
         }
+        let reason_name = match raw.reason_name {
+            // The default: `reason` when it is one of the names.
+            None => names.contains_key("reason").then(|| "reason".to_owned()),
+            Some(n) if n.is_empty() => None,
+            Some(n) => {
+                match names.get(&n).map(|s| &s.kind) {
+                    Some(Kind::Categorical { .. }) => {}
+                    Some(_) => self.problem(
+                        "feedback.reason_name",
+                        format!("\"{n}\" is not a categorical name (kind = \"categorical\")"),
+                    ),
+                    None => self.problem(
+                        "feedback.reason_name",
+                        format!("\"{n}\" is not one of feedback.names (\"\" offers no reasons)"),
+                    ),
+                }
+                Some(n)
+            }
+        };
         let mut cors_origins = Vec::new();
         for (i, o) in raw.cors_origins.unwrap_or_default().iter().enumerate() {
             let key = format!("feedback.cors_origins[{i}]");
@@ -159,9 +129,11 @@ impl Validator {
         FeedbackConfig {
             max_in_flight,
             max_body_bytes: self.size("feedback.max_body_bytes", raw.max_body_bytes, 64 << 10),
+            max_batch_bytes: self.size("feedback.max_batch_bytes", raw.max_batch_bytes, 1 << 20),
             max_comment_bytes: self.size("feedback.max_comment_bytes", raw.max_comment_bytes, 4096),
             default_name,
             names,
+            reason_name,
             cors_origins,
             rate_limit,
         }

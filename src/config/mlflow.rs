@@ -24,6 +24,9 @@ pub struct MlflowConfig {
     /// Send a deterministic client-chosen `assessment_id` on create (honoured by open-source
     /// MLflow; an idempotency key that closes the crash window).
     pub client_assessment_ids: bool,
+    /// At start-up, create or update an MLflow label schema for each declared name of
+    /// `[feedback.names]`, so that MLflow's labelling UI offers the same options.
+    pub sync_label_schemas: bool,
 }
 
 impl MlflowConfig {
@@ -74,6 +77,7 @@ impl Validator {
             auth: self.auth("mlflow.auth", raw.auth.as_deref(), env),
             timeout: self.duration("mlflow.timeout", raw.timeout.as_deref(), "10s"),
             client_assessment_ids: raw.client_assessment_ids.unwrap_or(true),
+            sync_label_schemas: raw.sync_label_schemas.unwrap_or(false),
         }
     }
 }

@@ -120,6 +120,7 @@ pub struct RawMlflow {
     pub auth: Option<String>,
     pub timeout: Option<String>,
     pub client_assessment_ids: Option<bool>,
+    pub sync_label_schemas: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,9 +143,12 @@ pub struct RawDelivery {
 #[serde(deny_unknown_fields)]
 pub struct RawFeedback {
     pub max_body_bytes: Option<RawSize>,
+    pub max_batch_bytes: Option<RawSize>,
     pub max_comment_bytes: Option<RawSize>,
     pub default_name: Option<String>,
-    pub names: Option<BTreeMap<String, Vec<String>>>,
+    /// A list of value kinds or a schema table per name (`schema.rs` reads them, naming keys).
+    pub names: Option<BTreeMap<String, toml::Value>>,
+    pub reason_name: Option<String>,
     pub cors_origins: Option<Vec<String>>,
     pub max_in_flight: Option<usize>,
     #[serde(default)]

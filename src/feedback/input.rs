@@ -15,7 +15,8 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use crate::config::{FeedbackConfig, ValueKinds};
+use super::label;
+use crate::config::{FeedbackConfig, Kind, ValueKinds};
 use crate::error::Error;
 use crate::proxy::request::valid_id;
 use crate::store::FeedbackValue;
@@ -166,19 +167,72 @@ pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, E
             "the body must be a JSON object",
         ));
     };
+    vote_of(&obj, config)
+}
+
+/// Most votes one `POST /api/feedback/batch` may carry.
+pub const MAX_BATCH_VOTES: usize = 100;
+
+/// Parses a batch body, `{"votes": [vote, …]}` (1 to [`MAX_BATCH_VOTES`] items), and validates
+/// each vote on its own: the outer `Err` is a body that is no batch at all, an inner one the
+/// error that item alone would get from `POST /api/feedback`.
+pub fn parse_batch(
+    body: &[u8],
+    config: &FeedbackConfig,
+) -> Result<Vec<Result<VoteRequest, Error>>, Error> {
+    let shape = || {
+        Error::bad_request(
+            "INVALID_JSON",
+            format!(
+                "the body must be a JSON object {{\"votes\": [...]}} with 1 to {MAX_BATCH_VOTES} votes"
+            ),
+        )
+    };
+    let Value::Object(mut obj) = parse_strict(body)? else {
+        return Err(shape());
+    };
+    let Some(Value::Array(items)) = obj.remove("votes") else {
+        return Err(shape());
+    };
+    if items.len() > MAX_BATCH_VOTES {
+        return Err(Error::bad_request(
+            "TOO_MANY_VOTES",
+            format!(
+                "votes: at most {MAX_BATCH_VOTES} votes in one batch (got {})",
+                items.len()
+            ),
+        ));
+    }
+    if items.is_empty() {
+        return Err(shape());
+    }
+    Ok(items
+        .iter()
+        .map(|item| match item {
+            Value::Object(o) => vote_of(o, config),
+            _ => Err(Error::bad_request(
+                "INVALID_JSON",
+                "each vote must be a JSON object",
+            )),
+        })
+        .collect())
+}
+
+/// Validates one vote object.
+fn vote_of(obj: &Map<String, Value>, config: &FeedbackConfig) -> Result<VoteRequest, Error> {
     let template = obj.contains_key("feedbackType");
     let chat_id = match (template, obj.get("chatId")) {
         (true, None | Some(Value::Null)) => None,
-        _ => Some(required_id(&obj, "chatId")?),
+        _ => Some(required_id(obj, "chatId")?),
     };
-    let message_id = required_id(&obj, "messageId")?;
+    let message_id = required_id(obj, "messageId")?;
 
     let name = match obj.get("name") {
         None | Some(Value::Null) => config.default_name.clone(),
         Some(Value::String(s)) => s.clone(),
         Some(_) => return Err(invalid("name", "a string")),
     };
-    let Some(kinds) = config.names.get(&name) else {
+    let Some(schema) = config.names.get(&name) else {
         let accepted: Vec<&str> = config.names.keys().map(String::as_str).collect();
         return Err(Error::bad_request(
             "UNKNOWN_NAME",
@@ -218,10 +272,13 @@ pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, E
         }
         (Some(Value::Bool(b)), None) => FeedbackValue::Bool(*b),
         (Some(_), None) => return Err(invalid("isUpvoted", "a boolean")),
-        (None, Some(v)) => value_of(v, &name, kinds)?,
+        (None, Some(v)) => match &schema.kind {
+            Kind::Any { accepts } => value_of(v, &name, accepts)?,
+            kind => label::check(v, &name, kind)?,
+        },
     };
-    if matches!(value, FeedbackValue::Bool(_)) && !kinds.bool {
-        return Err(kind_error(&name, kinds));
+    if matches!(value, FeedbackValue::Bool(_)) && !schema.accepts_bool() {
+        return Err(label::refused(&name, &schema.kind));
     }
 
     let comment = match obj.get("comment") {
@@ -287,6 +344,8 @@ fn value_of(v: &Value, name: &str, kinds: &ValueKinds) -> Result<FeedbackValue, 
         FeedbackValue::Bool(_) => kinds.bool,
         FeedbackValue::Number(_) => kinds.number,
         FeedbackValue::String(_) => kinds.string,
+        // Never built above: lists are for categorical names only.
+        FeedbackValue::List(_) => false,
     };
     if ok {
         Ok(value)

@@ -89,6 +89,20 @@ pub fn value(v: &FeedbackValue) -> Result<(), MlflowError> {
             "feedback value contains a NUL character",
         )),
         FeedbackValue::String(_) => Ok(()),
+        FeedbackValue::List(items) => {
+            let bytes: usize = items.iter().map(String::len).sum();
+            if bytes > MAX_STRING_VALUE_BYTES {
+                Err(MlflowError::invalid(format!(
+                    "feedback value is {bytes} bytes (at most {MAX_STRING_VALUE_BYTES})"
+                )))
+            } else if items.iter().any(|s| s.contains('\0')) {
+                Err(MlflowError::invalid(
+                    "feedback value contains a NUL character",
+                ))
+            } else {
+                Ok(())
+            }
+        }
     }
 }
 

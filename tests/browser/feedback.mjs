@@ -1,10 +1,12 @@
 // The end-to-end test in a real browser: the reference chat page, through feedback-proxy, to a
 // real MLflow agent and tracking server (the demo stack, started by scripts/lib/80-browser.sh).
 //
-// Send a message, watch the answer stream in, click 👎 with a comment, reload and see the vote
-// restored, change it to 👍; then check through the MLflow REST API that the trace of that
-// answer carries exactly one `user_feedback` assessment: value true, source HUMAN with the dev
-// user, the comment as rationale. A screenshot is written under target/browser/.
+// Send a message, watch the answer stream in, click 👎 with a comment and pick a reason (the
+// `reason` name the schema endpoint offers), reload and see the vote and the reason restored,
+// see the reason land in MLflow as an assessment of its own, change the vote to 👍 (the reason
+// goes with the 👎); then check through the MLflow REST API that the trace of that answer
+// carries exactly one `user_feedback` assessment: value true, source HUMAN with the dev user,
+// the comment as rationale, and no `reason`. A screenshot is written under target/browser/.
 //
 // Env: CHAT_URL, MLFLOW_URL, DEV_USER, SCREENSHOT_DIR; CHROMIUM (default /usr/bin/chromium).
 
@@ -84,12 +86,34 @@ try {
   await waitFor("the comment to be saved", async () => /saved/.test(await answer.getByTestId("vote-status").textContent()));
   assert.equal(await answer.getByTestId("thumb-down").getAttribute("aria-pressed"), "true");
 
+  step("picking a reason for the 👎");
+  const reasons = answer.getByTestId("reasons");
+  const offered = await reasons.locator("button").allTextContents();
+  assert.deepEqual(offered, ["incorrect", "unhelpful", "unsafe", "other"]);
+  await reasons.getByTestId("reason-unsafe").click();
+  await waitFor("the reason to be saved", async () => /reason saved/.test(await answer.getByTestId("vote-status").textContent()));
+  assert.equal(await answer.getByTestId("reason-unsafe").getAttribute("aria-pressed"), "true");
+  assert.equal(await answer.getByTestId("reason-incorrect").getAttribute("aria-pressed"), "false");
+  await page.screenshot({ path: `${SCREENSHOTS}/reasons.png`, fullPage: true });
+
   step("reloading: the vote and the comment come back");
   await page.reload();
   const restored = page.locator(`[data-message-id="${messageId}"]`);
   await waitFor("the restored vote", async () => (await restored.getByTestId("thumb-down").getAttribute("aria-pressed")) === "true");
   assert.equal(await restored.getByTestId("thumb-up").getAttribute("aria-pressed"), "false");
   assert.equal(await restored.getByTestId("comment").inputValue(), COMMENT);
+  await waitFor("the restored reason", async () => (await restored.getByTestId("reason-unsafe").getAttribute("aria-pressed")) === "true");
+
+  const reasonsIn = async () => {
+    const info = await mlflow(`/api/3.0/mlflow/traces/${encodeURIComponent(traceId)}`);
+    return (info.trace?.trace_info?.assessments || []).filter((a) => a.assessment_name === "reason");
+  };
+  const reasonAssessment = await waitFor("the reason in MLflow", async () => {
+    const r = await reasonsIn();
+    return r.length === 1 && r[0].feedback?.value === "unsafe" ? r[0] : null;
+  });
+  assert.equal(reasonAssessment.source.source_id, DEV_USER);
+  step(`the reason is assessment ${reasonAssessment.assessment_id} ("unsafe") on ${traceId}`);
 
   step("changing the vote to 👍");
   await restored.getByTestId("thumb-up").click();
@@ -100,6 +124,8 @@ try {
   step(`status: ${status}`);
   assert.equal(await restored.getByTestId("thumb-up").getAttribute("aria-pressed"), "true");
   assert.equal(await restored.getByTestId("thumb-down").getAttribute("aria-pressed"), "false");
+  assert.equal(await restored.getByTestId("reasons").count(), 0, "reasons still shown after 👍");
+  await waitFor("the reason to leave MLflow with the 👎", async () => (await reasonsIn()).length === 0);
 
   step(`checking the trace in MLflow (${MLFLOW_URL})`);
   const assessments = await waitFor("exactly one assessment holding 👍", async () => {
