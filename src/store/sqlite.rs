@@ -194,22 +194,40 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn upsert_vote(&self, vote: &NewVote, enqueue: &Enqueue) -> Result<Delivery, StoreError> {
-        let (vote, enqueue) = (vote.clone(), enqueue.clone());
+    async fn upsert_vote_corrected(
+        &self,
+        vote: &NewVote,
+        correction: &CorrectionChange,
+        enqueue: &Enqueue,
+    ) -> Result<VoteWrite, StoreError> {
+        let (vote, correction, enqueue) = (vote.clone(), correction.clone(), enqueue.clone());
         self.call("upsert_vote", move |c| {
-            votes::upsert_vote(c, &vote, &enqueue)
+            votes::upsert_vote(c, &vote, &correction, &enqueue)
         })
         .await
     }
 
-    async fn retract_vote(
+    async fn retract_vote_corrected(
         &self,
         key: &VoteKey,
         hold: std::time::Duration,
-    ) -> Result<Option<Delivery>, StoreError> {
+    ) -> Result<Option<VoteWrite>, StoreError> {
         let key = key.clone();
         self.call("retract_vote", move |c| votes::retract_vote(c, &key, hold))
             .await
+    }
+
+    async fn chat_links(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Vec<MessageLink>, StoreError> {
+        let (chat, user) = (chat_id.to_owned(), user_id.to_owned());
+        self.call("chat_links", move |c| {
+            links::chat_links(c, &chat, &user, limit)
+        })
+        .await
     }
 
     async fn list_votes(&self, chat_id: &str, user_id: &str) -> Result<Vec<Vote>, StoreError> {

@@ -118,6 +118,21 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
                         AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL))",
             )
             .map_err(sql_error)?;
+        // A chat rating waits for the first trace of the rater's chat: any of the rater's
+        // links in that chat that carries an id wakes it (the attempt then finds the first).
+        let mut wake_chat = tx
+            .prepare_cached(
+                "UPDATE deliveries SET
+                    state = 'pending', next_attempt_at = ?2, enqueued_at = ?2, attempts = 0,
+                    last_error = NULL, updated_at = ?2
+                WHERE state = 'waiting'
+                    AND last_error LIKE 'no_trace_id%' -- store::AWAITING_TRACE
+                    AND (message_id, user_id) = (SELECT 'chat/' || l.chat_id, l.user_id
+                        FROM message_links AS l WHERE l.message_id = ?1
+                        AND l.chat_id IS NOT NULL
+                        AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL))",
+            )
+            .map_err(sql_error)?;
         let mut seen = std::collections::HashSet::new();
         // Only a link that carries an id can wake anything: skip the (comparatively costly)
         // UPDATE for the rest, e.g. the "stream opened" records.
@@ -127,6 +142,7 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
         {
             if seen.insert(l.message_id.as_str()) {
                 wake.execute((&l.message_id, now)).map_err(sql_error)?;
+                wake_chat.execute((&l.message_id, now)).map_err(sql_error)?;
             }
         }
     }
@@ -158,4 +174,23 @@ pub(super) fn set_link_trace_id(
     .and_then(|mut s| s.execute((message_id, trace_id, now_ms())))
     .map_err(sql_error)?;
     Ok(())
+}
+
+pub(super) fn chat_links(
+    conn: &mut Connection,
+    chat_id: &str,
+    user_id: &str,
+    limit: u32,
+) -> Result<Vec<MessageLink>, StoreError> {
+    conn.prepare_cached(
+        "SELECT message_id, chat_id, user_id, trace_id, client_request_id, open,
+            created_at, updated_at, route
+        FROM message_links WHERE chat_id = ?1 AND user_id = ?2
+        ORDER BY created_at, message_id LIMIT ?3",
+    )
+    .and_then(|mut s| {
+        s.query_map((chat_id, user_id, limit), link)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+    })
+    .map_err(sql_error)
 }
