@@ -47,6 +47,10 @@ pub enum Route<'a> {
         chat_id: &'a str,
         message_id: &'a str,
     },
+    /// `DELETE /api/feedback/{chatId}`: retracts the caller's rating of the whole chat.
+    FeedbackRetractChat {
+        chat_id: &'a str,
+    },
     /// `OPTIONS /api/feedback…` (CORS preflight)
     FeedbackPreflight,
     /// A feedback path with a method it does not support.
@@ -107,7 +111,7 @@ impl Route<'_> {
             Self::Metrics => 3,
             Self::FeedbackSubmit => 4,
             Self::FeedbackList { .. } => 5,
-            Self::FeedbackRetract { .. } => 6,
+            Self::FeedbackRetract { .. } | Self::FeedbackRetractChat { .. } => 6,
             Self::FeedbackPreflight => 7,
             Self::FeedbackMethodNotAllowed { .. } => 8,
             Self::Ui => 9,
@@ -220,8 +224,12 @@ fn feedback<'a>(method: &Method, rest: &'a str) -> Route<'a> {
                     chat_id: chat,
                     template: false,
                 }
+            } else if *method == Method::DELETE {
+                Route::FeedbackRetractChat { chat_id: chat }
             } else {
-                Route::FeedbackMethodNotAllowed { allowed: "GET" }
+                Route::FeedbackMethodNotAllowed {
+                    allowed: "GET, DELETE",
+                }
             }
         }
         // The chat app template's read of a chat's votes.

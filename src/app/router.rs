@@ -87,9 +87,10 @@ async fn serve(inner: Arc<Inner>, req: Request<ReqBody>) -> Result<Response<Body
 
     let res = match route {
         Route::FeedbackPreflight => preflight(inner.feedback.clone(), req, &request_id).await,
-        Route::FeedbackSubmit | Route::FeedbackList { .. } | Route::FeedbackRetract { .. } => {
-            inner.feedback.clone().oneshot(req).await?
-        }
+        Route::FeedbackSubmit
+        | Route::FeedbackList { .. }
+        | Route::FeedbackRetract { .. }
+        | Route::FeedbackRetractChat { .. } => inner.feedback.clone().oneshot(req).await?,
         route => respond(
             dispatch(state, route, req, &request_id, start).await,
             &request_id,
@@ -218,6 +219,7 @@ async fn dispatch(
         Route::FeedbackSubmit
         | Route::FeedbackList { .. }
         | Route::FeedbackRetract { .. }
+        | Route::FeedbackRetractChat { .. }
         | Route::FeedbackPreflight => Err(Error::Internal("feedback route not dispatched".into())),
         Route::NotFound => Err(Error::NotFound(format!(
             "no route for {} {}",

@@ -52,6 +52,9 @@ pub struct RateLimit {
 pub struct FeedbackConfig {
     pub max_body_bytes: usize,
     pub max_comment_bytes: usize,
+    /// Longest correction (`expectedResponse`) accepted; at most the 16 KiB the MLflow client
+    /// sends as one value.
+    pub max_expected_response_bytes: usize,
     pub default_name: String,
     /// Allowed assessment names and the value kinds each accepts.
     pub names: BTreeMap<String, ValueKinds>,
@@ -82,6 +85,13 @@ impl Validator {
             Some(map) => {
                 for (name, kinds) in map {
                     let key = format!("feedback.names.{name}");
+                    if name == crate::domain::EXPECTED_RESPONSE {
+                        self.problem(
+                            &key,
+                            "\"expected_response\" is the name of corrections (the expectedResponse field); choose another name",
+                        );
+                        continue;
+                    }
                     if !valid_assessment_name(&name) {
                         self.problem(
                             &key,
@@ -156,8 +166,21 @@ impl Validator {
         if !(1..=1_000_000).contains(&max_in_flight) {
             self.problem("feedback.max_in_flight", "must be between 1 and 1000000");
         }
+        let max_expected_response_bytes = self.size(
+            "feedback.max_expected_response_bytes",
+            raw.max_expected_response_bytes,
+            8192,
+        );
+        // `mlflow::validate::MAX_STRING_VALUE_BYTES`: the longest value the client sends.
+        if max_expected_response_bytes > 16 * 1024 {
+            self.problem(
+                "feedback.max_expected_response_bytes",
+                "must be at most 16KiB (16384), the longest value sent to MLflow",
+            );
+        }
         FeedbackConfig {
             max_in_flight,
+            max_expected_response_bytes,
             max_body_bytes: self.size("feedback.max_body_bytes", raw.max_body_bytes, 64 << 10),
             max_comment_bytes: self.size("feedback.max_comment_bytes", raw.max_comment_bytes, 4096),
             default_name,

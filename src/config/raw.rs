@@ -143,6 +143,7 @@ pub struct RawDelivery {
 pub struct RawFeedback {
     pub max_body_bytes: Option<RawSize>,
     pub max_comment_bytes: Option<RawSize>,
+    pub max_expected_response_bytes: Option<RawSize>,
     pub default_name: Option<String>,
     pub names: Option<BTreeMap<String, Vec<String>>>,
     pub cors_origins: Option<Vec<String>>,

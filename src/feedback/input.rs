@@ -5,6 +5,10 @@
 //! app template's (`messageId`, `feedbackType: "thumbs_up" | "thumbs_down"`, which is a
 //! `true`/`false` vote; the chat is the one the message was answered in, `chatId` optional).
 //!
+//! Two extensions: `expectedResponse`, the user's correction (a string sets it, `null` or a blank
+//! string clears it, absent leaves it as it is; only on the default name's vote), and
+//! `"scope": "chat"`, a rating of the whole chat (`chatId`, no `messageId`, no correction).
+//!
 //! Unknown fields are ignored (clients may send more than we need); known fields must have the
 //! right type. A key given twice in one object is refused (`DUPLICATE_KEY`): serde_json keeps
 //! the last silently, and another reader of the same body may keep the first. Nothing here
@@ -18,7 +22,7 @@ use serde_json::{Map, Value};
 use crate::config::{FeedbackConfig, ValueKinds};
 use crate::error::Error;
 use crate::proxy::request::valid_id;
-use crate::store::FeedbackValue;
+use crate::store::{CorrectionChange, FeedbackValue};
 
 /// Longest string value accepted.
 const MAX_STRING_VALUE: usize = 1024;
@@ -31,10 +35,13 @@ pub struct VoteRequest {
     pub chat_id: Option<String>,
     /// The chat app template's form (`feedbackType`): answered in its shape.
     pub template: bool,
-    pub message_id: String,
+    /// `None` for a chat rating (`"scope": "chat"`).
+    pub message_id: Option<String>,
     pub name: String,
     pub value: FeedbackValue,
     pub comment: Option<String>,
+    /// What the vote does to the user's correction of the message (`expectedResponse`).
+    pub correction: CorrectionChange,
 }
 
 fn invalid(field: &str, expected: &str) -> Error {
@@ -167,11 +174,27 @@ pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, E
         ));
     };
     let template = obj.contains_key("feedbackType");
-    let chat_id = match (template, obj.get("chatId")) {
+    let chat_scope = match obj.get("scope") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) if s == "message" => false,
+        Some(Value::String(s)) if s == "chat" => true,
+        Some(_) => return Err(invalid("scope", "\"message\" or \"chat\"")),
+    };
+    let chat_id = match (template && !chat_scope, obj.get("chatId")) {
         (true, None | Some(Value::Null)) => None,
         _ => Some(required_id(&obj, "chatId")?),
     };
-    let message_id = required_id(&obj, "messageId")?;
+    let message_id = if chat_scope {
+        if !matches!(obj.get("messageId"), None | Some(Value::Null)) {
+            return Err(invalid(
+                "messageId",
+                "no messageId with \"scope\": \"chat\" (a chat rating rates the whole chat)",
+            ));
+        }
+        None
+    } else {
+        Some(required_id(&obj, "messageId")?)
+    };
 
     let name = match obj.get("name") {
         None | Some(Value::Null) => config.default_name.clone(),
@@ -248,6 +271,8 @@ pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, E
         Some(_) => return Err(invalid("comment", "a string or null")),
     };
 
+    let correction = correction(&obj, config, &name, chat_scope)?;
+
     Ok(VoteRequest {
         chat_id,
         template,
@@ -255,7 +280,61 @@ pub fn parse_vote(body: &[u8], config: &FeedbackConfig) -> Result<VoteRequest, E
         name,
         value,
         comment,
+        correction,
     })
+}
+
+/// `expectedResponse`: a string sets the correction, `null` or a blank string clears it, absent
+/// keeps it. Only on a message vote under the default name, so that a message has at most one
+/// correction per user.
+fn correction(
+    obj: &Map<String, Value>,
+    config: &FeedbackConfig,
+    name: &str,
+    chat_scope: bool,
+) -> Result<CorrectionChange, Error> {
+    let Some(given) = obj.get("expectedResponse") else {
+        return Ok(CorrectionChange::Keep);
+    };
+    if chat_scope {
+        return Err(invalid(
+            "expectedResponse",
+            "no correction on a chat rating (correct a message instead)",
+        ));
+    }
+    if name != config.default_name {
+        return Err(invalid(
+            "expectedResponse",
+            &format!(
+                "a correction only on the \"{}\" vote (got name \"{}\")",
+                config.default_name,
+                crate::text::one_line(name, 64)
+            ),
+        ));
+    }
+    match given {
+        Value::Null => Ok(CorrectionChange::Clear),
+        Value::String(s) if s.trim().is_empty() => Ok(CorrectionChange::Clear),
+        Value::String(s) => {
+            let max = config.max_expected_response_bytes;
+            if s.len() > max {
+                return Err(Error::bad_request(
+                    "EXPECTED_RESPONSE_TOO_LONG",
+                    format!("expectedResponse: at most {max} bytes (got {})", s.len()),
+                ));
+            }
+            if s.chars()
+                .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+            {
+                return Err(invalid(
+                    "expectedResponse",
+                    "text without control characters",
+                ));
+            }
+            Ok(CorrectionChange::Set(s.clone()))
+        }
+        _ => Err(invalid("expectedResponse", "a string or null")),
+    }
 }
 
 fn kind_error(name: &str, kinds: &ValueKinds) -> Error {
@@ -435,6 +514,42 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.value, FeedbackValue::Bool(true));
+    }
+
+    #[test]
+    fn corrections_set_clear_or_keep_and_chat_ratings_name_no_message() {
+        let parse = |b: &str| parse_vote(b.as_bytes(), &cfg()).unwrap();
+        let base = r#""chatId":"c","messageId":"m","isUpvoted":false"#;
+        assert_eq!(
+            parse(&format!("{{{base}}}")).correction,
+            CorrectionChange::Keep
+        );
+        assert_eq!(
+            parse(&format!(r#"{{{base},"expectedResponse":"12M"}}"#)).correction,
+            CorrectionChange::Set("12M".into())
+        );
+        for clear in ["null", r#""  ""#] {
+            assert_eq!(
+                parse(&format!(r#"{{{base},"expectedResponse":{clear}}}"#)).correction,
+                CorrectionChange::Clear
+            );
+        }
+        let chat = parse(r#"{"chatId":"c","scope":"chat","isUpvoted":true}"#);
+        assert_eq!(chat.message_id, None);
+        assert_eq!(chat.chat_id.as_deref(), Some("c"));
+        // The template's form can rate a chat too, but must name it.
+        assert_eq!(
+            code(r#"{"scope":"chat","feedbackType":"thumbs_up"}"#).0,
+            "MISSING_FIELD"
+        );
+        let (c, text) = code(&format!(
+            r#"{{{base},"expectedResponse":"{}"}}"#,
+            "x".repeat(8193)
+        ));
+        assert_eq!(c, "EXPECTED_RESPONSE_TOO_LONG");
+        assert!(text.contains("8192"), "{text}");
+        let (c, text) = code(&format!(r#"{{{base},"expectedResponse":"a\u0000b"}}"#));
+        assert_eq!(c, "INVALID_FIELD", "{text}");
     }
 
     #[test]
