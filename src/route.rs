@@ -308,6 +308,16 @@ mod tests {
             }
         );
         assert_eq!(
+            classify(&Method::DELETE, "/api/feedback/c", &c),
+            Route::FeedbackRetractChat { chat_id: "c" }
+        );
+        assert_eq!(
+            classify(&post, "/api/feedback/c", &c),
+            Route::FeedbackMethodNotAllowed {
+                allowed: "GET, DELETE"
+            }
+        );
+        assert_eq!(
             classify(&get, "/api/feedback", &c),
             Route::FeedbackMethodNotAllowed { allowed: "POST" }
         );

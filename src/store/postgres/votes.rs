@@ -53,7 +53,12 @@ pub(super) async fn upsert_vote(
     // The link check for a waiting enqueue. It must be its own statement AFTER the lock: a
     // statement's snapshot is taken when it starts, so one that also took the lock would not
     // see a `record_links` committed while it waited.
-    const LINKED: &str = "SELECT EXISTS (SELECT 1 FROM message_links WHERE message_id = $1
+    // A chat rating's key (`chat/<chatId>`) is woken by any of the rater's links in that chat
+    // (not serialized by the lock, which names messages: the worker's lookup round requeues a
+    // rating parked in that window).
+    const LINKED: &str = "SELECT EXISTS (SELECT 1 FROM message_links
+            WHERE (message_id = $1
+                OR (starts_with($1, 'chat/') AND chat_id = substr($1, 6)))
             AND user_id = $2 AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))";
     // The correction the vote carried before (locks the row, so that two writes of one
     // vote agree on whether the correction changed).

@@ -26,7 +26,11 @@ pub(super) fn upsert_vote(
     if state == DeliveryState::Waiting && reason.is_some_and(|r| r.starts_with(AWAITING_TRACE)) {
         let linked: bool = tx
             .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM message_links WHERE message_id = ?1
+                // A chat rating's key (`chat/<chatId>`) is woken by any of the rater's links
+                // in that chat.
+                "SELECT EXISTS (SELECT 1 FROM message_links
+                    WHERE (message_id = ?1
+                        OR (substr(?1, 1, 5) = 'chat/' AND chat_id = substr(?1, 6)))
                     AND user_id = ?2 AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))",
             )
             .and_then(|mut s| s.query_row([&k.message_id, &k.user_id], |r| r.get(0)))
