@@ -1,6 +1,7 @@
 //! Domain types several layers share: a vote's value ([`FeedbackValue`]), the key of a vote
 //! and its delivery ([`VoteKey`]), and what the proxy knows about a message ([`MessageLink`],
-//! [`LinkRecord`]). A leaf: imports nothing from the crate, so the store, the MLflow client and
+//! [`LinkRecord`]), and the two kinds of key beside a message vote: a correction's
+//! ([`VoteKey::correction`]) and a chat rating's ([`VoteKey::chat_rating`]). A leaf: imports nothing from the crate, so the store, the MLflow client and
 //! the handlers can all name them without depending on each other.
 
 use std::fmt;
@@ -155,5 +156,60 @@ pub struct VoteKey {
 impl fmt::Display for VoteKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}/{}", self.message_id, self.user_id, self.name)
+    }
+}
+
+/// The MLflow assessment name of a correction: an *expectation* (not feedback) holding what the
+/// user says the answer should have been. A delivery whose key has this name is an expectation.
+pub const EXPECTED_RESPONSE: &str = "expected_response";
+
+/// Prefix of the `message_id` of a chat rating's key. Message ids never contain `/` (they are
+/// validated as `[A-Za-z0-9._:-]{1,128}`), so a chat rating's key can never be a message's.
+const CHAT_SCOPE: &str = "chat/";
+
+impl VoteKey {
+    /// The key of `user_id`'s correction of `message_id`: one per (message, user), whatever
+    /// vote carried it.
+    pub fn correction(message_id: &str, user_id: &str) -> Self {
+        Self {
+            message_id: message_id.to_owned(),
+            user_id: user_id.to_owned(),
+            name: EXPECTED_RESPONSE.to_owned(),
+        }
+    }
+
+    /// The key of `user_id`'s rating `name` of the whole chat `chat_id`.
+    pub fn chat_rating(chat_id: &str, user_id: &str, name: &str) -> Self {
+        Self {
+            message_id: format!("{CHAT_SCOPE}{chat_id}"),
+            user_id: user_id.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// The chat this key rates as a whole, if it is a chat rating's.
+    pub fn rated_chat(&self) -> Option<&str> {
+        self.message_id.strip_prefix(CHAT_SCOPE)
+    }
+
+    /// Whether the key is a correction's (delivered as an expectation).
+    pub fn is_correction(&self) -> bool {
+        self.name == EXPECTED_RESPONSE && self.rated_chat().is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_ratings_and_corrections_have_keys_of_their_own() {
+        let r = VoteKey::chat_rating("c1", "u", "user_feedback");
+        assert_eq!(r.rated_chat(), Some("c1"));
+        assert!(!r.is_correction());
+        let c = VoteKey::correction("m1", "u");
+        assert!(c.is_correction());
+        assert_eq!(c.rated_chat(), None);
+        assert_ne!(c.message_id, r.message_id);
     }
 }

@@ -76,6 +76,9 @@ pub enum Error {
     /// A vote names a message the proxy has no link for (never streamed, or not recorded yet).
     #[error("{0}")]
     UnknownMessage(String),
+    /// A chat rating names a chat in which the caller has had no answer.
+    #[error("{0}")]
+    UnknownChat(String),
     /// `agent.auth = "user"` and the platform sent no usable user token
     /// (`x-forwarded-access-token`: the app declares no user API scopes, or the request did not
     /// come through the platform).
@@ -123,7 +126,7 @@ impl Error {
             Self::RouteMethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyConcurrent { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::UnknownMessage(_) => StatusCode::NOT_FOUND,
+            Self::UnknownMessage(_) | Self::UnknownChat(_) => StatusCode::NOT_FOUND,
             Self::UserTokenRequired => StatusCode::UNAUTHORIZED,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -147,6 +150,7 @@ impl Error {
             Self::RequestBodyTimeout { .. } => "REQUEST_TIMEOUT",
             Self::TooManyConcurrent { .. } => "TOO_MANY_CONCURRENT_REQUESTS",
             Self::UnknownMessage(_) => "UNKNOWN_MESSAGE",
+            Self::UnknownChat(_) => "UNKNOWN_CHAT",
             Self::UserTokenRequired => "USER_TOKEN_REQUIRED",
             Self::Overloaded => "OVERLOADED",
         }
@@ -183,7 +187,8 @@ impl Error {
             }
             Self::RequestBodyTimeout { .. }
             | Self::TooManyConcurrent { .. }
-            | Self::UnknownMessage(_) => self.to_string(),
+            | Self::UnknownMessage(_)
+            | Self::UnknownChat(_) => self.to_string(),
         }
     }
 

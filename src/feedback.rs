@@ -21,10 +21,12 @@
 //! no vote can sit on an id before its owner streams it.
 
 mod batch;
+mod chat;
 pub mod delivery;
 pub mod input;
 pub mod label;
 pub mod label_sync;
+mod list;
 pub mod pace;
 mod schema;
 
@@ -46,7 +48,7 @@ use crate::metrics::{Metrics, StatusLabel, VoteLabels};
 use crate::proxy::link::LinkRecorder;
 use crate::proxy::media_type;
 use crate::route::Route;
-use crate::store::{Enqueue, FeedbackValue, NewVote, SharedStore, VoteKey};
+use crate::store::{CorrectionChange, Enqueue, FeedbackValue, NewVote, SharedStore, VoteKey};
 use delivery::{Deliverer, NO_EXPERIMENT_ID, NO_TRACE_ID, Status};
 
 /// The feedback service: handlers plus the shared deliverer.
@@ -136,6 +138,10 @@ impl Feedback {
                 let message_id = decode_segment("messageId", message_id)?;
                 self.retract(req, &chat_id, &message_id).await
             }
+            Route::FeedbackRetractChat { chat_id } => {
+                let chat_id = decode_segment("chatId", chat_id)?;
+                self.retract_chat(req, &chat_id).await
+            }
             _ => Err(Error::NotFound("no such feedback route".into())),
         }
     }
@@ -180,6 +186,9 @@ impl Feedback {
     /// whole of `POST /api/feedback` after parsing, shared with the batch endpoint. The answer
     /// is the 200 body.
     async fn commit(&self, user: String, vote: input::VoteRequest) -> Result<Value, Error> {
+        let Some(message_id) = vote.message_id.clone() else {
+            return self.submit_chat(user, vote).await;
+        };
         // Ownership: a vote is stored only on a message whose link names the voter. Links never
         // change owner once written (the store's invariant), so this check cannot be raced by
         // another request on this replica or any other. A message with no link is unknown: a
@@ -189,41 +198,41 @@ impl Feedback {
         // a long store outage): the proxy sent the answer with a client request id derived from
         // the message id and this voter, so MLflow can be asked for it. Only a trace made for
         // this voter is taken, and the link it yields is owned by the voter.
-        let mut link = self.store.get_link(&vote.message_id).await?;
+        let mut link = self.store.get_link(&message_id).await?;
         if link.is_none() && self.links.flush(LINK_FLUSH_WAIT).await {
             // The answer may have ended a moment ago on this replica, its link still queued,
             // or held through a store outage that has just ended.
-            link = self.store.get_link(&vote.message_id).await?;
+            link = self.store.get_link(&message_id).await?;
         }
         if link.is_none() {
             let key = VoteKey {
-                message_id: vote.message_id.clone(),
+                message_id: message_id.clone(),
                 user_id: user.clone(),
                 name: vote.name.clone(),
             };
             let chat = vote.chat_id.as_deref().unwrap_or_default();
             if self.deliverer.recover_link(&key, chat).await {
-                link = self.store.get_link(&vote.message_id).await?;
+                link = self.store.get_link(&message_id).await?;
             }
         }
         let Some(link) = link else {
             return Err(Error::UnknownMessage(format!(
                 "message {} is not known: vote with the x-message-id of an answer you received \
                  (if it has just ended, its link may not be recorded yet: retry shortly)",
-                vote.message_id
+                message_id
             )));
         };
         if link.user_id != user {
             return Err(Error::Forbidden(format!(
                 "message {} belongs to another user",
-                vote.message_id
+                message_id
             )));
         }
         let chat_id = match (&link.chat_id, vote.chat_id) {
             (Some(chat), Some(voted)) if *chat != voted => {
                 return Err(Error::bad_request(
                     "CHAT_MISMATCH",
-                    format!("chatId: message {} belongs to chat {chat}", vote.message_id),
+                    format!("chatId: message {} belongs to chat {chat}", message_id),
                 ));
             }
             (_, Some(voted)) => voted,
@@ -234,7 +243,7 @@ impl Feedback {
                     "MISSING_FIELD",
                     format!(
                         "chatId: required (the chat of message {} is not known)",
-                        vote.message_id
+                        message_id
                     ),
                 ));
             }
@@ -253,22 +262,24 @@ impl Feedback {
             }
         };
         let key = VoteKey {
-            message_id: vote.message_id.clone(),
+            message_id: message_id.clone(),
             user_id: user,
             name: vote.name.clone(),
         };
-        let delivery = self
+        let written = self
             .store
-            .upsert_vote(
+            .upsert_vote_corrected(
                 &NewVote {
                     key: key.clone(),
                     chat_id,
                     value: vote.value.clone(),
                     comment: vote.comment.clone(),
                 },
+                &vote.correction,
                 &enqueue,
             )
             .await?;
+        let delivery = written.vote;
         self.metrics
             .votes_accepted
             .get_or_create(&VoteLabels {
@@ -276,12 +287,25 @@ impl Feedback {
                 value: vote_value_label(&vote.value),
             })
             .inc();
-        let status = match enqueue {
+        let (status, correction) = match enqueue {
             Enqueue::Inline { .. } | Enqueue::Pending => {
-                self.deliverer.attempt_inline(&key, delivery.version).await
+                let vote_attempt = self.deliverer.attempt_inline(&key, delivery.version);
+                let correction_attempt = async {
+                    match &written.correction {
+                        Some(c) => Some(self.deliverer.attempt_inline(&c.key, c.version).await),
+                        None => None,
+                    }
+                };
+                tokio::join!(vote_attempt, correction_attempt)
             }
-            Enqueue::Waiting { reason } if reason == NO_EXPERIMENT_ID => Status::NoExperimentId,
-            Enqueue::Waiting { .. } => Status::NoTraceId,
+            Enqueue::Waiting { reason } if reason == NO_EXPERIMENT_ID => (
+                Status::NoExperimentId,
+                written.correction.as_ref().map(|_| Status::NoExperimentId),
+            ),
+            Enqueue::Waiting { .. } => (
+                Status::NoTraceId,
+                written.correction.as_ref().map(|_| Status::NoTraceId),
+            ),
         };
         let trace_id = status
             .trace_id()
@@ -300,6 +324,9 @@ impl Feedback {
         }
         out.insert("name".into(), Value::String(vote.name));
         out.insert("value".into(), vote.value.to_json());
+        if let Some(c) = correction {
+            out.insert("correction".into(), correction_fields(&vote.correction, &c));
+        }
         self.status_fields(&mut out, &status, trace_id);
         Ok(Value::Object(out))
     }
@@ -332,61 +359,6 @@ impl Feedback {
             );
             out.insert("mlflowError".into(), Value::String(reason.clone()));
         }
-    }
-
-    async fn list(&self, headers: &HeaderMap, chat_id: &str) -> Result<Response<Body>, Error> {
-        let user = self.user(headers)?;
-        let votes = self.store.list_votes(chat_id, &user).await?;
-        let mut simple = Map::new();
-        let mut feedback = Map::new();
-        let mut assessments: Map<String, Value> = Map::new();
-        for v in votes {
-            let detail = json!({
-                "name": v.key.name,
-                "value": v.value.to_json(),
-                "comment": v.comment,
-                "updatedAt": humantime::format_rfc3339_millis(v.updated_at).to_string(),
-            });
-            if v.key.name == self.config.default_name {
-                if let FeedbackValue::Bool(b) = v.value {
-                    simple.insert(v.key.message_id.clone(), Value::Bool(b));
-                }
-                feedback.insert(v.key.message_id.clone(), detail.clone());
-            }
-            if let Value::Object(per_message) = assessments
-                .entry(v.key.message_id.clone())
-                .or_insert_with(|| Value::Object(Map::new()))
-            {
-                per_message.insert(v.key.name.clone(), detail);
-            }
-        }
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({ "votes": simple, "feedback": feedback, "assessments": assessments }),
-        ))
-    }
-
-    /// The template's `GET /api/feedback/chat/{chatId}`: the caller's thumbs in that chat.
-    async fn template_list(
-        &self,
-        headers: &HeaderMap,
-        chat_id: &str,
-    ) -> Result<Response<Body>, Error> {
-        let user = self.user(headers)?;
-        let votes = self.store.list_votes(chat_id, &user).await?;
-        let mut map = Map::new();
-        for v in votes {
-            if let (true, FeedbackValue::Bool(up)) =
-                (v.key.name == self.config.default_name, &v.value)
-            {
-                let kind = if *up { "thumbs_up" } else { "thumbs_down" };
-                map.insert(
-                    v.key.message_id.clone(),
-                    json!({"messageId": v.key.message_id, "feedbackType": kind, "assessmentId": null}),
-                );
-            }
-        }
-        Ok(json_response(StatusCode::OK, &Value::Object(map)))
     }
 
     async fn retract(
@@ -423,20 +395,45 @@ impl Feedback {
                 key.name
             )));
         }
+        self.retract_key(&key, &format!("message {message_id} in chat {chat_id}"))
+            .await
+    }
+
+    /// Retracts the caller's vote `key` (and the correction it carried) and answers.
+    async fn retract_key(&self, key: &VoteKey, what: &str) -> Result<Response<Body>, Error> {
         let hold = self.deliverer.inline_hold();
-        let Some(delivery) = self.store.retract_vote(&key, hold).await? else {
+        let Some(written) = self.store.retract_vote_corrected(key, hold).await? else {
             return Err(Error::NotFound(format!(
-                "you have no {} vote on message {message_id} in chat {chat_id}",
+                "you have no {} vote on {what}",
                 key.name
             )));
         };
-        let status = if self.deliverer.enabled() {
-            self.deliverer.attempt_inline(&key, delivery.version).await
+        let delivery = written.vote;
+        let (status, correction) = if self.deliverer.enabled() {
+            let correction_attempt = async {
+                match &written.correction {
+                    Some(c) => Some(self.deliverer.attempt_inline(&c.key, c.version).await),
+                    None => None,
+                }
+            };
+            tokio::join!(
+                self.deliverer.attempt_inline(key, delivery.version),
+                correction_attempt
+            )
         } else {
-            Status::NoExperimentId
+            (
+                Status::NoExperimentId,
+                written.correction.as_ref().map(|_| Status::NoExperimentId),
+            )
         };
         let mut out = Map::new();
         out.insert("success".into(), Value::Bool(true));
+        if let Some(c) = correction {
+            out.insert(
+                "correction".into(),
+                correction_fields(&CorrectionChange::Clear, &c),
+            );
+        }
         let trace_id = status.trace_id().map(str::to_owned).or(delivery.trace_id);
         self.status_fields(&mut out, &status, trace_id);
         Ok(json_response(StatusCode::OK, &Value::Object(out)))
@@ -503,4 +500,18 @@ pub fn vote_value_label(v: &FeedbackValue) -> String {
         }
         FeedbackValue::String(_) | FeedbackValue::List(_) => "other".to_owned(),
     }
+}
+
+/// The `correction` object of an answer: the correction the vote now carries and how its
+/// delivery went (`mlflowStatus` and `assessmentId` as for the vote).
+fn correction_fields(change: &CorrectionChange, status: &Status) -> Value {
+    let text = match change {
+        CorrectionChange::Set(t) => Value::String(t.clone()),
+        CorrectionChange::Clear | CorrectionChange::Keep => Value::Null,
+    };
+    let mut out = json!({ "expectedResponse": text, "mlflowStatus": status.as_str() });
+    if let Some(a) = status.assessment_id() {
+        out["assessmentId"] = Value::String(a.to_owned());
+    }
+    out
 }

@@ -40,12 +40,13 @@ pub use error::{
     MlflowError, MlflowErrorKind, SHORT_MAX_CHARS, TOKEN_REJECTED, TOKEN_UNAVAILABLE,
     parse_retry_after,
 };
-pub use types::{Assessment, AssessmentUpdate, NewAssessment, TraceInfo};
+pub use types::{Assessment, AssessmentUpdate, NewAssessment, NewExpectation, TraceInfo};
 pub use wire::UPDATE_MASK;
 
 use crate::auth::TokenSource;
 use crate::body::{APPLICATION_JSON, Body};
 use crate::client::HttpClient;
+use crate::domain::FeedbackValue;
 use crate::metrics::{Metrics, OperationLabel, OperationStatus};
 
 /// Everything but RFC 3986 unreserved characters is escaped in a path segment.
@@ -177,6 +178,55 @@ impl MlflowClient {
             }
             other => other?,
         };
+        decode::<wire::AssessmentEnvelope>(&bytes).map(|e| e.assessment.into())
+    }
+
+    /// Creates a HUMAN expectation assessment on `trace_id` (a correction). A client-chosen id
+    /// that exists already is [`MlflowErrorKind::AlreadyExists`], as for
+    /// [`MlflowClient::create_assessment`].
+    pub async fn create_expectation(
+        &self,
+        trace_id: &str,
+        a: &NewExpectation,
+    ) -> Result<Assessment, MlflowError> {
+        validate::path_id("trace id", trace_id)?;
+        validate::name(&a.name)?;
+        validate::source_id(&a.source_id)?;
+        if let Some(id) = &a.assessment_id {
+            validate::assessment_id(id)?;
+        }
+        validate::value(&FeedbackValue::String(a.value.clone()))?;
+        validate::metadata(&a.metadata)?;
+        let path = format!("/api/3.0/mlflow/traces/{}/assessments", seg(trace_id));
+        let body = wire::expectation_create_body(trace_id, a);
+        let res = self
+            .call(Op::CreateAssessment, Method::POST, &path, Some(&body))
+            .await;
+        let bytes = match res {
+            Err(mut e) if a.assessment_id.is_some() && is_constraint_violation(&e) => {
+                e.kind = MlflowErrorKind::AlreadyExists;
+                return Err(e);
+            }
+            other => other?,
+        };
+        decode::<wire::AssessmentEnvelope>(&bytes).map(|e| e.assessment.into())
+    }
+
+    /// Replaces the value of an expectation assessment (`update_mask` `expectation`).
+    pub async fn update_expectation(
+        &self,
+        trace_id: &str,
+        assessment_id: &str,
+        value: &str,
+    ) -> Result<Assessment, MlflowError> {
+        validate::path_id("trace id", trace_id)?;
+        validate::path_id("assessment id", assessment_id)?;
+        validate::value(&FeedbackValue::String(value.to_owned()))?;
+        let path = assessment_path(trace_id, assessment_id);
+        let body = wire::expectation_update_body(value);
+        let bytes = self
+            .call(Op::UpdateAssessment, Method::PATCH, &path, Some(&body))
+            .await?;
         decode::<wire::AssessmentEnvelope>(&bytes).map(|e| e.assessment.into())
     }
 

@@ -51,6 +51,10 @@ pub enum Route<'a> {
     FeedbackSchema,
     /// `POST /api/feedback/batch`: up to 100 votes, each as `POST /api/feedback` would take it.
     FeedbackBatch,
+    /// `DELETE /api/feedback/{chatId}`: retracts the caller's rating of the whole chat.
+    FeedbackRetractChat {
+        chat_id: &'a str,
+    },
     /// `OPTIONS /api/feedback…` (CORS preflight)
     FeedbackPreflight,
     /// A feedback path with a method it does not support.
@@ -113,7 +117,7 @@ impl Route<'_> {
             Self::Metrics => 3,
             Self::FeedbackSubmit => 4,
             Self::FeedbackList { .. } => 5,
-            Self::FeedbackRetract { .. } => 6,
+            Self::FeedbackRetract { .. } | Self::FeedbackRetractChat { .. } => 6,
             Self::FeedbackPreflight => 7,
             Self::FeedbackMethodNotAllowed { .. } => 8,
             Self::Ui => 9,
@@ -238,8 +242,12 @@ fn feedback<'a>(method: &Method, rest: &'a str) -> Route<'a> {
                     chat_id: chat,
                     template: false,
                 }
+            } else if *method == Method::DELETE {
+                Route::FeedbackRetractChat { chat_id: chat }
             } else {
-                Route::FeedbackMethodNotAllowed { allowed: "GET" }
+                Route::FeedbackMethodNotAllowed {
+                    allowed: "GET, DELETE",
+                }
             }
         }
         // The chat app template's read of a chat's votes.
@@ -315,6 +323,16 @@ mod tests {
             Route::FeedbackRetract {
                 chat_id: "c",
                 message_id: "m"
+            }
+        );
+        assert_eq!(
+            classify(&Method::DELETE, "/api/feedback/c", &c),
+            Route::FeedbackRetractChat { chat_id: "c" }
+        );
+        assert_eq!(
+            classify(&post, "/api/feedback/c", &c),
+            Route::FeedbackMethodNotAllowed {
+                allowed: "GET, DELETE"
             }
         );
         assert_eq!(

@@ -27,7 +27,7 @@ fn write_config(dir: &Path, store_url: &str) -> std::path::PathBuf {
 }
 
 /// The newest schema version (the number of migrations shipped).
-const LATEST: i32 = 4;
+const LATEST: i32 = 5;
 
 /// Starts two `feedback-proxy migrate` processes at once and waits for both.
 fn migrate_twice_at_once(config: &Path) -> [Output; 2] {
@@ -91,7 +91,7 @@ async fn postgres_concurrent_migrations_leave_one_schema_version() {
         .await
         .unwrap();
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, [1, 2, 3, 4]);
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
     let tables: i64 = admin
         .query_one(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'feedback_proxy'",
@@ -179,7 +179,7 @@ async fn sqlite_concurrent_migrations_leave_one_schema_version() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(versions, [1, 2, 3, 4]);
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();

@@ -49,6 +49,13 @@ fp_browser_test() {
     tail -n 30 "$FP_DEMO_PROXY_LOG" >&2 || true
     return 1
   }
+  CHAT_URL=$FP_DEMO_CHAT_URL MLFLOW_URL=$FP_DEMO_MLFLOW_URL CHROMIUM=$FP_CHROMIUM \
+    SCREENSHOT_DIR="$FP_REPO_ROOT/target/browser" \
+    node "$FP_REPO_ROOT/tests/browser/corrections.mjs" || {
+    fp_browser_log "corrections failed; proxy log tail ($FP_DEMO_PROXY_LOG):"
+    tail -n 30 "$FP_DEMO_PROXY_LOG" >&2 || true
+    return 1
+  }
   CHAT_URL=$FP_DEMO_CHAT_URL CHROMIUM=$FP_CHROMIUM SCREENSHOT_DIR="$FP_REPO_ROOT/target/browser" \
     node "$FP_REPO_ROOT/tests/browser/review.mjs" || {
     fp_browser_log "review page failed; proxy log tail ($FP_DEMO_PROXY_LOG):"

@@ -91,7 +91,8 @@ async fn serve(inner: Arc<Inner>, req: Request<ReqBody>) -> Result<Response<Body
         | Route::FeedbackList { .. }
         | Route::FeedbackRetract { .. }
         | Route::FeedbackSchema
-        | Route::FeedbackBatch => inner.feedback.clone().oneshot(req).await?,
+        | Route::FeedbackBatch
+        | Route::FeedbackRetractChat { .. } => inner.feedback.clone().oneshot(req).await?,
         route => respond(
             dispatch(state, route, req, &request_id, start).await,
             &request_id,
@@ -222,6 +223,7 @@ async fn dispatch(
         | Route::FeedbackRetract { .. }
         | Route::FeedbackSchema
         | Route::FeedbackBatch
+        | Route::FeedbackRetractChat { .. }
         | Route::FeedbackPreflight => Err(Error::Internal("feedback route not dispatched".into())),
         Route::NotFound => Err(Error::NotFound(format!(
             "no route for {} {}",

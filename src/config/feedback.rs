@@ -24,6 +24,9 @@ pub struct FeedbackConfig {
     /// Largest `POST /api/feedback/batch` body (413 past it).
     pub max_batch_bytes: usize,
     pub max_comment_bytes: usize,
+    /// Longest correction (`expectedResponse`) accepted; at most the 16 KiB the MLflow client
+    /// sends as one value.
+    pub max_expected_response_bytes: usize,
     pub default_name: String,
     /// Allowed assessment names and the label schema of each.
     pub names: BTreeMap<String, LabelSchema>,
@@ -48,6 +51,13 @@ impl Validator {
             Some(map) => {
                 for (name, spec) in map {
                     let key = format!("feedback.names.{name}");
+                    if name == crate::domain::EXPECTED_RESPONSE {
+                        self.problem(
+                            &key,
+                            "\"expected_response\" is the name of corrections (the expectedResponse field); choose another name",
+                        );
+                        continue;
+                    }
                     if !valid_assessment_name(&name) {
                         self.problem(
                             &key,
@@ -126,8 +136,21 @@ impl Validator {
         if !(1..=1_000_000).contains(&max_in_flight) {
             self.problem("feedback.max_in_flight", "must be between 1 and 1000000");
         }
+        let max_expected_response_bytes = self.size(
+            "feedback.max_expected_response_bytes",
+            raw.max_expected_response_bytes,
+            8192,
+        );
+        // `mlflow::validate::MAX_STRING_VALUE_BYTES`: the longest value the client sends.
+        if max_expected_response_bytes > 16 * 1024 {
+            self.problem(
+                "feedback.max_expected_response_bytes",
+                "must be at most 16KiB (16384), the longest value sent to MLflow",
+            );
+        }
         FeedbackConfig {
             max_in_flight,
+            max_expected_response_bytes,
             max_body_bytes: self.size("feedback.max_body_bytes", raw.max_body_bytes, 64 << 10),
             max_batch_bytes: self.size("feedback.max_batch_bytes", raw.max_batch_bytes, 1 << 20),
             max_comment_bytes: self.size("feedback.max_comment_bytes", raw.max_comment_bytes, 4096),

@@ -145,6 +145,7 @@ pub struct RawFeedback {
     pub max_body_bytes: Option<RawSize>,
     pub max_batch_bytes: Option<RawSize>,
     pub max_comment_bytes: Option<RawSize>,
+    pub max_expected_response_bytes: Option<RawSize>,
     pub default_name: Option<String>,
     /// A list of value kinds or a schema table per name (`schema.rs` reads them, naming keys).
     pub names: Option<BTreeMap<String, toml::Value>>,

@@ -39,12 +39,17 @@ impl Feedback {
         let mut seen = HashSet::new();
         for item in &mut items {
             if let Ok(vote) = item {
-                if !seen.insert((vote.message_id.clone(), vote.name.clone())) {
+                // A message's vote, or (`"scope": "chat"`) a chat's rating.
+                let target = match &vote.message_id {
+                    Some(m) => format!("message {m}"),
+                    None => format!("chat {}", vote.chat_id.as_deref().unwrap_or_default()),
+                };
+                if !seen.insert((target.clone(), vote.name.clone())) {
                     *item = Err(Error::bad_request(
                         "DUPLICATE_VOTE",
                         format!(
-                            "an earlier vote in this batch is on message {} with name \"{}\"",
-                            vote.message_id, vote.name
+                            "an earlier vote in this batch is on {target} with name \"{}\"",
+                            vote.name
                         ),
                     ));
                 }

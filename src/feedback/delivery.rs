@@ -5,6 +5,7 @@
 //!   outcome, shutdown;
 //! - `attempt`: the MLflow calls of one attempt (trace lookup, create / adopt / PATCH / DELETE);
 //! - `policy`: park, retry with backoff, or dead-letter after a failure;
+//! - `session`: where a chat rating lands (the chat's first trace, as a session assessment);
 //! - `worker`: the background loop and the periodic trace lookup for waiting votes.
 //!
 //! Exactly one assessment per (message, user, name):
@@ -38,6 +39,7 @@
 
 mod attempt;
 mod policy;
+pub mod session;
 mod worker;
 
 use std::sync::Arc;

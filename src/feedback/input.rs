@@ -5,6 +5,10 @@
 //! app template's (`messageId`, `feedbackType: "thumbs_up" | "thumbs_down"`, which is a
 //! `true`/`false` vote; the chat is the one the message was answered in, `chatId` optional).
 //!
+//! Two extensions: `expectedResponse`, the user's correction (a string sets it, `null` or a blank
+//! string clears it, absent leaves it as it is; only on the default name's vote), and
+//! `"scope": "chat"`, a rating of the whole chat (`chatId`, no `messageId`, no correction).
+//!
 //! Unknown fields are ignored (clients may send more than we need); known fields must have the
 //! right type. A key given twice in one object is refused (`DUPLICATE_KEY`): serde_json keeps
 //! the last silently, and another reader of the same body may keep the first. Nothing here
@@ -19,7 +23,7 @@ use super::label;
 use crate::config::{FeedbackConfig, Kind, ValueKinds};
 use crate::error::Error;
 use crate::proxy::request::valid_id;
-use crate::store::FeedbackValue;
+use crate::store::{CorrectionChange, FeedbackValue};
 
 /// Longest string value accepted.
 const MAX_STRING_VALUE: usize = 1024;
@@ -32,10 +36,13 @@ pub struct VoteRequest {
     pub chat_id: Option<String>,
     /// The chat app template's form (`feedbackType`): answered in its shape.
     pub template: bool,
-    pub message_id: String,
+    /// `None` for a chat rating (`"scope": "chat"`).
+    pub message_id: Option<String>,
     pub name: String,
     pub value: FeedbackValue,
     pub comment: Option<String>,
+    /// What the vote does to the user's correction of the message (`expectedResponse`).
+    pub correction: CorrectionChange,
 }
 
 fn invalid(field: &str, expected: &str) -> Error {
@@ -221,11 +228,27 @@ pub fn parse_batch(
 /// Validates one vote object.
 fn vote_of(obj: &Map<String, Value>, config: &FeedbackConfig) -> Result<VoteRequest, Error> {
     let template = obj.contains_key("feedbackType");
-    let chat_id = match (template, obj.get("chatId")) {
+    let chat_scope = match obj.get("scope") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) if s == "message" => false,
+        Some(Value::String(s)) if s == "chat" => true,
+        Some(_) => return Err(invalid("scope", "\"message\" or \"chat\"")),
+    };
+    let chat_id = match (template && !chat_scope, obj.get("chatId")) {
         (true, None | Some(Value::Null)) => None,
         _ => Some(required_id(obj, "chatId")?),
     };
-    let message_id = required_id(obj, "messageId")?;
+    let message_id = if chat_scope {
+        if !matches!(obj.get("messageId"), None | Some(Value::Null)) {
+            return Err(invalid(
+                "messageId",
+                "no messageId with \"scope\": \"chat\" (a chat rating rates the whole chat)",
+            ));
+        }
+        None
+    } else {
+        Some(required_id(obj, "messageId")?)
+    };
 
     let name = match obj.get("name") {
         None | Some(Value::Null) => config.default_name.clone(),
@@ -305,6 +328,8 @@ fn vote_of(obj: &Map<String, Value>, config: &FeedbackConfig) -> Result<VoteRequ
         Some(_) => return Err(invalid("comment", "a string or null")),
     };
 
+    let correction = correction(obj, config, &name, chat_scope)?;
+
     Ok(VoteRequest {
         chat_id,
         template,
@@ -312,7 +337,61 @@ fn vote_of(obj: &Map<String, Value>, config: &FeedbackConfig) -> Result<VoteRequ
         name,
         value,
         comment,
+        correction,
     })
+}
+
+/// `expectedResponse`: a string sets the correction, `null` or a blank string clears it, absent
+/// keeps it. Only on a message vote under the default name, so that a message has at most one
+/// correction per user.
+fn correction(
+    obj: &Map<String, Value>,
+    config: &FeedbackConfig,
+    name: &str,
+    chat_scope: bool,
+) -> Result<CorrectionChange, Error> {
+    let Some(given) = obj.get("expectedResponse") else {
+        return Ok(CorrectionChange::Keep);
+    };
+    if chat_scope {
+        return Err(invalid(
+            "expectedResponse",
+            "no correction on a chat rating (correct a message instead)",
+        ));
+    }
+    if name != config.default_name {
+        return Err(invalid(
+            "expectedResponse",
+            &format!(
+                "a correction only on the \"{}\" vote (got name \"{}\")",
+                config.default_name,
+                crate::text::one_line(name, 64)
+            ),
+        ));
+    }
+    match given {
+        Value::Null => Ok(CorrectionChange::Clear),
+        Value::String(s) if s.trim().is_empty() => Ok(CorrectionChange::Clear),
+        Value::String(s) => {
+            let max = config.max_expected_response_bytes;
+            if s.len() > max {
+                return Err(Error::bad_request(
+                    "EXPECTED_RESPONSE_TOO_LONG",
+                    format!("expectedResponse: at most {max} bytes (got {})", s.len()),
+                ));
+            }
+            if s.chars()
+                .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+            {
+                return Err(invalid(
+                    "expectedResponse",
+                    "text without control characters",
+                ));
+            }
+            Ok(CorrectionChange::Set(s.clone()))
+        }
+        _ => Err(invalid("expectedResponse", "a string or null")),
+    }
 }
 
 fn kind_error(name: &str, kinds: &ValueKinds) -> Error {
@@ -355,163 +434,4 @@ fn value_of(v: &Value, name: &str, kinds: &ValueKinds) -> Result<FeedbackValue, 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{Config, Env};
-
-    fn cfg() -> FeedbackConfig {
-        Config::from_toml_str("[agent]\nurl = \"http://x\"\n", &Env::default())
-            .unwrap()
-            .feedback
-    }
-
-    fn code(body: &str) -> (&'static str, String) {
-        match parse_vote(body.as_bytes(), &cfg()) {
-            Err(e) => (e.code(), e.to_string()),
-            Ok(v) => panic!("accepted {v:?}"),
-        }
-    }
-
-    #[test]
-    fn accepts_the_seed_shape_and_the_extended_one() {
-        let v = parse_vote(
-            br#"{"chatId":"c1","messageId":"m1","isUpvoted":true}"#,
-            &cfg(),
-        )
-        .unwrap();
-        assert_eq!(v.name, "user_feedback");
-        assert_eq!(v.value, FeedbackValue::Bool(true));
-        let v = parse_vote(
-            br#"{"chatId":"c1","messageId":"m1","value":4,"name":"rating","comment":"missing the 2024 numbers","extra":1}"#,
-            &cfg(),
-        )
-        .unwrap();
-        assert_eq!(v.name, "rating");
-        assert_eq!(v.value, FeedbackValue::Number(4.0));
-        assert_eq!(v.comment.as_deref(), Some("missing the 2024 numbers"));
-    }
-
-    #[test]
-    fn rejects_bad_input_naming_the_field() {
-        let cases = [
-            ("{", "INVALID_JSON", "not valid JSON"),
-            ("[1]", "INVALID_JSON", "JSON object"),
-            (
-                r#"{"messageId":"m","isUpvoted":true}"#,
-                "MISSING_FIELD",
-                "chatId",
-            ),
-            (
-                r#"{"chatId":"c","isUpvoted":true}"#,
-                "MISSING_FIELD",
-                "messageId",
-            ),
-            (
-                r#"{"chatId":5,"messageId":"m","isUpvoted":true}"#,
-                "INVALID_FIELD",
-                "chatId",
-            ),
-            (
-                r#"{"chatId":"c d","messageId":"m","isUpvoted":true}"#,
-                "INVALID_FIELD",
-                "chatId",
-            ),
-            (
-                r#"{"chatId":"c","messageId":"m","isUpvoted":"yes"}"#,
-                "INVALID_FIELD",
-                "isUpvoted: expected a boolean",
-            ),
-            (
-                r#"{"chatId":"c","messageId":"m"}"#,
-                "MISSING_FIELD",
-                "isUpvoted",
-            ),
-            (
-                r#"{"chatId":"c","messageId":"m","isUpvoted":true,"value":1}"#,
-                "INVALID_FIELD",
-                "not both",
-            ),
-            (
-                r#"{"chatId":"c","messageId":"m","value":true,"name":"nope"}"#,
-                "UNKNOWN_NAME",
-                "nope",
-            ),
-            (
-                r#"{"chatId":"c","messageId":"m","value":"five","name":"rating"}"#,
-                "INVALID_VALUE",
-                "rating\" accepts number",
-            ),
-            (
-                r#"{"chatId":"c","messageId":"m","isUpvoted":true,"name":"rating"}"#,
-                "INVALID_VALUE",
-                "accepts number",
-            ),
-            (
-                r#"{"chatId":"c","messageId":"m","value":[1]}"#,
-                "INVALID_FIELD",
-                "value",
-            ),
-            (
-                r#"{"chatId":"c","messageId":"m","isUpvoted":true,"comment":7}"#,
-                "INVALID_FIELD",
-                "comment",
-            ),
-            (
-                r#"{"chatId":"c","messageId":"m","isUpvoted":true,"name":3}"#,
-                "INVALID_FIELD",
-                "name",
-            ),
-        ];
-        for (body, want_code, want_text) in cases {
-            let (got_code, text) = code(body);
-            assert_eq!(got_code, want_code, "{body}: {text}");
-            assert!(text.contains(want_text), "{body}: {text}");
-        }
-    }
-
-    #[test]
-    fn duplicate_keys_are_refused_naming_the_key() {
-        let (c, text) =
-            code(r#"{"chatId":"c","messageId":"m","isUpvoted":true,"isUpvoted":false}"#);
-        assert_eq!(c, "DUPLICATE_KEY");
-        assert!(text.contains("\"isUpvoted\""), "{text}");
-        let (c, text) =
-            code(r#"{"chatId":"c","messageId":"m","isUpvoted":true,"x":{"a":1,"a":2}}"#);
-        assert_eq!(c, "DUPLICATE_KEY");
-        assert!(text.contains("\"a\""), "{text}");
-        let long = "k".repeat(500);
-        let (c, text) = code(&format!(r#"{{"{long}":1,"{long}":2}}"#));
-        assert_eq!(c, "DUPLICATE_KEY");
-        assert!(text.len() < 160, "{text}");
-        // Equal values do not make a duplicate acceptable; distinct keys are fine.
-        assert_eq!(
-            code(r#"{"chatId":"c","chatId":"c","messageId":"m","isUpvoted":true}"#).0,
-            "DUPLICATE_KEY"
-        );
-        let v = parse_vote(
-            br#"{"chatId":"c","messageId":"m","isUpvoted":true,"extra":[{"a":1},{"a":2}],"n":1.5,"z":null}"#,
-            &cfg(),
-        )
-        .unwrap();
-        assert_eq!(v.value, FeedbackValue::Bool(true));
-    }
-
-    #[test]
-    fn comment_limit() {
-        let long = "x".repeat(5 * 1024);
-        let (c, text) = code(&format!(
-            r#"{{"chatId":"c","messageId":"m","isUpvoted":false,"comment":"{long}"}}"#
-        ));
-        assert_eq!(c, "COMMENT_TOO_LONG");
-        assert!(text.contains("4096"));
-        let ok = "y".repeat(4096);
-        assert!(
-            parse_vote(
-                format!(r#"{{"chatId":"c","messageId":"m","isUpvoted":false,"comment":"{ok}"}}"#)
-                    .as_bytes(),
-                &cfg()
-            )
-            .is_ok()
-        );
-    }
-}
+mod tests;

@@ -22,6 +22,20 @@ pub struct NewAssessment {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// A new HUMAN expectation assessment: what the user says the answer should have been (a
+/// correction). Its value is sent as `{"expectation": {"value": "<text>"}}`, the shape
+/// `mlflow.log_expectation` writes for a string (verified on 3.17.2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewExpectation {
+    /// A client-chosen id, as for [`NewAssessment::assessment_id`].
+    pub assessment_id: Option<String>,
+    pub name: String,
+    /// The HUMAN source's id: the user who corrected.
+    pub source_id: String,
+    pub value: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
 /// A change of an existing feedback assessment's value and rationale (`update_mask`
 /// `feedback,rationale`).
 ///

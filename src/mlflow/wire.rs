@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::types::{Assessment, AssessmentUpdate, NewAssessment, TraceInfo};
+use super::types::{Assessment, AssessmentUpdate, NewAssessment, NewExpectation, TraceInfo};
 
 /// `update_mask` for a vote change. The paths are camelCase: snake_case paths (or a
 /// `{"paths": [...]}` object) are accepted with 200 and change nothing (CONTRACT §5.2).
@@ -35,6 +35,36 @@ pub fn create_body(trace_id: &str, a: &NewAssessment) -> Value {
         assessment["metadata"] = json!(a.metadata);
     }
     json!({ "assessment": assessment })
+}
+
+/// `update_mask` for a changed expectation. A feedback mask on an expectation answers 400
+/// "Cannot update feedback value on an Expectation assessment" (verified on 3.17.2).
+pub const EXPECTATION_UPDATE_MASK: &str = "expectation";
+
+/// The create body of an expectation: like [`create_body`], with `expectation` instead of
+/// `feedback` and no rationale.
+pub fn expectation_create_body(trace_id: &str, a: &NewExpectation) -> Value {
+    let mut assessment = json!({
+        "trace_id": trace_id,
+        "assessment_name": a.name,
+        "source": {"source_type": "HUMAN", "source_id": a.source_id},
+        "expectation": {"value": a.value},
+    });
+    if let Some(id) = &a.assessment_id {
+        assessment["assessment_id"] = json!(id);
+    }
+    if !a.metadata.is_empty() {
+        assessment["metadata"] = json!(a.metadata);
+    }
+    json!({ "assessment": assessment })
+}
+
+/// The PATCH body that replaces an expectation's value.
+pub fn expectation_update_body(value: &str) -> Value {
+    json!({
+        "assessment": {"expectation": {"value": value}},
+        "update_mask": EXPECTATION_UPDATE_MASK,
+    })
 }
 
 /// `PATCH …/assessments/{id}` body. A `None` rationale is sent as an absent field under a mask

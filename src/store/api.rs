@@ -50,6 +50,8 @@ pub struct Vote {
     pub chat_id: String,
     pub value: FeedbackValue,
     pub comment: Option<String>,
+    /// The correction this vote carries (the user's expected response), if any.
+    pub expected_response: Option<String>,
     pub updated_at: SystemTime,
 }
 
@@ -60,6 +62,26 @@ pub struct NewVote {
     pub chat_id: String,
     pub value: FeedbackValue,
     pub comment: Option<String>,
+}
+
+/// What a vote write does to the user's correction of the message (see
+/// [`Store::upsert_vote_corrected`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorrectionChange {
+    /// Leave it as it is (what [`Store::upsert_vote`] does).
+    Keep,
+    /// The vote carries this correction.
+    Set(String),
+    /// The vote carries none: an existing correction is deleted.
+    Clear,
+}
+
+/// What a vote write enqueued: the vote's delivery, and the correction's when the correction
+/// changed (its key is [`VoteKey::correction`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoteWrite {
+    pub vote: Delivery,
+    pub correction: Option<Delivery>,
 }
 
 /// What MLflow should end up holding for a (message, user, name).
@@ -268,7 +290,25 @@ pub trait Store: Send + Sync + 'static {
     /// delivery is stored `pending` instead, so that it can never stay parked past its wake-up.
     /// Backends
     /// serialize this check with `record_links` per message.
-    async fn upsert_vote(&self, vote: &NewVote, enqueue: &Enqueue) -> Result<Delivery, StoreError>;
+    async fn upsert_vote(&self, vote: &NewVote, enqueue: &Enqueue) -> Result<Delivery, StoreError> {
+        let w = self
+            .upsert_vote_corrected(vote, &CorrectionChange::Keep, enqueue)
+            .await?;
+        Ok(w.vote)
+    }
+
+    /// [`Store::upsert_vote`], and in the same transaction the user's correction of the
+    /// message: the vote row keeps the text (`expected_response`), and when it differs from what
+    /// the vote carried before, the correction's delivery ([`VoteKey::correction`]) is upserted
+    /// like a vote's (`desired = Upsert{value: the text as a string}` or `Delete` for
+    /// [`CorrectionChange::Clear`], `version + 1`, state from `enqueue`, the same link check).
+    /// An unchanged correction enqueues nothing (`VoteWrite::correction` is `None`).
+    async fn upsert_vote_corrected(
+        &self,
+        vote: &NewVote,
+        correction: &CorrectionChange,
+        enqueue: &Enqueue,
+    ) -> Result<VoteWrite, StoreError>;
 
     /// In ONE transaction: deletes the vote and sets its delivery to `desired = Delete`,
     /// `version + 1`, pending and due after `hold` (see [`Enqueue::Inline`]; zero: now),
@@ -278,7 +318,29 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &VoteKey,
         hold: Duration,
-    ) -> Result<Option<Delivery>, StoreError>;
+    ) -> Result<Option<Delivery>, StoreError> {
+        Ok(self
+            .retract_vote_corrected(key, hold)
+            .await?
+            .map(|w| w.vote))
+    }
+
+    /// [`Store::retract_vote`]; when the vote carried a correction, its delivery is set to
+    /// `Delete` in the same transaction (pending, due after `hold`) and returned too.
+    async fn retract_vote_corrected(
+        &self,
+        key: &VoteKey,
+        hold: Duration,
+    ) -> Result<Option<VoteWrite>, StoreError>;
+
+    /// The links of `user_id`'s messages in chat `chat_id`, oldest first, at most `limit`:
+    /// where a chat rating finds the chat's first trace.
+    async fn chat_links(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Vec<MessageLink>, StoreError>;
 
     /// The user's votes in a chat, ordered by message id then name.
     async fn list_votes(&self, chat_id: &str, user_id: &str) -> Result<Vec<Vote>, StoreError>;

@@ -121,18 +121,39 @@ impl Store for PgStore {
         .await
     }
 
-    async fn upsert_vote(&self, vote: &NewVote, enqueue: &Enqueue) -> Result<Delivery, StoreError> {
-        self.run("upsert_vote", votes::upsert_vote(self, vote, enqueue))
-            .await
+    async fn upsert_vote_corrected(
+        &self,
+        vote: &NewVote,
+        correction: &CorrectionChange,
+        enqueue: &Enqueue,
+    ) -> Result<VoteWrite, StoreError> {
+        self.run(
+            "upsert_vote",
+            votes::upsert_vote(self, vote, correction, enqueue),
+        )
+        .await
     }
 
-    async fn retract_vote(
+    async fn retract_vote_corrected(
         &self,
         key: &VoteKey,
         hold: std::time::Duration,
-    ) -> Result<Option<Delivery>, StoreError> {
+    ) -> Result<Option<VoteWrite>, StoreError> {
         self.run("retract_vote", votes::retract_vote(self, key, hold))
             .await
+    }
+
+    async fn chat_links(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Vec<MessageLink>, StoreError> {
+        self.run(
+            "chat_links",
+            links::chat_links(self, chat_id, user_id, limit),
+        )
+        .await
     }
 
     async fn list_votes(&self, chat_id: &str, user_id: &str) -> Result<Vec<Vote>, StoreError> {

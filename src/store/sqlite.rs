@@ -194,22 +194,40 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn upsert_vote(&self, vote: &NewVote, enqueue: &Enqueue) -> Result<Delivery, StoreError> {
-        let (vote, enqueue) = (vote.clone(), enqueue.clone());
+    async fn upsert_vote_corrected(
+        &self,
+        vote: &NewVote,
+        correction: &CorrectionChange,
+        enqueue: &Enqueue,
+    ) -> Result<VoteWrite, StoreError> {
+        let (vote, correction, enqueue) = (vote.clone(), correction.clone(), enqueue.clone());
         self.call("upsert_vote", move |c| {
-            votes::upsert_vote(c, &vote, &enqueue)
+            votes::upsert_vote(c, &vote, &correction, &enqueue)
         })
         .await
     }
 
-    async fn retract_vote(
+    async fn retract_vote_corrected(
         &self,
         key: &VoteKey,
         hold: std::time::Duration,
-    ) -> Result<Option<Delivery>, StoreError> {
+    ) -> Result<Option<VoteWrite>, StoreError> {
         let key = key.clone();
         self.call("retract_vote", move |c| votes::retract_vote(c, &key, hold))
             .await
+    }
+
+    async fn chat_links(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Vec<MessageLink>, StoreError> {
+        let (chat, user) = (chat_id.to_owned(), user_id.to_owned());
+        self.call("chat_links", move |c| {
+            links::chat_links(c, &chat, &user, limit)
+        })
+        .await
     }
 
     async fn list_votes(&self, chat_id: &str, user_id: &str) -> Result<Vec<Vote>, StoreError> {
@@ -319,6 +337,37 @@ impl Store for SqliteStore {
         PoolStatus {
             size: 1,
             available: 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod wake_plan {
+    use super::links::{CHAT_WAITING, WAITING, WAKE};
+
+    /// Both statements read one message's deliveries through their key, not every waiting
+    /// delivery through `deliveries_due` (see `links::WAITING`); on the old statement this fails.
+    #[test]
+    fn waking_reads_one_message_through_the_key() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut conn = super::connect(&dir.path().join("plan.db")).expect("open");
+        super::migrate::run(&mut conn).expect("migrate");
+        for sql in [WAITING, CHAT_WAITING, WAKE] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .and_then(|mut s| {
+                    s.raw_bind_parameter(1, "m")?;
+                    s.raw_query()
+                        .mapped(|r| r.get::<_, String>(3))
+                        .collect::<Result<_, _>>()
+                })
+                .expect("the plan");
+            assert!(
+                plan.first().is_some_and(|p| p.starts_with(
+                    "SEARCH deliveries USING INDEX sqlite_autoindex_deliveries_1 (message_id=?"
+                )),
+                "{sql}: {plan:#?}"
+            );
         }
     }
 }

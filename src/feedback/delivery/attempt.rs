@@ -1,10 +1,16 @@
 //! One delivery attempt against MLflow: find the trace (or the message's unlinked trace, by the
-//! proxy's client request id), then create, adopt, PATCH or DELETE the one assessment, and say
-//! what was learnt ([`Attempt`]). What to do after a failure is `policy`.
+//! proxy's client request id; for a chat rating, the chat's first trace: `session`), then
+//! create, adopt, PATCH or DELETE the one assessment, and say what was learnt ([`Attempt`]).
+//! What to do after a failure is `policy`.
+//!
+//! What the assessment holds follows from the key: a vote is a feedback assessment; a
+//! correction ([`VoteKey::is_correction`]) an expectation; a chat rating
+//! ([`VoteKey::rated_chat`]) a feedback assessment whose metadata names the session.
 
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
+use super::session::{SESSION, session_of};
 use super::{
     Attempt, Deliverer, IDS_HONOURED, IDS_IGNORED, NO_EXPERIMENT_ID, NO_TRACE_ID, Status,
     TRACE_USER, assessment_id_for,
@@ -12,9 +18,23 @@ use super::{
 use crate::feedback::pace::Signal;
 use crate::mlflow::{
     Assessment, AssessmentUpdate, MlflowClient, MlflowError, MlflowErrorKind, NewAssessment,
+    NewExpectation,
 };
 use crate::proxy::request::client_request_id_for;
-use crate::store::{AssessmentFact, Delivery, Desired, LinkRecord, Outcome, VoteKey};
+use crate::store::{
+    AssessmentFact, Delivery, Desired, FeedbackValue, LinkRecord, Outcome, VoteKey,
+};
+
+/// What one assessment holds: a vote's feedback or a correction's expected response.
+pub(super) enum Payload {
+    Feedback(AssessmentUpdate),
+    Expectation(String),
+}
+
+/// The metadata key naming the message an assessment was made for.
+const MESSAGE_ID: &str = "feedback_proxy.message_id";
+/// The metadata key naming the chat a chat rating rates.
+const CHAT_ID: &str = "feedback_proxy.chat_id";
 
 impl Deliverer {
     pub(super) async fn run(&self, d: &Delivery) -> Attempt {
@@ -50,11 +70,26 @@ impl Deliverer {
         };
         match &d.desired {
             Desired::Upsert { value, comment } => {
-                let update = AssessmentUpdate {
-                    value: value.clone(),
-                    rationale: comment.clone(),
+                let payload = match (d.key.is_correction(), value) {
+                    (true, FeedbackValue::String(text)) => Payload::Expectation(text.clone()),
+                    (true, _) => {
+                        let why = "a correction's desired value is not a string".to_owned();
+                        return Attempt::new(
+                            AssessmentFact::Unchanged,
+                            Outcome::Dead { error: why.clone() },
+                            Status::Error {
+                                trace_id: Some(trace_id),
+                                reason: why.clone(),
+                                detail: why,
+                            },
+                        );
+                    }
+                    (false, _) => Payload::Feedback(AssessmentUpdate {
+                        value: value.clone(),
+                        rationale: comment.clone(),
+                    }),
                 };
-                self.upsert(mlflow, d, &trace_id, update).await
+                self.upsert(mlflow, d, &trace_id, payload).await
             }
             Desired::Delete => self.delete(mlflow, d, &trace_id).await,
         }
@@ -69,6 +104,9 @@ impl Deliverer {
     ) -> Result<Option<String>, Attempt> {
         if let Some(t) = &d.trace_id {
             return Ok(Some(t.clone()));
+        }
+        if let Some(chat) = d.key.rated_chat() {
+            return self.resolve_chat_trace(mlflow, d, chat).await;
         }
         let link = self
             .store
@@ -194,26 +232,34 @@ impl Deliverer {
         mlflow: &MlflowClient,
         d: &Delivery,
         trace_id: &str,
-        update: AssessmentUpdate,
+        payload: Payload,
     ) -> Attempt {
         let first = d.assessment_id.is_none();
         let mut known = d.assessment_id.clone();
+        let chat = d.key.rated_chat();
+        // A chat rating names the session its first trace belongs to (read from the trace).
+        let mut session = None;
         // Where the server keeps our deterministic ids, a create whose answer was lost is
         // caught by the next create ("already exists"); otherwise look on the trace first.
         let ids_safe =
             self.client_assessment_ids && self.ids.load(Ordering::Relaxed) == IDS_HONOURED;
-        if known.is_none() && !ids_safe {
+        if known.is_none() && (!ids_safe || chat.is_some()) {
             // Adopt an assessment this user already has under this name (a previous attempt
             // whose answer was lost). This also tells us whether the trace exists yet.
             match mlflow.get_trace_info(trace_id).await {
                 Ok(info) => {
-                    known = find_ours(&info.assessments, &d.key).map(|a| a.assessment_id.clone())
+                    known = find_ours(&info.assessments, &d.key).map(|a| a.assessment_id.clone());
+                    session = chat.map(|c| session_of(&info, c));
                 }
                 Err(e) => return self.failure(d, Some(trace_id), &e),
             }
         }
         if let Some(aid) = known {
-            match mlflow.update_assessment(trace_id, &aid, &update).await {
+            let updated = match &payload {
+                Payload::Feedback(update) => mlflow.update_assessment(trace_id, &aid, update).await,
+                Payload::Expectation(text) => mlflow.update_expectation(trace_id, &aid, text).await,
+            };
+            match updated {
                 Ok(_) => return self.landed(trace_id, aid, first),
                 Err(e) if e.kind == MlflowErrorKind::NotFound => {
                     // Deleted behind our back (or the trace is gone): start over with a new
@@ -237,20 +283,44 @@ impl Deliverer {
         let client_id = self
             .client_assessment_ids
             .then(|| assessment_id_for(&d.key, d.generation));
-        let new = NewAssessment {
-            assessment_id: client_id.clone(),
-            name: d.key.name.clone(),
-            source_id: d.key.user_id.clone(),
-            value: update.value.clone(),
-            rationale: update.rationale.clone(),
-            metadata: [(
-                "feedback_proxy.message_id".to_owned(),
-                d.key.message_id.clone(),
-            )]
+        let metadata = match chat {
+            Some(chat) => [
+                (CHAT_ID.to_owned(), chat.to_owned()),
+                (
+                    SESSION.to_owned(),
+                    session.unwrap_or_else(|| chat.to_owned()),
+                ),
+            ]
             .into_iter()
             .collect(),
+            None => [(MESSAGE_ID.to_owned(), d.key.message_id.clone())]
+                .into_iter()
+                .collect(),
         };
-        match mlflow.create_assessment(trace_id, &new).await {
+        let created = match &payload {
+            Payload::Feedback(update) => {
+                let new = NewAssessment {
+                    assessment_id: client_id.clone(),
+                    name: d.key.name.clone(),
+                    source_id: d.key.user_id.clone(),
+                    value: update.value.clone(),
+                    rationale: update.rationale.clone(),
+                    metadata,
+                };
+                mlflow.create_assessment(trace_id, &new).await
+            }
+            Payload::Expectation(text) => {
+                let new = NewExpectation {
+                    assessment_id: client_id.clone(),
+                    name: d.key.name.clone(),
+                    source_id: d.key.user_id.clone(),
+                    value: text.clone(),
+                    metadata,
+                };
+                mlflow.create_expectation(trace_id, &new).await
+            }
+        };
+        match created {
             Ok(a) => {
                 if let Some(ours) = &client_id {
                     self.learn_ids(*ours == a.assessment_id);
@@ -263,7 +333,15 @@ impl Deliverer {
                 let Some(aid) = client_id else {
                     return self.failure(d, Some(trace_id), &e);
                 };
-                match mlflow.update_assessment(trace_id, &aid, &update).await {
+                let updated = match &payload {
+                    Payload::Feedback(update) => {
+                        mlflow.update_assessment(trace_id, &aid, update).await
+                    }
+                    Payload::Expectation(text) => {
+                        mlflow.update_expectation(trace_id, &aid, text).await
+                    }
+                };
+                match updated {
                     Ok(_) => self.landed(trace_id, aid, true),
                     Err(e) => self.failure(d, Some(trace_id), &e),
                 }
@@ -337,10 +415,21 @@ impl Deliverer {
     }
 }
 
-/// This user's current assessment under this name, if the trace holds one.
+/// This user's current assessment for `key`, if the trace holds one: under the key's name, of
+/// the key's kind (an expectation for a correction, else feedback), and a session assessment
+/// exactly when the key is a chat rating's (a chat's first trace may carry both the rating and
+/// a vote on its first answer, under the same name).
 fn find_ours<'a>(assessments: &'a [Assessment], key: &VoteKey) -> Option<&'a Assessment> {
+    let correction = key.is_correction();
+    let chat = key.rated_chat().is_some();
     assessments.iter().find(|a| {
-        a.is_feedback
+        let kind_ok = if correction {
+            a.expectation.is_some()
+        } else {
+            a.is_feedback
+        };
+        kind_ok
+            && a.metadata.contains_key(SESSION) == chat
             && a.name == key.name
             && a.source_id == key.user_id
             && a.source_type.eq_ignore_ascii_case("HUMAN")

@@ -40,6 +40,10 @@ impl Deliverer {
             if !awaits_trace || d.trace_id.is_some() || !recent {
                 continue;
             }
+            if let Some(chat) = d.key.rated_chat() {
+                super::session::requeue_if_traced(&self.store, &d.key, chat).await;
+                continue;
+            }
             let crid = match self.store.get_link(&d.key.message_id).await {
                 Ok(None) => None,
                 // The stream's client request id, when the link has one but no trace (its

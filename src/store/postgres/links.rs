@@ -134,6 +134,17 @@ pub(super) async fn record_links(store: &PgStore, links: &[LinkRecord]) -> Resul
             AND d.last_error LIKE 'no_trace_id%' -- store::AWAITING_TRACE
             AND l.message_id = d.message_id AND l.user_id = d.user_id
             AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL)";
+    // A chat rating waits for the first trace of the rater's chat: any of the rater's links in
+    // that chat that carries an id wakes it (the attempt then finds the first).
+    const WAKE_CHAT: &str = "UPDATE deliveries AS d SET
+            state = 'pending', next_attempt_at = now(), enqueued_at = now(), attempts = 0,
+            last_error = NULL, updated_at = now()
+        FROM message_links AS l
+        WHERE l.message_id = ANY($1::text[]) AND l.chat_id IS NOT NULL
+            AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL)
+            AND d.message_id = 'chat/' || l.chat_id AND d.user_id = l.user_id
+            AND d.state = 'waiting'
+            AND d.last_error LIKE 'no_trace_id%' -- store::AWAITING_TRACE";
     if links.is_empty() {
         return Ok(());
     }
@@ -164,7 +175,32 @@ pub(super) async fn record_links(store: &PgStore, links: &[LinkRecord]) -> Resul
     tx.execute(&wake, &[&message_ids])
         .await
         .map_err(query_error)?;
+    let wake_chat = tx.prepare_cached(WAKE_CHAT).await.map_err(query_error)?;
+    tx.execute(&wake_chat, &[&message_ids])
+        .await
+        .map_err(query_error)?;
     tx.commit().await.map_err(query_error)
+}
+
+pub(super) async fn chat_links(
+    store: &PgStore,
+    chat_id: &str,
+    user_id: &str,
+    limit: u32,
+) -> Result<Vec<MessageLink>, StoreError> {
+    const SQL: &str = "SELECT message_id, chat_id, user_id, trace_id, client_request_id, open,
+            created_at, updated_at, route
+        FROM message_links WHERE chat_id = $1 AND user_id = $2
+        ORDER BY created_at, message_id LIMIT $3";
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c.client.prepare_cached(SQL).await.map_err(query_error)?;
+    let rows = c
+        .client
+        .query(&stmt, &[&chat_id, &user_id, &i64::from(limit)])
+        .await
+        .map_err(query_error)?;
+    rows.iter().map(link).collect()
 }
 
 pub(super) async fn get_link(

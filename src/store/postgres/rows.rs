@@ -69,6 +69,7 @@ pub(super) fn vote(row: &Row) -> Result<Vote, StoreError> {
         chat_id: get(row, W, "chat_id")?,
         value: codec::value_from_json(&get(row, W, "value")?)?,
         comment: get(row, W, "comment")?,
+        expected_response: get(row, W, "expected_response")?,
         updated_at: get(row, W, "updated_at")?,
     })
 }
@@ -222,12 +223,14 @@ mod tests {
             ("value", "'\"meh\"'::jsonb"),
             ("comment", "'so-so'::text"),
             ("updated_at", "to_timestamp(3000)"),
+            ("expected_response", "'the 2024 numbers'::text"),
         ];
         let want = Vote {
             key: key(),
             chat_id: "c1".into(),
             value: FeedbackValue::String("meh".into()),
             comment: Some("so-so".into()),
+            expected_response: Some("the 2024 numbers".into()),
             updated_at: at(3000),
         };
         for got in both_orders(&client, &vote_columns, vote).await {

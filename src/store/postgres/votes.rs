@@ -4,45 +4,83 @@ use super::handle::{PgStore, lock_messages};
 use super::pool::query_error;
 use super::rows::{delivery, vote};
 use crate::store::api::{
-    AWAITING_TRACE, Delivery, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
+    AWAITING_TRACE, CorrectionChange, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
+    VoteWrite,
 };
 use crate::store::codec::{self, DESIRED_DELETE};
+
+/// Upserts the delivery of a vote or correction: `$1..$3` its key, `$4` chat, `$5` value, `$6`
+/// comment, `$7` state, `$8` waiting reason, `$9` due delay (ms).
+const UPSERT_DELIVERY: &str = concat!(
+    "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
+        desired_comment, version, generation, state, attempts, next_attempt_at, enqueued_at,
+        last_error, updated_at)
+    VALUES ($1, $2, $3, $4, 'upsert', $5, $6, 1, 0, $7, 0,
+        now() + $9::bigint * interval '1 millisecond', now(), $8, now())
+    ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+        chat_id = excluded.chat_id, desired = excluded.desired,
+        desired_value = excluded.desired_value, desired_comment = excluded.desired_comment,
+        version = deliveries.version + 1, state = excluded.state, attempts = 0,
+        next_attempt_at = excluded.next_attempt_at, enqueued_at = excluded.enqueued_at,
+        last_error = excluded.last_error, updated_at = excluded.updated_at
+    RETURNING ",
+    delivery_columns!()
+);
+
+/// Sets a delivery to `desired = delete`, pending, due after `$6` ms: `$1..$3` its key, `$4`
+/// chat, `$5` the word `delete`. An upsert rather than an update: a vote always has a delivery
+/// row, but if one was ever removed by hand, the retraction must still reach MLflow.
+const DELETE_DELIVERY: &str = concat!(
+    "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, version, generation,
+        state, attempts, next_attempt_at, enqueued_at, updated_at)
+    VALUES ($1, $2, $3, $4, $5, 1, 0, 'pending', 0,
+        now() + $6::bigint * interval '1 millisecond', now(), now())
+    ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+        desired = excluded.desired, desired_value = NULL, desired_comment = NULL,
+        version = deliveries.version + 1, state = 'pending', attempts = 0,
+        next_attempt_at = excluded.next_attempt_at, enqueued_at = now(), last_error = NULL,
+        updated_at = now()
+    RETURNING ",
+    delivery_columns!()
+);
 
 pub(super) async fn upsert_vote(
     store: &PgStore,
     vote: &NewVote,
+    correction: &CorrectionChange,
     enqueue: &Enqueue,
-) -> Result<Delivery, StoreError> {
+) -> Result<VoteWrite, StoreError> {
     // The link check for a waiting enqueue. It must be its own statement AFTER the lock: a
     // statement's snapshot is taken when it starts, so one that also took the lock would not
     // see a `record_links` committed while it waited.
-    const LINKED: &str = "SELECT EXISTS (SELECT 1 FROM message_links WHERE message_id = $1
+    // A chat rating's key (`chat/<chatId>`) is woken by any of the rater's links in that chat
+    // (not serialized by the lock, which names messages: the worker's lookup round requeues a
+    // rating parked in that window).
+    const LINKED: &str = "SELECT EXISTS (SELECT 1 FROM message_links
+            WHERE (message_id = $1
+                OR (starts_with($1, 'chat/') AND chat_id = substr($1, 6)))
             AND user_id = $2 AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))";
-    const VOTE: &str =
-        "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at, route)
+    // The correction the vote carried before (locks the row, so that two writes of one
+    // vote agree on whether the correction changed).
+    const OLD_CORRECTION: &str = "SELECT expected_response FROM votes
+        WHERE message_id = $1 AND user_id = $2 AND name = $3 FOR UPDATE";
+    const VOTE: &str = "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment,
+            updated_at, route, expected_response)
         VALUES ($1, $2, $3, $4, $5, $6, now(),
-            (SELECT route FROM message_links WHERE message_id = $1))
+            (SELECT route FROM message_links WHERE message_id = $1), $7)
         ON CONFLICT (message_id, user_id, name) DO UPDATE SET
             chat_id = excluded.chat_id, value = excluded.value, comment = excluded.comment,
-            updated_at = excluded.updated_at, route = excluded.route";
-    const DELIVERY: &str = concat!(
-        "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
-            desired_comment, version, generation, state, attempts, next_attempt_at, enqueued_at,
-            last_error, updated_at)
-        VALUES ($1, $2, $3, $4, 'upsert', $5, $6, 1, 0, $7, 0,
-            now() + $9::bigint * interval '1 millisecond', now(), $8, now())
-        ON CONFLICT (message_id, user_id, name) DO UPDATE SET
-            chat_id = excluded.chat_id, desired = excluded.desired,
-            desired_value = excluded.desired_value, desired_comment = excluded.desired_comment,
-            version = deliveries.version + 1, state = excluded.state, attempts = 0,
-            next_attempt_at = excluded.next_attempt_at, enqueued_at = excluded.enqueued_at,
-            last_error = excluded.last_error, updated_at = excluded.updated_at
-        RETURNING ",
-        delivery_columns!()
-    );
+            updated_at = excluded.updated_at, route = excluded.route,
+            expected_response = CASE WHEN $8 THEN excluded.expected_response
+                ELSE votes.expected_response END";
     let value = codec::value_json(&vote.value)?;
     let k = &vote.key;
     let (mut state, mut reason, delay_ms) = codec::enqueue(enqueue);
+    let (set_correction, new_text) = match correction {
+        CorrectionChange::Keep => (false, None),
+        CorrectionChange::Set(t) => (true, Some(t.as_str())),
+        CorrectionChange::Clear => (true, None),
+    };
 
     let mut conn = store.conn().await?;
     let c = &mut *conn;
@@ -62,18 +100,39 @@ pub(super) async fn upsert_vote(
             reason = None;
         }
     }
+    let old_text: Option<String> = if set_correction {
+        let stmt = tx
+            .prepare_cached(OLD_CORRECTION)
+            .await
+            .map_err(query_error)?;
+        match tx
+            .query_opt(&stmt, &[&k.message_id, &k.user_id, &k.name])
+            .await
+            .map_err(query_error)?
+        {
+            Some(row) => row.try_get(0).map_err(query_error)?,
+            None => None,
+        }
+    } else {
+        None
+    };
     // The two upserts are independent: sent together, they cost one round trip (tokio-postgres
     // pipelines queries polled concurrently on one connection, in order).
     let vote_stmt = tx.prepare_cached(VOTE).await.map_err(query_error)?;
-    let delivery_stmt = tx.prepare_cached(DELIVERY).await.map_err(query_error)?;
+    let delivery_stmt = tx
+        .prepare_cached(UPSERT_DELIVERY)
+        .await
+        .map_err(query_error)?;
     let state_name = state.as_str();
-    let vote_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+    let vote_params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
         &k.message_id,
         &k.user_id,
         &k.name,
         &vote.chat_id,
         &value,
         &vote.comment,
+        &new_text,
+        &set_correction,
     ];
     let delivery_params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
         &k.message_id,
@@ -92,32 +151,66 @@ pub(super) async fn upsert_vote(
     )
     .map_err(query_error)?;
     let d = delivery(&row)?;
+    let correction = if set_correction && old_text.as_deref() != new_text {
+        let ck = VoteKey::correction(&k.message_id, &k.user_id);
+        let row = match new_text {
+            Some(t) => {
+                let text = serde_json::Value::String(t.to_owned());
+                let no_comment: Option<&str> = None;
+                tx.query_one(
+                    &delivery_stmt,
+                    &[
+                        &ck.message_id,
+                        &ck.user_id,
+                        &ck.name,
+                        &vote.chat_id,
+                        &text,
+                        &no_comment,
+                        &state_name,
+                        &reason,
+                        &delay_ms,
+                    ],
+                )
+                .await
+            }
+            None => {
+                let stmt = tx
+                    .prepare_cached(DELETE_DELIVERY)
+                    .await
+                    .map_err(query_error)?;
+                tx.query_one(
+                    &stmt,
+                    &[
+                        &ck.message_id,
+                        &ck.user_id,
+                        &ck.name,
+                        &vote.chat_id,
+                        &DESIRED_DELETE,
+                        &delay_ms,
+                    ],
+                )
+                .await
+            }
+        }
+        .map_err(query_error)?;
+        Some(delivery(&row)?)
+    } else {
+        None
+    };
     tx.commit().await.map_err(query_error)?;
-    Ok(d)
+    Ok(VoteWrite {
+        vote: d,
+        correction,
+    })
 }
 
 pub(super) async fn retract_vote(
     store: &PgStore,
     key: &VoteKey,
     hold: std::time::Duration,
-) -> Result<Option<Delivery>, StoreError> {
+) -> Result<Option<VoteWrite>, StoreError> {
     const VOTE: &str = "DELETE FROM votes WHERE message_id = $1 AND user_id = $2 AND name = $3
-        RETURNING chat_id";
-    // An upsert rather than an update: a vote always has a delivery row, but if one was ever
-    // removed by hand, the retraction must still reach MLflow.
-    const DELIVERY: &str = concat!(
-        "INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, version, generation,
-            state, attempts, next_attempt_at, enqueued_at, updated_at)
-        VALUES ($1, $2, $3, $4, $5, 1, 0, 'pending', 0,
-            now() + $6::bigint * interval '1 millisecond', now(), now())
-        ON CONFLICT (message_id, user_id, name) DO UPDATE SET
-            desired = excluded.desired, desired_value = NULL, desired_comment = NULL,
-            version = deliveries.version + 1, state = 'pending', attempts = 0,
-            next_attempt_at = excluded.next_attempt_at, enqueued_at = now(), last_error = NULL,
-            updated_at = now()
-        RETURNING ",
-        delivery_columns!()
-    );
+        RETURNING chat_id, expected_response";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
     let tx = c.client.transaction().await.map_err(query_error)?;
@@ -131,7 +224,12 @@ pub(super) async fn retract_vote(
         return Ok(None);
     };
     let chat_id: String = row.try_get(0).map_err(query_error)?;
-    let stmt = tx.prepare_cached(DELIVERY).await.map_err(query_error)?;
+    let correction: Option<String> = row.try_get(1).map_err(query_error)?;
+    let stmt = tx
+        .prepare_cached(DELETE_DELIVERY)
+        .await
+        .map_err(query_error)?;
+    let hold_ms = codec::millis(hold);
     let row = tx
         .query_one(
             &stmt,
@@ -141,14 +239,38 @@ pub(super) async fn retract_vote(
                 &key.name,
                 &chat_id,
                 &DESIRED_DELETE,
-                &codec::millis(hold),
+                &hold_ms,
             ],
         )
         .await
         .map_err(query_error)?;
     let d = delivery(&row)?;
+    let correction = match correction {
+        Some(_) => {
+            let ck = VoteKey::correction(&key.message_id, &key.user_id);
+            let row = tx
+                .query_one(
+                    &stmt,
+                    &[
+                        &ck.message_id,
+                        &ck.user_id,
+                        &ck.name,
+                        &chat_id,
+                        &DESIRED_DELETE,
+                        &hold_ms,
+                    ],
+                )
+                .await
+                .map_err(query_error)?;
+            Some(delivery(&row)?)
+        }
+        None => None,
+    };
     tx.commit().await.map_err(query_error)?;
-    Ok(Some(d))
+    Ok(Some(VoteWrite {
+        vote: d,
+        correction,
+    }))
 }
 
 pub(super) async fn list_votes(
@@ -156,7 +278,8 @@ pub(super) async fn list_votes(
     chat_id: &str,
     user_id: &str,
 ) -> Result<Vec<Vote>, StoreError> {
-    const SQL: &str = "SELECT message_id, user_id, name, chat_id, value, comment, updated_at
+    const SQL: &str = "SELECT message_id, user_id, name, chat_id, value, comment, updated_at,
+            expected_response
         FROM votes WHERE chat_id = $1 AND user_id = $2 ORDER BY message_id, name";
     let mut conn = store.conn().await?;
     let c = &mut *conn;

@@ -114,6 +114,22 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
         // Same reset as `requeue`: time spent parked does not count against the horizon.
         let mut wake = tx.prepare_cached(WAKE).map_err(sql_error)?;
         let mut waiting = tx.prepare_cached(WAITING).map_err(sql_error)?;
+        let mut chat_waiting = tx.prepare_cached(CHAT_WAITING).map_err(sql_error)?;
+        // A chat rating waits for the first trace of the rater's chat: any of the rater's
+        // links in that chat that carries an id wakes it (the attempt then finds the first).
+        let mut wake_chat = tx
+            .prepare_cached(
+                "UPDATE deliveries SET
+                    state = 'pending', next_attempt_at = ?2, enqueued_at = ?2, attempts = 0,
+                    last_error = NULL, updated_at = ?2
+                WHERE state = 'waiting'
+                    AND last_error LIKE 'no_trace_id%' -- store::AWAITING_TRACE
+                    AND (message_id, user_id) = (SELECT 'chat/' || l.chat_id, l.user_id
+                        FROM message_links AS l WHERE l.message_id = ?1
+                        AND l.chat_id IS NOT NULL
+                        AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL))",
+            )
+            .map_err(sql_error)?;
         let mut seen = std::collections::HashSet::new();
         // Only a link that carries an id can wake anything: skip the (comparatively costly)
         // UPDATE for the rest, e.g. the "stream opened" records, and for a message nothing
@@ -126,6 +142,9 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
                 && waiting.exists([&l.message_id]).map_err(sql_error)?
             {
                 wake.execute((&l.message_id, now)).map_err(sql_error)?;
+            }
+            if chat_waiting.exists([&l.message_id]).map_err(sql_error)? {
+                wake_chat.execute((&l.message_id, now)).map_err(sql_error)?;
             }
         }
     }
@@ -142,10 +161,17 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
 /// it otherwise picks (it has no statistics to prefer the key), visiting every waiting delivery
 /// of every message, the more the longer MLflow is away; through the key it reads one
 /// message's rows.
-const WAITING: &str = "SELECT 1 FROM deliveries WHERE message_id = ?1 AND +state = 'waiting'";
+pub(super) const WAITING: &str = "SELECT 1 FROM deliveries WHERE message_id = ?1 AND +state = 'waiting'";
+
+/// Whether a chat rating waits for the chat of the message's link: read before the chat's
+/// wake, for the same reason as [`WAITING`].
+pub(super) const CHAT_WAITING: &str = "SELECT 1 FROM deliveries
+    WHERE message_id = (SELECT 'chat/' || l.chat_id FROM message_links AS l
+        WHERE l.message_id = ?1)
+    AND +state = 'waiting'";
 
 /// Wakes the deliveries of one message that wait for its trace id, once its link has one.
-const WAKE: &str = "UPDATE deliveries SET
+pub(super) const WAKE: &str = "UPDATE deliveries SET
         state = 'pending', next_attempt_at = ?2, enqueued_at = ?2, attempts = 0,
         last_error = NULL, updated_at = ?2
     WHERE message_id = ?1 AND +state = 'waiting'
@@ -181,33 +207,21 @@ pub(super) fn set_link_trace_id(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{WAITING, WAKE};
-
-    /// Both statements read one message's deliveries through their key, not every waiting
-    /// delivery through `deliveries_due` (see [`WAITING`]); on the old statement this fails.
-    #[test]
-    fn waking_reads_one_message_through_the_key() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let mut conn = super::super::connect(&dir.path().join("plan.db")).expect("open");
-        super::super::migrate::run(&mut conn).expect("migrate");
-        for sql in [WAITING, WAKE] {
-            let plan: Vec<String> = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .and_then(|mut s| {
-                    s.raw_bind_parameter(1, "m")?;
-                    s.raw_query()
-                        .mapped(|r| r.get::<_, String>(3))
-                        .collect::<Result<_, _>>()
-                })
-                .expect("the plan");
-            assert!(
-                plan.first().is_some_and(|p| p.starts_with(
-                    "SEARCH deliveries USING INDEX sqlite_autoindex_deliveries_1 (message_id=?"
-                )),
-                "{sql}: {plan:#?}"
-            );
-        }
-    }
+pub(super) fn chat_links(
+    conn: &mut Connection,
+    chat_id: &str,
+    user_id: &str,
+    limit: u32,
+) -> Result<Vec<MessageLink>, StoreError> {
+    conn.prepare_cached(
+        "SELECT message_id, chat_id, user_id, trace_id, client_request_id, open,
+            created_at, updated_at, route
+        FROM message_links WHERE chat_id = ?1 AND user_id = ?2
+        ORDER BY created_at, message_id LIMIT ?3",
+    )
+    .and_then(|mut s| {
+        s.query_map((chat_id, user_id, limit), link)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+    })
+    .map_err(sql_error)
 }

@@ -79,18 +79,21 @@ pub(super) fn delivery(r: &Row<'_>) -> Decoded<Delivery> {
     })())
 }
 
-/// A row of `votes` (`message_id, user_id, name, chat_id, value, comment, updated_at`).
+/// A row of `votes` (`message_id, user_id, name, chat_id, value, comment, updated_at,
+/// expected_response`).
 pub(super) fn vote(r: &Row<'_>) -> Decoded<Vote> {
     let key = key(r)?;
     let chat_id = r.get("chat_id")?;
     let value: String = r.get("value")?;
     let comment = r.get("comment")?;
     let updated_at = from_ms(r.get("updated_at")?);
+    let expected_response = r.get("expected_response")?;
     Ok(codec::value_from_text(&value).map(|value| Vote {
         key,
         chat_id,
         value,
         comment,
+        expected_response,
         updated_at,
     }))
 }
@@ -237,12 +240,14 @@ mod tests {
             ("value", "'\"meh\"'"),
             ("comment", "'so-so'"),
             ("updated_at", "3000"),
+            ("expected_response", "'the 2024 numbers'"),
         ];
         let want = Vote {
             key: key(),
             chat_id: "c1".into(),
             value: FeedbackValue::String("meh".into()),
             comment: Some("so-so".into()),
+            expected_response: Some("the 2024 numbers".into()),
             updated_at: at(3000),
         };
         for got in both_orders(&vote_columns, vote) {
