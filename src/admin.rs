@@ -50,6 +50,22 @@ pub async fn open_store(config: &Config) -> Result<SharedStore, StoreError> {
     store::open(&config.store, standalone_deps(config)).await
 }
 
+/// An MLflow client for the configured tracking server (`None`: none is configured), built as
+/// the server builds its own.
+pub fn mlflow_client(config: &Config) -> Option<crate::mlflow::MlflowClient> {
+    let base = config.mlflow.tracking_uri.clone()?;
+    let metrics = Arc::new(Metrics::new());
+    let http = HttpClient::new(&ClientOptions::default());
+    let tokens = TokenSources::new(config.databricks.clone(), http.clone(), metrics.clone());
+    Some(crate::mlflow::MlflowClient::new(
+        base,
+        http,
+        tokens.get(&config.mlflow.auth),
+        config.mlflow.timeout,
+        metrics,
+    ))
+}
+
 /// One page of a delivery listing.
 pub struct Page {
     /// The listing: a table with a summary line, or a JSON array of the rows.

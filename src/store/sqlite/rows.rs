@@ -133,6 +133,7 @@ pub(super) fn reviewed(r: &Row<'_>) -> Decoded<ReviewedVote> {
             delivery: state.as_deref().map(codec::state).transpose()?,
             last_error,
             trace_id,
+            correction: None, // correction: wired when the correction column lands
         })
     })())
 }
@@ -266,6 +267,7 @@ mod tests {
             delivery: Some(DeliveryState::Done),
             last_error: None,
             trace_id: Some("tr-1".into()),
+            correction: None,
         };
         for got in both_orders(&review_columns, reviewed) {
             assert_eq!(got.expect("decodes"), want);
