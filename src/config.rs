@@ -50,7 +50,7 @@ pub use env::{Env, Missing};
 pub use feedback::{FeedbackConfig, RateLimit, ValueKinds};
 pub use load::Config;
 pub use mlflow::MlflowConfig;
-pub use review::{MAX_PAGE, PSEUDONYM_KEY_ENV, ReviewConfig};
+pub use review::{DatasetsConfig, MAX_PAGE, PSEUDONYM_KEY_ENV, ReviewConfig};
 pub use secret::Secret;
 pub use server::{IdentityConfig, LogConfig, LogFormat, MetricsConfig, ServerConfig, UiConfig};
 pub use store::{PasswordSource, PgConnect, SslMode, StoreConfig, StoreKind};

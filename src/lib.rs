@@ -135,12 +135,17 @@ impl App {
                 metrics.clone(),
             )
         });
-        let deliverer = Arc::new(feedback::delivery::Deliverer::new(
+        let deliverer = Arc::new(feedback::delivery::Deliverer::with_follow_ups(
             store.clone(),
             mlflow,
             &config.mlflow,
             config.delivery.clone(),
             metrics.clone(),
+            feedback::delivery::follow::FollowUps::new(
+                config.review.mlflow_queue.clone(),
+                config.datasets.auto.clone(),
+                config.review.thresholds,
+            ),
         ));
         let feedback = feedback::Feedback::new(
             config.feedback.clone(),

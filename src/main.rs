@@ -455,29 +455,8 @@ fn run_export(
 
 fn dataset_sync(config: Config, args: dataset::SyncArgs) -> ExitCode {
     oneshot(&config, async {
-        let Some(mlflow) = admin::mlflow_client(&config) else {
-            eprintln!("dataset sync needs [mlflow] tracking_uri");
-            return ExitCode::from(2);
-        };
-        let store = match admin::open_store(&config).await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("cannot open the store: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let exp = config.mlflow.experiment_id.as_deref();
         let progress = |line: &str| eprintln!("{line}");
-        match dataset::sync(
-            &store,
-            &mlflow,
-            exp,
-            config.review.thresholds,
-            &args,
-            progress,
-        )
-        .await
-        {
+        match admin::dataset_sync(&config, &args, progress).await {
             Ok(report) => {
                 println!("dataset {}: {report}", args.name);
                 ExitCode::SUCCESS

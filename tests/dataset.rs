@@ -251,3 +251,132 @@ async fn sync_twice_on_postgres() {
     let db = pg::TestDb::create(&pg::shared_url()).await;
     twice_gives_one_record_per_negative_trace(&db.url).await;
 }
+
+/// Through the proxy: negative votes (two users on trace A, a changed vote, one on B) and a
+/// positive one on C, delivered by the outbox with `[review] mlflow_queue` and `[datasets]
+/// auto`: the queue holds A and B once each, the dataset one record each; C is in neither.
+async fn outbox_adds_each_negative_trace_once(store_url: &str) {
+    use support::proxy::{TestProxy, post_vote};
+
+    let exp = create_experiment(&mlflow_url(), &unique("dataset-auto")).await;
+    let traces = log_traces(&exp, &["what is 6*7", "capital of France", "hello"]).await;
+    let (a, b, c) = (&traces[0], &traces[1], &traces[2]);
+    let (queue, ds) = (unique("to-review"), unique("auto"));
+    let proxy = TestProxy::start(&format!(
+        "[identity]\ntrust_forwarded_headers = true\n[agent]\nurl = \"http://127.0.0.1:9\"\n\
+         [mlflow]\ntracking_uri = \"{}\"\nexperiment_id = \"{exp}\"\ntimeout = \"5s\"\n\
+         [store]\nurl = \"{store_url}\"\n\
+         [delivery]\npoll_interval = \"100ms\"\nbackoff_initial = \"200ms\"\nbackoff_max = \"1s\"\n\
+         [review]\nmlflow_queue = \"{queue}\"\n[datasets]\nauto = \"{ds}\"\n",
+        mlflow_url()
+    ))
+    .await;
+    let store = proxy.state.store.clone();
+    // Message ids are unique per run: the proxy derives its assessment ids from them, and
+    // those are unique across the whole tracking server.
+    let m: Vec<String> = (0..4).map(|_| unique("m")).collect();
+    let link = |m: &str, user: &str, trace: &str| LinkRecord {
+        message_id: m.into(),
+        chat_id: Some("chat".into()),
+        user_id: user.into(),
+        trace_id: Some(trace.into()),
+        client_request_id: None,
+        open: false,
+        route: None,
+    };
+    store
+        .record_links(&[
+            link(&m[0], "alice@x.com", a),
+            link(&m[1], "bob@x.com", a),
+            link(&m[2], "alice@x.com", b),
+            link(&m[3], "alice@x.com", c),
+        ])
+        .await
+        .expect("links");
+    let votes = [
+        (
+            "alice@x.com",
+            json!({"chatId": "chat", "messageId": m[0], "isUpvoted": false}),
+        ),
+        (
+            "bob@x.com",
+            json!({"chatId": "chat", "messageId": m[1], "isUpvoted": false, "comment": "no"}),
+        ),
+        (
+            "alice@x.com",
+            json!({"chatId": "chat", "messageId": m[0], "isUpvoted": false, "comment": "changed"}),
+        ),
+        (
+            "alice@x.com",
+            json!({"chatId": "chat", "messageId": m[2], "isUpvoted": false}),
+        ),
+        (
+            "alice@x.com",
+            json!({"chatId": "chat", "messageId": m[3], "isUpvoted": true}),
+        ),
+    ];
+    for (user, body) in &votes {
+        let (status, answer) = post_vote(&proxy, user, body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    // Every delivery done (none pending or waiting): nothing can change in MLflow any more.
+    let settled = async {
+        loop {
+            let s = store.delivery_stats().await.expect("stats");
+            if s.pending == 0 && s.waiting == 0 && s.dead == 0 {
+                return;
+            }
+            assert_eq!(s.dead, 0, "{:?}", store.list_deliveries(None, 10).await);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(60), settled)
+        .await
+        .is_err()
+    {
+        let left = store.list_deliveries(None, 10).await.expect("list");
+        let why: Vec<_> = left
+            .iter()
+            .map(|d| (d.key.message_id.as_str(), d.state, d.last_error.as_deref()))
+            .collect();
+        panic!("deliveries still pending after 60 s: {why:?}");
+    }
+
+    let mlflow = client();
+    let qid = mlflow
+        .ensure_review_queue(&exp, &queue)
+        .await
+        .expect("queue exists");
+    let (items, next) = mlflow.review_queue_items(&qid, None).await.expect("items");
+    assert_eq!(next, None);
+    let mut items: Vec<&str> = items.iter().map(String::as_str).collect();
+    items.sort_unstable();
+    let mut want = vec![a.as_str(), b.as_str()];
+    want.sort_unstable();
+    assert_eq!(
+        items, want,
+        "each negative trace once, the positive one not at all"
+    );
+
+    let rows = read_back(&ds).await;
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    let sources: BTreeSet<&str> = rows
+        .iter()
+        .filter_map(|r| r["source_id"].as_str())
+        .collect();
+    assert_eq!(sources, BTreeSet::from([a.as_str(), b.as_str()]));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outbox_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    outbox_adds_each_negative_trace_once(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outbox_on_postgres() {
+    let db = pg::TestDb::create(&pg::shared_url()).await;
+    outbox_adds_each_negative_trace_once(&db.url).await;
+}

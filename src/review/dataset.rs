@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::export::{Filters, PAGE};
-use crate::domain::Thresholds;
+use crate::domain::{FeedbackValue, Thresholds};
 use crate::mlflow::datasets::{DatasetRecord, NewRecord};
 use crate::mlflow::{MlflowClient, MlflowError, MlflowErrorKind};
 use crate::store::{ReviewCursor, ReviewedVote, SharedStore, StoreError};
@@ -266,29 +266,51 @@ fn index(
     }
 }
 
-/// The tags and expectations a vote's record should carry. The correction is the record's
-/// only expectation source.
-fn wanted(v: &ReviewedVote, trace_id: &str) -> (BTreeMap<String, String>, BTreeMap<String, Value>) {
+/// What a dataset record says about a vote.
+#[derive(Debug, Clone, Copy)]
+pub struct VoteFields<'a> {
+    pub name: &'a str,
+    pub value: &'a FeedbackValue,
+    pub comment: Option<&'a str>,
+    /// The record's only expectation source.
+    pub correction: Option<&'a str>,
+}
+
+/// The tags and expectations a vote's record carries (also the outbox's, `[datasets] auto`).
+pub fn record_fields(
+    v: &VoteFields<'_>,
+    trace_id: &str,
+) -> (BTreeMap<String, String>, BTreeMap<String, Value>) {
     let value = match v.value.to_json() {
         Value::String(s) => s,
         other => other.to_string(),
     };
     let tags = BTreeMap::from([
-        (TAG_NAME.to_owned(), v.key.name.clone()),
+        (TAG_NAME.to_owned(), v.name.to_owned()),
         (TAG_VALUE.to_owned(), value),
         // Always sent: a merge cannot delete a tag, so a cleared comment is an empty one.
         (
             TAG_COMMENT.to_owned(),
-            v.comment.clone().unwrap_or_default(),
+            v.comment.unwrap_or_default().to_owned(),
         ),
         (TAG_TRACE.to_owned(), trace_id.to_owned()),
     ]);
     let expectations = v
         .correction
-        .as_ref()
         .map(|c| BTreeMap::from([(EXPECTED_RESPONSE.to_owned(), json!(c))]))
         .unwrap_or_default();
     (tags, expectations)
+}
+
+/// The record fields of a listed vote.
+fn wanted(v: &ReviewedVote, trace_id: &str) -> (BTreeMap<String, String>, BTreeMap<String, Value>) {
+    let fields = VoteFields {
+        name: &v.key.name,
+        value: &v.value,
+        comment: v.comment.as_deref(),
+        correction: v.correction.as_deref(),
+    };
+    record_fields(&fields, trace_id)
 }
 
 /// Whether a held record already says what `tags` and `expectations` say (merges only add).
@@ -304,7 +326,7 @@ fn covers(
 }
 
 /// A record's inputs must be an object: a request that is not one is kept under `request`.
-fn as_inputs(request: Value) -> Value {
+pub fn as_inputs(request: Value) -> Value {
     match request {
         Value::Object(_) => request,
         other => json!({ "request": other }),
@@ -320,6 +342,36 @@ fn inputs_key(inputs: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_correction_is_the_expected_response_and_the_vote_the_tags() {
+        let mut v = ReviewedVote {
+            key: crate::domain::VoteKey {
+                message_id: "m".into(),
+                user_id: "u".into(),
+                name: "user_feedback".into(),
+            },
+            chat_id: "c".into(),
+            value: crate::domain::FeedbackValue::Bool(false),
+            comment: None,
+            updated_at: std::time::SystemTime::UNIX_EPOCH,
+            route: None,
+            delivery: None,
+            last_error: None,
+            trace_id: Some("tr-1".into()),
+            correction: None,
+        };
+        let (tags, exp) = wanted(&v, "tr-1");
+        assert!(exp.is_empty());
+        assert_eq!(tags[TAG_VALUE], "false");
+        assert_eq!(tags[TAG_COMMENT], "");
+        assert_eq!(tags[TAG_TRACE], "tr-1");
+        v.correction = Some("42".into());
+        v.value = crate::domain::FeedbackValue::String("thumbs_down".into());
+        let (tags, exp) = wanted(&v, "tr-1");
+        assert_eq!(exp[EXPECTED_RESPONSE], json!("42"));
+        assert_eq!(tags[TAG_VALUE], "thumbs_down");
+    }
 
     #[test]
     fn non_object_requests_are_wrapped() {
