@@ -66,7 +66,7 @@ impl FollowUps {
                 &self.queue_id,
                 mlflow.add_to_review_queue(&id, &[trace_id]).await,
                 // A missing trace also answers 404: only a missing queue is forgotten.
-                |e| e.message.contains("Review queue"),
+                |e| e.kind == MlflowErrorKind::NotFound && e.message.contains("Review queue"),
             )?;
         }
         if let Some(name) = &self.dataset {
@@ -102,6 +102,8 @@ impl FollowUps {
                     .upsert_dataset_records(&id, std::slice::from_ref(&record))
                     .await
                     .map(drop),
+                // A deleted dataset answers 400 (a foreign key error) on 3.17.2, not 404: any
+                // failure makes the next attempt look the name up again.
                 |_| true,
             )?;
         }
@@ -125,15 +127,15 @@ where
     Ok(id)
 }
 
-/// Passes `r` on; a NotFound that `gone` says is about the cached object clears `slot`, so the
-/// retry looks the name up again (and re-creates it if it was deleted).
+/// Passes `r` on; an error that `gone` says may mean the cached object is gone clears `slot`,
+/// so the retry looks the name up again (and re-creates it if it was deleted).
 fn forget_if_gone(
     slot: &Mutex<Option<String>>,
     r: Result<(), MlflowError>,
     gone: impl Fn(&MlflowError) -> bool,
 ) -> Result<(), MlflowError> {
     if let Err(e) = &r {
-        if e.kind == MlflowErrorKind::NotFound && gone(e) {
+        if gone(e) {
             if let Ok(mut g) = slot.lock() {
                 *g = None;
             }
