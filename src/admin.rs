@@ -1,4 +1,4 @@
-//! Operator commands that work on the store without serving: `migrate`, and `deliveries list`
+//! Operator commands that work on the store without serving: `migrate`, `dataset sync`, and `deliveries list`
 //! (paged) / `deliveries stats` / `deliveries retry` to see the outbox and requeue dead letters (or parked deliveries, e.g.
 //! after configuring MLflow).
 //!
@@ -48,6 +48,48 @@ pub async fn migrate(config: &Config) -> Result<Migrated, StoreError> {
 /// Opens the configured store.
 pub async fn open_store(config: &Config) -> Result<SharedStore, StoreError> {
     store::open(&config.store, standalone_deps(config)).await
+}
+
+/// An MLflow client for the configured tracking server (`None`: none is configured), built as
+/// the server builds its own.
+pub fn mlflow_client(config: &Config) -> Option<crate::mlflow::MlflowClient> {
+    let base = config.mlflow.tracking_uri.clone()?;
+    let metrics = Arc::new(Metrics::new());
+    let http = HttpClient::new(&ClientOptions::default());
+    let tokens = TokenSources::new(config.databricks.clone(), http.clone(), metrics.clone());
+    Some(crate::mlflow::MlflowClient::new(
+        base,
+        http,
+        tokens.get(&config.mlflow.auth),
+        config.mlflow.timeout,
+        metrics,
+    ))
+}
+
+/// `dataset sync`: opens the store and MLflow as the server would, then runs
+/// [`crate::review::dataset::sync`].
+pub async fn dataset_sync(
+    config: &Config,
+    args: &crate::review::dataset::SyncArgs,
+    progress: impl FnMut(&str),
+) -> Result<crate::review::dataset::Report, crate::review::dataset::SyncError> {
+    use crate::review::dataset::{SyncError, sync};
+    let Some(mlflow) = mlflow_client(config) else {
+        return Err(SyncError::Usage(
+            "dataset sync needs [mlflow] tracking_uri (or MLFLOW_TRACKING_URI)".to_owned(),
+        ));
+    };
+    let store = open_store(config).await?;
+    let exp = config.mlflow.experiment_id.as_deref();
+    sync(
+        &store,
+        &mlflow,
+        exp,
+        config.review.thresholds,
+        args,
+        progress,
+    )
+    .await
 }
 
 /// One page of a delivery listing.

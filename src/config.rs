@@ -54,7 +54,7 @@ pub use env::{Env, Missing};
 pub use feedback::{FeedbackConfig, RateLimit};
 pub use load::Config;
 pub use mlflow::MlflowConfig;
-pub use review::{MAX_PAGE, PSEUDONYM_KEY_ENV, ReviewConfig};
+pub use review::{DatasetsConfig, MAX_PAGE, PSEUDONYM_KEY_ENV, ReviewConfig};
 pub use schema::{Kind, LabelSchema, ValueKinds};
 pub use secret::Secret;
 pub use server::{IdentityConfig, LogConfig, LogFormat, MetricsConfig, ServerConfig, UiConfig};

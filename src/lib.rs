@@ -136,12 +136,17 @@ impl App {
             )
         });
         let label_sync = mlflow.clone().filter(|_| config.mlflow.sync_label_schemas);
-        let deliverer = Arc::new(feedback::delivery::Deliverer::new(
+        let deliverer = Arc::new(feedback::delivery::Deliverer::with_follow_ups(
             store.clone(),
             mlflow,
             &config.mlflow,
             config.delivery.clone(),
             metrics.clone(),
+            feedback::delivery::follow::FollowUps::new(
+                config.review.mlflow_queue.clone(),
+                config.datasets.auto.clone(),
+                config.review.thresholds,
+            ),
         ));
         let feedback = feedback::Feedback::new(
             config.feedback.clone(),

@@ -9,7 +9,7 @@ use feedback_proxy::admin;
 use feedback_proxy::body::Body;
 use feedback_proxy::client::{ClientOptions, HttpClient};
 use feedback_proxy::config::{Config, Env, LogFormat};
-use feedback_proxy::review::export;
+use feedback_proxy::review::{dataset, export};
 use feedback_proxy::store::{DeliveryState, VoteKey};
 
 #[derive(Parser)]
@@ -72,6 +72,23 @@ enum Command {
         /// Write here instead of standard output.
         #[arg(long, short)]
         output: Option<PathBuf>,
+    },
+    /// Keep an MLflow evaluation dataset of the rated traces.
+    Dataset {
+        #[command(subcommand)]
+        action: DatasetAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetAction {
+    /// Create the dataset if missing and upsert one record per rated trace (idempotent;
+    /// progress on stderr, the summary on stdout).
+    Sync {
+        #[arg(long, short, env = "FEEDBACK_PROXY_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        args: dataset::SyncArgs,
     },
 }
 
@@ -231,6 +248,15 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Dataset {
+            action: DatasetAction::Sync { config, args },
+        } => match Config::load(&config, &env) {
+            Ok(c) => dataset_sync(c, args),
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
                 ExitCode::from(2)
             }
         },
@@ -421,6 +447,26 @@ fn run_export(
             }
             Err(e) => {
                 eprintln!("export failed: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn dataset_sync(config: Config, args: dataset::SyncArgs) -> ExitCode {
+    oneshot(&config, async {
+        let progress = |line: &str| eprintln!("{line}");
+        match admin::dataset_sync(&config, &args, progress).await {
+            Ok(report) => {
+                println!("dataset {}: {report}", args.name);
+                ExitCode::SUCCESS
+            }
+            Err(e @ dataset::SyncError::Usage(_)) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("dataset sync failed (run it again to resume): {e}");
                 ExitCode::FAILURE
             }
         }

@@ -1,6 +1,6 @@
 //! Typed client for the MLflow 3 tracking server's REST API: the assessment calls the delivery
 //! worker makes (create / update / delete / get), trace info, trace search by client request
-//! id, and label schemas (`label_schemas.rs`). Open-source `mlflow server` and Databricks speak the same API; CONTRACT §5 lists what was
+//! id, label schemas (`label_schemas.rs`), and (`datasets`) evaluation datasets, review queues and whole traces. Open-source `mlflow server` and Databricks speak the same API; CONTRACT §5 lists what was
 //! verified against a real server.
 //!
 //! Every call:
@@ -20,6 +20,7 @@
 //! with the vote's durable state), log errors (the caller logs once, where the error ends), or
 //! decide what an assessment should contain (the feedback module).
 
+pub mod datasets;
 mod error;
 mod label_schemas;
 mod types;
@@ -70,6 +71,15 @@ enum Op {
     GetLabelSchema,
     CreateLabelSchema,
     UpdateLabelSchema,
+    GetTrace,
+    SearchDatasets,
+    CreateDataset,
+    GetDatasetRecords,
+    UpsertDatasetRecords,
+    GetReviewQueue,
+    CreateReviewQueue,
+    AddReviewQueueItems,
+    ListReviewQueueItems,
 }
 
 impl Op {
@@ -84,6 +94,15 @@ impl Op {
             Self::GetLabelSchema => "get_label_schema",
             Self::CreateLabelSchema => "create_label_schema",
             Self::UpdateLabelSchema => "update_label_schema",
+            Self::GetTrace => "get_trace",
+            Self::SearchDatasets => "search_datasets",
+            Self::CreateDataset => "create_dataset",
+            Self::GetDatasetRecords => "get_dataset_records",
+            Self::UpsertDatasetRecords => "upsert_dataset_records",
+            Self::GetReviewQueue => "get_review_queue",
+            Self::CreateReviewQueue => "create_review_queue",
+            Self::AddReviewQueueItems => "add_review_queue_items",
+            Self::ListReviewQueueItems => "list_review_queue_items",
         }
     }
 
@@ -92,6 +111,8 @@ impl Op {
     fn response_limit(self) -> usize {
         match self {
             Self::GetTraceInfo | Self::SearchTraces => 8 << 20,
+            // A whole trace (every span's inputs and outputs) and a page of 1000 records.
+            Self::GetTrace | Self::GetDatasetRecords => 64 << 20,
             _ => 1 << 20,
         }
     }

@@ -10,6 +10,7 @@
 //!
 //! Everything is read from the store (`store::review`); nothing here calls MLflow.
 
+pub mod dataset;
 pub mod export;
 pub mod query;
 

@@ -15,7 +15,7 @@ use super::env::{self, Env};
 use super::feedback::FeedbackConfig;
 use super::mlflow::MlflowConfig;
 use super::raw::Raw;
-use super::review::ReviewConfig;
+use super::review::{DatasetsConfig, ReviewConfig};
 use super::secret::Secret;
 use super::ser::{ser_display, ser_duration};
 use super::server::{IdentityConfig, LogConfig, LogFormat, MetricsConfig, ServerConfig, UiConfig};
@@ -46,6 +46,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub server: ServerConfig,
     pub review: ReviewConfig,
+    pub datasets: DatasetsConfig,
 }
 
 /// Whether a URL points at this machine (the loopback name or a loopback address).
@@ -192,6 +193,9 @@ impl Config {
         };
         let server = v.server(raw.server);
         let review = v.review(raw.review, env, &mlflow);
+        let datasets = DatasetsConfig {
+            auto: v.mlflow_object_name("datasets.auto", raw.datasets.auto),
+        };
 
         // Cross-checks: what each auth choice needs from [databricks].
         for (key, auth) in [("agent.auth", &agent.auth), ("mlflow.auth", &mlflow.auth)] {
@@ -234,6 +238,7 @@ impl Config {
             metrics,
             server,
             review,
+            datasets,
         })
     }
 }

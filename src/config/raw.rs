@@ -37,6 +37,14 @@ pub struct Raw {
     pub server: RawServer,
     #[serde(default)]
     pub review: RawReview,
+    #[serde(default)]
+    pub datasets: RawDatasets,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatasets {
+    pub auto: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -48,6 +56,7 @@ pub struct RawReview {
     pub trace_url: Option<String>,
     pub positive_from: Option<f64>,
     pub negative_to: Option<f64>,
+    pub mlflow_queue: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

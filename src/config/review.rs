@@ -30,6 +30,17 @@ pub struct ReviewConfig {
     pub trace_url: Option<String>,
     #[serde(flatten)]
     pub thresholds: Thresholds,
+    /// The MLflow review queue every negatively rated trace is added to (once), through the
+    /// delivery outbox. `None`: no queue.
+    pub mlflow_queue: Option<String>,
+}
+
+/// `[datasets]`: the evaluation dataset kept up to date from the delivery outbox.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DatasetsConfig {
+    /// Each negatively rated trace becomes a record of this dataset as its vote is delivered
+    /// (the same record `feedback-proxy dataset sync` writes). `None`: only the command does.
+    pub auto: Option<String>,
 }
 
 impl ReviewConfig {
@@ -137,6 +148,23 @@ impl Validator {
             pseudonym_key,
             trace_url,
             thresholds,
+            mlflow_queue: self.mlflow_object_name("review.mlflow_queue", raw.mlflow_queue),
         }
+    }
+
+    /// A review queue or dataset name: 1-256 characters without control characters and not
+    /// both kinds of quote (MLflow's name filters cannot express it). Empty: none.
+    pub(super) fn mlflow_object_name(&mut self, key: &str, raw: Option<String>) -> Option<String> {
+        let name = raw.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty())?;
+        if name.chars().count() > 256
+            || name.chars().any(char::is_control)
+            || (name.contains('\'') && name.contains('"'))
+        {
+            self.problem(
+                key,
+                "must be a name of 1-256 characters, without control characters or both ' and \"",
+            );
+        }
+        Some(name)
     }
 }

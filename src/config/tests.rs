@@ -282,6 +282,34 @@ fn warnings_flag_dev_user_on_databricks() {
 }
 
 #[test]
+fn review_queue_and_dataset_names_are_checked() {
+    let c = load(
+        "[agent]\nurl = \"http://x\"\n[review]\nmlflow_queue = \" neg \"\n[datasets]\nauto = \"evals\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.review.mlflow_queue.as_deref(), Some("neg"));
+    assert_eq!(c.datasets.auto.as_deref(), Some("evals"));
+    let c = load(
+        "[agent]\nurl = \"http://x\"\n[datasets]\nauto = \"\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.datasets.auto, None, "empty is none");
+    let err = load(
+        "[agent]\nurl = \"http://x\"\n[review]\nmlflow_queue = \"a'b\\\"c\"\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("review.mlflow_queue"), "{err}");
+    let err = load("[agent]\nurl = \"http://x\"\n[datasets]\nwhat = 1\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("what"), "{err}");
+}
+
+#[test]
 fn shipped_configs_are_valid() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for name in ["config/example.toml", "config/local.toml"] {

@@ -56,6 +56,16 @@ impl Config {
         if self.mlflow.tracking_uri.is_some() && self.mlflow.experiment_id.is_none() {
             out.push("mlflow.tracking_uri is set but mlflow.experiment_id is not: feedback will answer no_experiment_id".to_owned());
         }
+        for (key, set) in [
+            ("review.mlflow_queue", self.review.mlflow_queue.is_some()),
+            ("datasets.auto", self.datasets.auto.is_some()),
+        ] {
+            if set && !self.mlflow.enabled() {
+                out.push(format!(
+                    "{key} is set but MLflow delivery is not configured (mlflow.tracking_uri and mlflow.experiment_id): nothing will be added"
+                ));
+            }
+        }
         let hops = [
             ("agent.url", Some(&self.agent.url), &self.agent.auth),
             (

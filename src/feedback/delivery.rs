@@ -6,7 +6,8 @@
 //! - `attempt`: the MLflow calls of one attempt (trace lookup, create / adopt / PATCH / DELETE);
 //! - `policy`: park, retry with backoff, or dead-letter after a failure;
 //! - `session`: where a chat rating lands (the chat's first trace, as a session assessment);
-//! - `worker`: the background loop and the periodic trace lookup for waiting votes.
+//! - `worker`: the background loop and the periodic trace lookup for waiting votes;
+//! - `follow`: a delivered negative vote's trace into the review queue and the dataset.
 //!
 //! Exactly one assessment per (message, user, name):
 //! - the first delivery creates the assessment with a deterministic `assessment_id` derived
@@ -38,6 +39,7 @@
 //! the outbox when the lease expires.
 
 mod attempt;
+pub mod follow;
 mod policy;
 pub mod session;
 mod worker;
@@ -166,6 +168,8 @@ pub struct Deliverer {
     abort: CancellationToken,
     /// A trace lookup round is running.
     looking_up: AtomicBool,
+    /// Review queue and evaluation dataset of negative votes (`follow`).
+    follow: follow::FollowUps,
 }
 
 const IDS_UNKNOWN: u8 = 0;
@@ -205,6 +209,25 @@ impl Deliverer {
         config: DeliveryConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::with_follow_ups(
+            store,
+            mlflow,
+            mlflow_config,
+            config,
+            metrics,
+            follow::FollowUps::default(),
+        )
+    }
+
+    /// [`Deliverer::new`] whose negative votes also go to a review queue and/or a dataset.
+    pub fn with_follow_ups(
+        store: SharedStore,
+        mlflow: Option<MlflowClient>,
+        mlflow_config: &MlflowConfig,
+        config: DeliveryConfig,
+        metrics: Arc<Metrics>,
+        follow: follow::FollowUps,
+    ) -> Self {
         Self {
             store,
             experiment_id: mlflow_config.experiment_id.clone(),
@@ -220,6 +243,7 @@ impl Deliverer {
             tasks: TaskTracker::new(),
             abort: CancellationToken::new(),
             looking_up: AtomicBool::new(false),
+            follow,
         }
     }
 

@@ -165,6 +165,22 @@ pub fn filter_literal(client_request_id: &str) -> Result<String, MlflowError> {
     }
 }
 
+/// A dataset or review queue name as a quoted literal for a search filter (`name = '…'`):
+/// 1–256 characters, no control characters, not both kinds of quote.
+pub fn dataset_name_literal(name: &str) -> Result<String, MlflowError> {
+    opaque("name", name, MAX_ID_CHARS)?;
+    if !name.contains('\'') {
+        Ok(format!("'{name}'"))
+    } else if !name.contains('"') {
+        Ok(format!("\"{name}\""))
+    } else {
+        Err(MlflowError::invalid(format!(
+            "name {:?} contains both ' and \": MLflow's search filter cannot express it",
+            preview(name)
+        )))
+    }
+}
+
 fn opaque(what: &str, s: &str, max_chars: usize) -> Result<(), MlflowError> {
     if s.is_empty() {
         return Err(MlflowError::invalid(format!("{what} is empty")));

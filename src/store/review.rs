@@ -124,6 +124,9 @@ pub struct ReviewedVote {
     pub last_error: Option<String>,
     /// The trace the assessment lives on, else the message's linked trace.
     pub trace_id: Option<String>,
+    /// The user's correction ("the right answer would have been…"): a dataset record's
+    /// `expected_response`.
+    pub correction: Option<String>,
 }
 
 impl ReviewedVote {

@@ -89,7 +89,29 @@ impl Deliverer {
                         rationale: comment.clone(),
                     }),
                 };
-                self.upsert(mlflow, d, &trace_id, payload).await
+                let landed = self.upsert(mlflow, d, &trace_id, payload).await;
+                // A correction is an expectation, not a vote: nothing follows it.
+                if landed.outcome != Outcome::Done
+                    || d.key.is_correction()
+                    || !self.follow.wanted(value)
+                {
+                    return landed;
+                }
+                let Some(exp) = &self.experiment_id else {
+                    return landed;
+                };
+                let follow = self
+                    .follow
+                    .run(mlflow, exp, &trace_id, &d.key, value, comment.as_deref())
+                    .await;
+                match follow {
+                    Ok(()) => landed,
+                    // Keep what was learnt about the assessment: the retry PATCHes it.
+                    Err(e) => Attempt {
+                        fact: landed.fact,
+                        ..self.failure(d, Some(&trace_id), &e)
+                    },
+                }
             }
             Desired::Delete => self.delete(mlflow, d, &trace_id).await,
         }

@@ -75,7 +75,8 @@ fn list_sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
         format!(
-            "SELECT v.message_id, v.user_id, v.name, v.chat_id, v.value, v.comment, v.updated_at,
+            "SELECT v.message_id, v.user_id, v.name, v.chat_id, v.value, v.comment,
+                v.expected_response, v.updated_at,
                 v.route, d.state, d.last_error, COALESCE(d.trace_id, l.trace_id) AS trace_id
             FROM votes AS v
             LEFT JOIN deliveries AS d ON d.message_id = v.message_id AND d.user_id = v.user_id

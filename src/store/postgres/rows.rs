@@ -105,6 +105,7 @@ pub(super) fn reviewed(row: &Row) -> Result<ReviewedVote, StoreError> {
         delivery: state.map(codec::state).transpose()?,
         last_error: get(row, W, "last_error")?,
         trace_id: get(row, W, "trace_id")?,
+        correction: get(row, W, "expected_response")?,
     })
 }
 
@@ -254,6 +255,7 @@ mod tests {
             delivery: Some(DeliveryState::Done),
             last_error: None,
             trace_id: Some("tr-1".into()),
+            correction: Some("the 2024 numbers".into()),
         };
         for got in both_orders(&client, &review_columns, reviewed).await {
             assert_eq!(got, want);

@@ -161,7 +161,8 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
 /// it otherwise picks (it has no statistics to prefer the key), visiting every waiting delivery
 /// of every message, the more the longer MLflow is away; through the key it reads one
 /// message's rows.
-pub(super) const WAITING: &str = "SELECT 1 FROM deliveries WHERE message_id = ?1 AND +state = 'waiting'";
+pub(super) const WAITING: &str =
+    "SELECT 1 FROM deliveries WHERE message_id = ?1 AND +state = 'waiting'";
 
 /// Whether a chat rating waits for the chat of the message's link: read before the chat's
 /// wake, for the same reason as [`WAITING`].

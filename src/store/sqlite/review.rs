@@ -108,6 +108,7 @@ fn list_sql() -> &'static str {
         format!(
             "SELECT v.message_id AS message_id, v.user_id AS user_id, v.name AS name,
                 v.chat_id AS chat_id, v.value AS value, v.comment AS comment,
+                v.expected_response AS expected_response,
                 v.updated_at AS updated_at, v.route AS route, d.state AS state,
                 d.last_error AS last_error, COALESCE(d.trace_id, l.trace_id) AS trace_id
             FROM votes AS v

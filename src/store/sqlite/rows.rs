@@ -125,6 +125,7 @@ pub(super) fn reviewed(r: &Row<'_>) -> Decoded<ReviewedVote> {
     let state: Option<String> = r.get("state")?;
     let last_error = r.get("last_error")?;
     let trace_id = r.get("trace_id")?;
+    let correction = r.get("expected_response")?;
     Ok((|| {
         Ok(ReviewedVote {
             key,
@@ -136,6 +137,7 @@ pub(super) fn reviewed(r: &Row<'_>) -> Decoded<ReviewedVote> {
             delivery: state.as_deref().map(codec::state).transpose()?,
             last_error,
             trace_id,
+            correction,
         })
     })())
 }
@@ -271,6 +273,7 @@ mod tests {
             delivery: Some(DeliveryState::Done),
             last_error: None,
             trace_id: Some("tr-1".into()),
+            correction: Some("the 2024 numbers".into()),
         };
         for got in both_orders(&review_columns, reviewed) {
             assert_eq!(got.expect("decodes"), want);
