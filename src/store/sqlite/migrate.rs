@@ -32,6 +32,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 4,
         sql: include_str!("../migrations/sqlite/0004_review_write_cost.sql"),
     },
+    Migration {
+        version: 5,
+        sql: include_str!("../migrations/sqlite/0005_votes_hot.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.
