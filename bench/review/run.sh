@@ -88,6 +88,7 @@ for backend in $BACKENDS; do
       Q_INDEXES="SELECT sql || ';' FROM sqlite_master WHERE type = 'index' AND tbl_name = 'votes' AND sql IS NOT NULL AND name <> 'votes_chat_user'"
       Q_DROP_INDEXES="SELECT 'DROP INDEX ' || name || ';' FROM sqlite_master WHERE type = 'index' AND tbl_name = 'votes' AND sql IS NOT NULL AND name <> 'votes_chat_user'"
       Q_COLUMNS="SELECT NULL WHERE 0"; Q_DROP_COLUMNS=$Q_COLUMNS
+      SETTLE="PRAGMA wal_checkpoint(TRUNCATE);"
       GENERATE() { sed "s/i < 1000000/i < $VOTES/" bench/review/generate-sqlite.sql | sql; }
       ;;
     postgres)
@@ -105,6 +106,7 @@ for backend in $BACKENDS; do
       GENERATED="FROM pg_attribute JOIN pg_attrdef ON adrelid = attrelid AND adnum = attnum WHERE attrelid = 'votes'::regclass AND attgenerated = 's' AND NOT attisdropped"
       Q_COLUMNS="SELECT 'ALTER TABLE votes ADD COLUMN ' || quote_ident(attname) || ' ' || format_type(atttypid, atttypmod) || ' GENERATED ALWAYS AS (' || pg_get_expr(adbin, adrelid) || ') STORED;' $GENERATED"
       Q_DROP_COLUMNS="SELECT 'ALTER TABLE votes DROP COLUMN ' || quote_ident(attname) || ';' $GENERATED"
+      SETTLE="ANALYZE votes; CHECKPOINT;"
       GENERATE() { sed "s/set n 1000000/set n $VOTES/" bench/review/generate-postgres.sql | sql; }
       ;;
     *) log "unknown backend $backend"; exit 1 ;;
@@ -135,12 +137,18 @@ for backend in $BACKENDS; do
   declare -A rates=()
   for r in $(seq "$ROUNDS"); do
     line="    round $r:"
-    for arm in "${arms[@]}"; do
+    # Odd rounds run the arms in order, even rounds in reverse: neither arm always comes first.
+    order=("${arms[@]}"); (( r % 2 == 0 )) && for ((i=${#arms[@]}-1, j=0; i>=0; i--, j++)); do order[j]=${arms[i]}; done
+    for arm in "${order[@]}"; do
       case $arm in
         without) sql <<<"$DROP_TRIGGERS"$'\n'"$DROP_INDEXES"$'\n'"$DROP_COLUMNS" ;;
         triggers-only) sql <<<"$DROP_INDEXES" ;;
         indexes-only) sql <<<"$DROP_TRIGGERS" ;;
       esac
+      # Each arm starts from settled storage: the DDL before it (a table rewrite on Postgres)
+      # leaves dirty pages and WAL that would otherwise be flushed during its run, and a
+      # re-added column has no statistics until analyzed (the listing's plans need them).
+      sql <<<"$SETTLE"
       rate=$(wrk_votes)
       case $arm in
         without) sql <<<"$COLUMNS"$'\n'"$INDEXES"$'\n'"$TRIGGERS" ;;
