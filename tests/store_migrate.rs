@@ -27,7 +27,7 @@ fn write_config(dir: &Path, store_url: &str) -> std::path::PathBuf {
 }
 
 /// The newest schema version (the number of migrations shipped).
-const LATEST: i32 = 5;
+const LATEST: i32 = 6;
 
 /// Starts two `feedback-proxy migrate` processes at once and waits for both.
 fn migrate_twice_at_once(config: &Path) -> [Output; 2] {
@@ -91,7 +91,7 @@ async fn postgres_concurrent_migrations_leave_one_schema_version() {
         .await
         .unwrap();
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
     let tables: i64 = admin
         .query_one(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'feedback_proxy'",
@@ -179,7 +179,7 @@ async fn sqlite_concurrent_migrations_leave_one_schema_version() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -444,6 +444,29 @@ async fn review_cells(store: &SharedStore) -> Vec<(String, i64, i64)> {
     out
 }
 
+/// The keys of every current vote, as the review listing returns them.
+async fn listed_keys(store: &SharedStore) -> Vec<VoteKey> {
+    let votes = store
+        .review_votes(
+            &feedback_proxy::store::ListQuery {
+                scope: feedback_proxy::store::ReviewScope {
+                    from: std::time::SystemTime::UNIX_EPOCH,
+                    to: std::time::SystemTime::now() + Duration::from_secs(3600),
+                    name: None,
+                    route: None,
+                },
+                polarity: None,
+                has_comment: None,
+                thresholds: Default::default(),
+                limit: 10,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    votes.into_iter().map(|v| v.key).collect()
+}
+
 fn thumb(up: bool, comment: Option<&str>) -> NewVote {
     NewVote {
         key: key(),
@@ -470,6 +493,9 @@ async fn upgrade_from_version_3(
         .await
         .unwrap();
     assert_eq!(review_cells(&store).await, [("true".to_owned(), 1, 0)]);
+    // The vote stored before the upgrade is listed (version 6 lists by `updated_minute`, which
+    // the upgrade computes for the stored votes).
+    assert_eq!(listed_keys(&store).await, [key()]);
     let writes = count_rollup_writes().await;
 
     // The first vote of this session moves the stored one to the current hour.

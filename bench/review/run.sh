@@ -9,9 +9,10 @@
 #   REVIEW_VOTES=100000 bash bench/review/run.sh   # fewer votes, for quicker iteration
 #   REVIEW_SPLIT=1 bash bench/review/run.sh        # also: the triggers alone, the indexes alone
 #
-# The review objects on `votes` (its triggers, and its indexes other than the primary key and
-# votes_chat_user) are read from the migrated database itself, dropped and re-created between
-# rounds.
+# The review objects on `votes` (its triggers, its indexes other than the primary key and
+# votes_chat_user, and on Postgres its stored generated columns) are read from the migrated
+# database itself, dropped and re-created between rounds. Re-adding a stored column rewrites the
+# table, so on Postgres both arms start each round on a freshly written table.
 #
 # Needs: a release build (made here), wrk, psql and a Postgres at DATABASE_URL (default
 # postgres://postgres@127.0.0.1:5432/postgres) for the Postgres half, python3.
@@ -86,6 +87,8 @@ for backend in $BACKENDS; do
       Q_DROP_TRIGGERS="SELECT 'DROP TRIGGER ' || name || ';' FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'votes'"
       Q_INDEXES="SELECT sql || ';' FROM sqlite_master WHERE type = 'index' AND tbl_name = 'votes' AND sql IS NOT NULL AND name <> 'votes_chat_user'"
       Q_DROP_INDEXES="SELECT 'DROP INDEX ' || name || ';' FROM sqlite_master WHERE type = 'index' AND tbl_name = 'votes' AND sql IS NOT NULL AND name <> 'votes_chat_user'"
+      Q_COLUMNS="SELECT NULL WHERE 0"; Q_DROP_COLUMNS=$Q_COLUMNS
+      SETTLE="PRAGMA wal_checkpoint(TRUNCATE);"
       GENERATE() { sed "s/i < 1000000/i < $VOTES/" bench/review/generate-sqlite.sql | sql; }
       ;;
     postgres)
@@ -99,6 +102,11 @@ for backend in $BACKENDS; do
       Q_DROP_TRIGGERS="SELECT 'DROP TRIGGER ' || quote_ident(tgname) || ' ON votes;' FROM pg_trigger WHERE tgrelid = 'votes'::regclass AND NOT tgisinternal"
       Q_INDEXES="SELECT pg_get_indexdef(indexrelid) || ';' FROM pg_index WHERE indrelid = 'votes'::regclass AND NOT indisprimary AND indexrelid::regclass::text <> 'votes_chat_user'"
       Q_DROP_INDEXES="SELECT 'DROP INDEX ' || indexrelid::regclass::text || ';' FROM pg_index WHERE indrelid = 'votes'::regclass AND NOT indisprimary AND indexrelid::regclass::text <> 'votes_chat_user'"
+      # The stored generated columns of votes (version 6's updated_minute, the listing's key).
+      GENERATED="FROM pg_attribute JOIN pg_attrdef ON adrelid = attrelid AND adnum = attnum WHERE attrelid = 'votes'::regclass AND attgenerated = 's' AND NOT attisdropped"
+      Q_COLUMNS="SELECT 'ALTER TABLE votes ADD COLUMN ' || quote_ident(attname) || ' ' || format_type(atttypid, atttypmod) || ' GENERATED ALWAYS AS (' || pg_get_expr(adbin, adrelid) || ') STORED;' $GENERATED"
+      Q_DROP_COLUMNS="SELECT 'ALTER TABLE votes DROP COLUMN ' || quote_ident(attname) || ';' $GENERATED"
+      SETTLE="ANALYZE votes; CHECKPOINT;"
       GENERATE() { sed "s/set n 1000000/set n $VOTES/" bench/review/generate-postgres.sql | sql; }
       ;;
     *) log "unknown backend $backend"; exit 1 ;;
@@ -120,7 +128,8 @@ for backend in $BACKENDS; do
 
   TRIGGERS=$(sqlq "$Q_TRIGGERS"); DROP_TRIGGERS=$(sqlq "$Q_DROP_TRIGGERS")
   INDEXES=$(sqlq "$Q_INDEXES"); DROP_INDEXES=$(sqlq "$Q_DROP_INDEXES")
-  log "$backend: the review objects on votes:"$'\n'"$TRIGGERS"$'\n'"$INDEXES"
+  COLUMNS=$(sqlq "$Q_COLUMNS"); DROP_COLUMNS=$(sqlq "$Q_DROP_COLUMNS")
+  log "$backend: the review objects on votes:"$'\n'"$TRIGGERS"$'\n'"$INDEXES"$'\n'"$COLUMNS"
   log "$backend: POST /api/feedback, wrk -c$CONNS ${SECS}s × $ROUNDS rounds, with and without the review triggers and indexes"
   "$FPB" feedback-seed --url "http://127.0.0.1:$P_PROXY" --users 100 --messages 10 --tag a \
     --check-status no_experiment_id >&2
@@ -128,15 +137,21 @@ for backend in $BACKENDS; do
   declare -A rates=()
   for r in $(seq "$ROUNDS"); do
     line="    round $r:"
-    for arm in "${arms[@]}"; do
+    # Odd rounds run the arms in order, even rounds in reverse: neither arm always comes first.
+    order=("${arms[@]}"); (( r % 2 == 0 )) && for ((i=${#arms[@]}-1, j=0; i>=0; i--, j++)); do order[j]=${arms[i]}; done
+    for arm in "${order[@]}"; do
       case $arm in
-        without) sql <<<"$DROP_TRIGGERS"$'\n'"$DROP_INDEXES" ;;
+        without) sql <<<"$DROP_TRIGGERS"$'\n'"$DROP_INDEXES"$'\n'"$DROP_COLUMNS" ;;
         triggers-only) sql <<<"$DROP_INDEXES" ;;
         indexes-only) sql <<<"$DROP_TRIGGERS" ;;
       esac
+      # Each arm starts from settled storage: the DDL before it (a table rewrite on Postgres)
+      # leaves dirty pages and WAL that would otherwise be flushed during its run, and a
+      # re-added column has no statistics until analyzed (the listing's plans need them).
+      sql <<<"$SETTLE"
       rate=$(wrk_votes)
       case $arm in
-        without) sql <<<"$INDEXES"$'\n'"$TRIGGERS" ;;
+        without) sql <<<"$COLUMNS"$'\n'"$INDEXES"$'\n'"$TRIGGERS" ;;
         triggers-only) sql <<<"$INDEXES" ;;
         indexes-only) sql <<<"$TRIGGERS" ;;
       esac

@@ -42,6 +42,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 5,
         sql: include_str!("../migrations/postgres/0005_corrections.sql"),
     },
+    Migration {
+        version: 6,
+        sql: include_str!("../migrations/postgres/0006_votes_hot.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.

@@ -36,6 +36,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 5,
         sql: include_str!("../migrations/sqlite/0005_corrections.sql"),
     },
+    Migration {
+        version: 6,
+        sql: include_str!("../migrations/sqlite/0006_votes_hot.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.
