@@ -141,7 +141,7 @@ impl<B> MakeSpan<B> for RequestSpan {
         // enabled (not at the benchmark's `warn`).
         tracing::info_span!(
             "request",
-            request_id = req
+            request_id = %req
                 .headers()
                 .get(X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())

@@ -138,12 +138,19 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
             .iter()
             .filter(|l| l.trace_id.is_some() || l.client_request_id.is_some())
         {
-            if seen.insert(l.message_id.as_str())
-                && waiting.exists([&l.message_id]).map_err(sql_error)?
-            {
+            if !seen.insert(l.message_id.as_str()) {
+                continue;
+            }
+            if waiting.exists([&l.message_id]).map_err(sql_error)? {
                 wake.execute((&l.message_id, now)).map_err(sql_error)?;
             }
-            if chat_waiting.exists([&l.message_id]).map_err(sql_error)? {
+            // A link that names its chat is probed by the rating's key, as a message is (no
+            // subquery); one that does not, through the chat its stored link has.
+            let chat_rated = match &l.chat_id {
+                Some(chat) => waiting.exists([format!("chat/{chat}")]),
+                None => chat_waiting.exists([&l.message_id]),
+            };
+            if chat_rated.map_err(sql_error)? {
                 wake_chat.execute((&l.message_id, now)).map_err(sql_error)?;
             }
         }
