@@ -96,14 +96,14 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
                 WHERE message_links.user_id = excluded.user_id",
             )
             .map_err(sql_error)?;
-        // The chat of a link recorded without one, set apart from the upsert: SQLite rewrites
-        // an index entry whenever an UPDATE's SET list names one of its columns, changed or
-        // not, so a `chat_id = COALESCE(…)` in the upsert rewrote `message_links_chat_user` at
-        // every link (≈ 9,000 instructions per proxied request in `bench/callgrind.sh`).
+        // A link's chat (the latest one named wins), set apart from the upsert and only when it
+        // changes: SQLite rewrites an index entry whenever an UPDATE's SET list names one of its
+        // columns, changed or not, so a `chat_id = COALESCE(…)` in the upsert rewrote
+        // `message_links_chat_user` at every link written.
         let mut set_chat = tx
             .prepare_cached(
                 "UPDATE message_links SET chat_id = ?2
-                WHERE message_id = ?1 AND chat_id IS NULL AND user_id = ?3",
+                WHERE message_id = ?1 AND user_id = ?3 AND chat_id IS NOT ?2",
             )
             .map_err(sql_error)?;
         for l in links {
