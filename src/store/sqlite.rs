@@ -343,7 +343,7 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod wake_plan {
-    use super::links::{CHAT_WAITING, WAITING, WAKE};
+    use super::links::{ANY_CHAT_WAITING, CHAT_WAITING, WAITING, WAKE};
 
     /// Both statements read one message's deliveries through their key, not every waiting
     /// delivery through `deliveries_due` (see `links::WAITING`); on the old statement this fails.
@@ -352,20 +352,27 @@ mod wake_plan {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mut conn = super::connect(&dir.path().join("plan.db")).expect("open");
         super::migrate::run(&mut conn).expect("migrate");
-        for sql in [WAITING, CHAT_WAITING, WAKE] {
+        for (sql, bound) in [
+            (WAITING, "message_id=?"),
+            (CHAT_WAITING, "message_id=?"),
+            (WAKE, "message_id=?"),
+            (ANY_CHAT_WAITING, "message_id>?"),
+        ] {
             let plan: Vec<String> = conn
                 .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
                 .and_then(|mut s| {
-                    s.raw_bind_parameter(1, "m")?;
+                    if s.parameter_count() > 0 {
+                        s.raw_bind_parameter(1, "m")?;
+                    }
                     s.raw_query()
                         .mapped(|r| r.get::<_, String>(3))
                         .collect::<Result<_, _>>()
                 })
                 .expect("the plan");
             assert!(
-                plan.first().is_some_and(|p| p.starts_with(
-                    "SEARCH deliveries USING INDEX sqlite_autoindex_deliveries_1 (message_id=?"
-                )),
+                plan.first().is_some_and(|p| p.starts_with(&format!(
+                    "SEARCH deliveries USING INDEX sqlite_autoindex_deliveries_1 ({bound}"
+                ))),
                 "{sql}: {plan:#?}"
             );
         }

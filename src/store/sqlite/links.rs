@@ -126,28 +126,18 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
                 .map_err(sql_error)?;
         }
         // Same reset as `requeue`: time spent parked does not count against the horizon.
-        let mut wake = tx.prepare_cached(WAKE).map_err(sql_error)?;
         let mut waiting = tx.prepare_cached(WAITING).map_err(sql_error)?;
-        let mut chat_waiting = tx.prepare_cached(CHAT_WAITING).map_err(sql_error)?;
-        // A chat rating waits for the first trace of the rater's chat: any of the rater's
-        // links in that chat that carries an id wakes it (the attempt then finds the first).
-        let mut wake_chat = tx
-            .prepare_cached(
-                "UPDATE deliveries SET
-                    state = 'pending', next_attempt_at = ?2, enqueued_at = ?2, attempts = 0,
-                    last_error = NULL, updated_at = ?2
-                WHERE state = 'waiting'
-                    AND last_error LIKE 'no_trace_id%' -- store::AWAITING_TRACE
-                    AND (message_id, user_id) = (SELECT 'chat/' || l.chat_id, l.user_id
-                        FROM message_links AS l WHERE l.message_id = ?1
-                        AND l.chat_id IS NOT NULL
-                        AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL))",
-            )
+        // Whether any chat rating waits at all: one probe per batch (a range of the key), as
+        // nearly always none does; only then is each link's chat probed.
+        let chat_ratings_wait = tx
+            .prepare_cached(ANY_CHAT_WAITING)
+            .and_then(|mut s| s.exists([]))
             .map_err(sql_error)?;
         let mut seen = std::collections::HashSet::new();
         // Only a link that carries an id can wake anything: skip the (comparatively costly)
         // UPDATE for the rest, e.g. the "stream opened" records, and for a message nothing
-        // waits on, which is nearly every one.
+        // waits on, which is nearly every one. The wakes are prepared only when they run: the
+        // statement cache hashes a statement's whole text at every lookup.
         for l in links
             .iter()
             .filter(|l| l.trace_id.is_some() || l.client_request_id.is_some())
@@ -156,10 +146,20 @@ fn record_links_tx(conn: &mut Connection, links: &[LinkRecord]) -> Result<(), St
                 continue;
             }
             if waiting.exists([&l.message_id]).map_err(sql_error)? {
-                wake.execute((&l.message_id, now)).map_err(sql_error)?;
+                // Same reset as `requeue`: time spent parked does not count against the horizon.
+                tx.prepare_cached(WAKE)
+                    .and_then(|mut s| s.execute((&l.message_id, now)))
+                    .map_err(sql_error)?;
             }
-            if chat_waiting.exists([&l.message_id]).map_err(sql_error)? {
-                wake_chat.execute((&l.message_id, now)).map_err(sql_error)?;
+            if chat_ratings_wait
+                && tx
+                    .prepare_cached(CHAT_WAITING)
+                    .and_then(|mut s| s.exists([&l.message_id]))
+                    .map_err(sql_error)?
+            {
+                tx.prepare_cached(WAKE_CHAT)
+                    .and_then(|mut s| s.execute((&l.message_id, now)))
+                    .map_err(sql_error)?;
             }
         }
     }
@@ -185,6 +185,22 @@ pub(super) const CHAT_WAITING: &str = "SELECT 1 FROM deliveries
     WHERE message_id = (SELECT 'chat/' || l.chat_id FROM message_links AS l
         WHERE l.message_id = ?1)
     AND +state = 'waiting'";
+
+/// Whether any chat rating (key `chat/<chatId>`) waits: a range of the deliveries' key.
+pub(super) const ANY_CHAT_WAITING: &str = "SELECT 1 FROM deliveries
+    WHERE message_id >= 'chat/' AND message_id < 'chat0' AND +state = 'waiting'";
+
+/// A chat rating waits for the first trace of the rater's chat: any of the rater's links in
+/// that chat that carries an id wakes it (the attempt then finds the first).
+const WAKE_CHAT: &str = "UPDATE deliveries SET
+        state = 'pending', next_attempt_at = ?2, enqueued_at = ?2, attempts = 0,
+        last_error = NULL, updated_at = ?2
+    WHERE state = 'waiting'
+        AND last_error LIKE 'no_trace_id%' -- store::AWAITING_TRACE
+        AND (message_id, user_id) = (SELECT 'chat/' || l.chat_id, l.user_id
+            FROM message_links AS l WHERE l.message_id = ?1
+            AND l.chat_id IS NOT NULL
+            AND (l.trace_id IS NOT NULL OR l.client_request_id IS NOT NULL))";
 
 /// Wakes the deliveries of one message that wait for its trace id, once its link has one.
 pub(super) const WAKE: &str = "UPDATE deliveries SET
