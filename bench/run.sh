@@ -44,22 +44,28 @@ if [ "$MODE" = smoke ]; then
   SSE_CONCURRENCY="1 20"; SSE_EVENTS=8; SSE_INTERVAL_MS=5; SSE_REPEAT_C1=2
   IDLE_WANT=200; IDLE_INTERVAL_S=1; IDLE_HOLD_S=2
   FB_SECS=1; FB_ROUNDS=1; FB_USERS=4; FB_MESSAGES=4; FB_CONNS=8
-  RC_ROUNDS=1; RC_REPEAT=3; RV_SECS=1; RV_ROUNDS=1
-  STARTS=3; IDLE_STARTS=1
+  RC_ROUNDS=1; RC_REPEAT=3; RV_SECS=1; RV_ROUNDS=1; RTT_SECS=1
+  STARTS=3; IDLE_STARTS=1; IDLE_MS=500
+  # Not part of a plain smoke run (seconds of seeding and loads through the relay; `--smoke
+  # --only remote-votes` runs it).
+  SMOKE_LEAVES_OUT=remote-votes
 else
   PROFILE=${BENCH_PROFILE:-release}
   ROUNDS=3; LAT_SECS=5; THR_SECS=8; THR_CONNS=64
   SSE_CONCURRENCY="1 100 1000"; SSE_EVENTS=64; SSE_INTERVAL_MS=20; SSE_REPEAT_C1=5
   IDLE_WANT=10000; IDLE_INTERVAL_S=10; IDLE_HOLD_S=12
   FB_SECS=6; FB_ROUNDS=5; FB_USERS=32; FB_MESSAGES=16; FB_CONNS=32
-  RC_ROUNDS=3; RC_REPEAT=100; RV_SECS=6; RV_ROUNDS=3
-  STARTS=20; IDLE_STARTS=3
+  RC_ROUNDS=3; RC_REPEAT=100; RV_SECS=6; RV_ROUNDS=3; RTT_SECS=2
+  STARTS=20; IDLE_STARTS=3; IDLE_MS=2000
+  SMOKE_LEAVES_OUT=""
 fi
 # The remote store: the delay each way, and the chat the TTFB scenario asks for (4 events 5 ms
 # apart: only the first byte matters).
 REMOTE_DELAY_MS=5; RC_EVENTS=4; RC_INTERVAL_MS=5
-IDLE_MS=2000
-wants() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+wants() {
+  if [ -z "$ONLY" ]; then [[ ",$SMOKE_LEAVES_OUT," != *",$1,"* ]]
+  else [[ ",$ONLY," == *",$1,"* ]]; fi
+}
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
@@ -566,6 +572,15 @@ remote_scenario() {
     return 0
   fi
   local url_ra="http://127.0.0.1:$P_RA" url_rb="http://127.0.0.1:$P_RB"
+  # What one store round trip costs through the relay: `SELECT 1` at c=1 (the nominal 10 ms, plus
+  # the timer's 1 ms resolution and the machine's scheduling).
+  local out lat
+  printf 'SELECT 1;\n' > "$RUN/select1.sql"
+  out=$(timeout --foreground -k 5 60 "$PGBENCH" "$via_pg" -n -M prepared -c 1 -T "$RTT_SECS" -f "$RUN/select1.sql" 2>&1) \
+    || die "pgbench through the relay failed: $out"
+  lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out")
+  record remote-rtt pgbench 1 "" "{\"rtt_ms\":${lat:-null},\"delay_ms\":$REMOTE_DELAY_MS}"
+  log "one store round trip through the relay (pgbench SELECT 1, c=1): ${lat:-?} ms (nominal $((2 * REMOTE_DELAY_MS)) ms)"
 
   if wants remote-chat; then
     log "7a. chat TTFB, store ${REMOTE_DELAY_MS} ms away: 1 stream, $RC_REPEAT sequential chats × $RC_ROUNDS rounds (direct, proxy minting the id, proxy with a client-chosen id)"

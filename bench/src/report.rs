@@ -608,7 +608,8 @@ fn render(d: &Data, note: &str, judge: bool) -> String {
     if d.has("remote-chat") || d.has("remote-votes") {
         let _ = writeln!(
             s,
-            "Every chunk between the proxy and Postgres held 5 ms each way (a 10 ms round trip). Store round trips: client→server flights counted by the relay (data from the client after the server last spoke); statements: Postgres `Execute` + `Query` messages it carried. Both per request over the whole run, background work (link writes, deliveries) included.\n"
+            "Every chunk between the proxy and Postgres held 5 ms each way (nominally a 10 ms round trip; `SELECT 1` through the relay at c=1 measured {} ms). Store round trips: client→server flights counted by the relay (data from the client after the server last spoke); statements: Postgres `Execute` + `Query` messages it carried. Both per request over the whole run, background work (link writes, deliveries) included.\n",
+            f(d.median("remote-rtt", "", "pgbench", "rtt_ms"), 1)
         );
     }
     if d.has("remote-chat") {
