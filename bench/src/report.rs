@@ -781,6 +781,12 @@ fn render(d: &Data, note: &str, judge: bool) -> String {
             mb(m("idle_rss_max_kib"))
         );
         let _ = writeln!(s, "| idle PSS, median (MB) | {} |", mb(m("idle_pss_kib")));
+        let _ = writeln!(
+            s,
+            "| idle RSS: anonymous (heap, stacks) / file-backed (binary, libraries) (MB) | {} / {} |",
+            mb(m("idle_rss_anon_kib")),
+            mb(m("idle_rss_file_kib"))
+        );
         let st = m("start_p50_ms");
         targets.push(Target {
             what: "start to /readyz 200, embedded store (median)".into(),

@@ -7,7 +7,7 @@
 //! succeeded); then `GET /readyz` on a fresh connection every `poll` until one answers 200
 //! (refused connections and non-200 answers are retried). The last `idle_starts` starts then
 //! send `requests` chat requests (the fast upstream's 1 KiB JSON answer, so the store records
-//! their message links) and a `/readyz`, wait `idle`, and read `Rss`/`Pss` from /proc. Every
+//! their message links) and a `/readyz`, wait `idle`, and read `Rss`/`Pss` (and `RssAnon`/`RssFile`) from /proc. Every
 //! proxy is killed (SIGKILL: its data directory is thrown away) before the next starts.
 //!
 //! Blocking std code on purpose: one process and one poll at a time, nothing to overlap.
@@ -52,6 +52,8 @@ pub fn run(o: Options) -> Result<(), String> {
     let mut start_us: Vec<u64> = Vec::new();
     let mut rss: Vec<u64> = Vec::new();
     let mut pss: Vec<u64> = Vec::new();
+    let mut anon: Vec<u64> = Vec::new();
+    let mut file: Vec<u64> = Vec::new();
     let mut polls: Vec<u64> = Vec::new();
     for i in 0..o.starts {
         let dir = o.work.join(format!("start-{i}"));
@@ -128,6 +130,9 @@ pub fn run(o: Options) -> Result<(), String> {
             let m = procfs::memory(proc.0.id())?;
             rss.push(m.rss_kib);
             pss.push(m.pss_kib);
+            let (a, f) = procfs::rss_split(proc.0.id())?;
+            anon.push(a);
+            file.push(f);
         }
         drop(proc);
     }
@@ -135,6 +140,8 @@ pub fn run(o: Options) -> Result<(), String> {
     sorted.sort_unstable();
     rss.sort_unstable();
     pss.sort_unstable();
+    anon.sort_unstable();
+    file.sort_unstable();
     let ms = |us: u64| (us as f64 / 10.0).round() / 100.0;
     println!(
         "{}",
@@ -151,6 +158,8 @@ pub fn run(o: Options) -> Result<(), String> {
             "idle_rss_kib": percentile(&rss, 50.0),
             "idle_rss_max_kib": rss.last().copied().unwrap_or(0),
             "idle_pss_kib": percentile(&pss, 50.0),
+            "idle_rss_anon_kib": percentile(&anon, 50.0),
+            "idle_rss_file_kib": percentile(&file, 50.0),
         })
     );
     Ok(())
