@@ -435,7 +435,11 @@ ensure_pg() {
   [ -n "$PG_FAIL" ] && return 1
   if [ -n "${BENCH_PG_URL:-}" ]; then
     PG_URL=$BENCH_PG_URL
-    PG_HOSTPORT=$(sed -n 's|^postgres[a-z]*://[^@/]*@\{0,1\}\([^/?]*\).*|\1|p' <<<"$PG_URL")
+    # host:port of the URL (the relay of scenario 7 needs an IP address there).
+    local rest=${PG_URL#*://}
+    rest=${rest%%[/?]*}
+    PG_HOSTPORT=${rest##*@}
+    [[ $PG_HOSTPORT == *:* ]] || PG_HOSTPORT=$PG_HOSTPORT:5432
     return 0
   fi
   [ -n "$PGBIN" ] || { PG_FAIL="no PostgreSQL server binaries"; return 1; }
