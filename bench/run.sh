@@ -11,8 +11,9 @@
 # scenario a private Postgres cluster (or BENCH_PG_URL), two more proxies on it and the MLflow
 # stand-in. Load: wrk (Debian) for plain HTTP, fpbench for SSE timing and idle streams, pgbench
 # for the SQL baseline. The remote-store scenarios put `fpbench relay` (5 ms each way) between
-# the proxy and Postgres; the start-up scenario starts the proxy binary itself, 20 times. Every load is bounded in time and stops by itself; every process started
-# here is stopped on exit, Ctrl-C included. Installs nginx, wrk and PostgreSQL from Debian's
+# the proxy and Postgres; the start-up scenario starts the proxy binary itself, 20 times. Every
+# load is bounded in time and stops by itself; every process started here is stopped on exit,
+# Ctrl-C included. Installs nginx, wrk and PostgreSQL from Debian's
 # packages if they are missing (and says so).
 #
 # Results: DIR/raw.jsonl (one line per measurement), DIR/results.md (the tables), logs in DIR.
