@@ -4,13 +4,16 @@
 #   bash bench/run.sh            # the full run (a few minutes once built); `make bench`
 #   bash bench/run.sh --smoke    # seconds; keeps the harness working (CI); figures meaningless
 #   bash bench/run.sh --only latency,sse --out DIR
+#   scenarios: latency throughput sse idle feedback remote-chat remote-votes startup inspector
 #
 # Starts on 127.0.0.1 only: the fast upstream (bench/, Rust), the proxy (release build,
 # embedded SQLite store), nginx (Debian's package, bench/nginx.conf.in), and for the feedback
 # scenario a private Postgres cluster (or BENCH_PG_URL), two more proxies on it and the MLflow
 # stand-in. Load: wrk (Debian) for plain HTTP, fpbench for SSE timing and idle streams, pgbench
-# for the SQL baseline. Every load is bounded in time and stops by itself; every process started
-# here is stopped on exit, Ctrl-C included. Installs nginx, wrk and PostgreSQL from Debian's
+# for the SQL baseline. The remote-store scenarios put `fpbench relay` (5 ms each way) between
+# the proxy and Postgres; the start-up scenario starts the proxy binary itself, 20 times. Every
+# load is bounded in time and stops by itself; every process started here is stopped on exit,
+# Ctrl-C included. Installs nginx, wrk and PostgreSQL from Debian's
 # packages if they are missing (and says so).
 #
 # Results: DIR/raw.jsonl (one line per measurement), DIR/results.md (the tables), logs in DIR.
@@ -42,14 +45,28 @@ if [ "$MODE" = smoke ]; then
   SSE_CONCURRENCY="1 20"; SSE_EVENTS=8; SSE_INTERVAL_MS=5; SSE_REPEAT_C1=2
   IDLE_WANT=200; IDLE_INTERVAL_S=1; IDLE_HOLD_S=2
   FB_SECS=1; FB_ROUNDS=1; FB_USERS=4; FB_MESSAGES=4; FB_CONNS=8
+  RC_ROUNDS=1; RC_REPEAT=3; RV_SECS=1; RV_ROUNDS=1; RTT_SECS=1
+  STARTS=3; IDLE_STARTS=1; IDLE_MS=500
+  # Not part of a plain smoke run (seconds of seeding and loads through the relay; `--smoke
+  # --only remote-votes` runs it).
+  SMOKE_LEAVES_OUT=remote-votes
 else
   PROFILE=${BENCH_PROFILE:-release}
   ROUNDS=3; LAT_SECS=5; THR_SECS=8; THR_CONNS=64
   SSE_CONCURRENCY="1 100 1000"; SSE_EVENTS=64; SSE_INTERVAL_MS=20; SSE_REPEAT_C1=5
   IDLE_WANT=10000; IDLE_INTERVAL_S=10; IDLE_HOLD_S=12
   FB_SECS=6; FB_ROUNDS=5; FB_USERS=32; FB_MESSAGES=16; FB_CONNS=32
+  RC_ROUNDS=3; RC_REPEAT=100; RV_SECS=6; RV_ROUNDS=3; RTT_SECS=2
+  STARTS=20; IDLE_STARTS=3; IDLE_MS=2000
+  SMOKE_LEAVES_OUT=""
 fi
-wants() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+# The remote store: the delay each way, and the chat the TTFB scenario asks for (4 events 5 ms
+# apart: only the first byte matters).
+REMOTE_DELAY_MS=5; RC_EVENTS=4; RC_INTERVAL_MS=5
+wants() {
+  if [ -z "$ONLY" ]; then [[ ",$SMOKE_LEAVES_OUT," != *",$1,"* ]]
+  else [[ ",$ONLY," == *",$1,"* ]]; fi
+}
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
@@ -175,8 +192,8 @@ http_ok() {
 }
 # Waits until NAME (pid) answers 200 on HOST:PORT PATH.
 wait_ready() {
-  local name=$1 pid=$2 host=$3 port=$4 path=$5 i
-  for i in $(seq 1 150); do
+  local name=$1 pid=$2 host=$3 port=$4 path=$5 tries=${6:-150} i
+  for i in $(seq 1 "$tries"); do
     if ! kill -0 "$pid" 2>/dev/null; then
       log "$name exited during start-up:"; tail -5 "$RUN/$name.log" >&2; return 1
     fi
@@ -185,11 +202,11 @@ wait_ready() {
   done
   log "$name did not become ready"; tail -5 "$RUN/$name.log" >&2; return 1
 }
-# The address a stand-in printed (`listening ADDR`).
+# The address a stand-in printed (`listening ADDR`, or `KEY ADDR`).
 listening_addr() {
-  local name=$1 i addr
+  local name=$1 key=${2:-listening} i addr
   for i in $(seq 1 100); do
-    addr=$(sed -n 's/^listening //p' "$RUN/$name.log" 2>/dev/null | head -1)
+    addr=$(sed -n "s/^$key //p" "$RUN/$name.log" 2>/dev/null | head -1)
     [ -n "$addr" ] && { echo "$addr"; return 0; }
     sleep 0.05
   done
@@ -240,16 +257,39 @@ run_wrk() {
   local out json
   local args=(-t"$threads" -c"$conns" -d"${secs}s" --timeout 10s -s "$script" "$url")
   [ $# -gt 0 ] && args+=(-- "$@")
-  local pids=(${SYSPIDS[$system]:-}) t0 t1 n
+  local pids=(${SYSPIDS[$system]:-}) t0 t1 n s0="" s1=""
+  [ -n "${WRK_RELAY:-}" ] && s0=$(relay_stats "$WRK_RELAY")
   t0=$(cpu_ns "${pids[@]}")
   out=$(timeout --foreground -k 5 $((secs + 30)) wrk "${args[@]}" 2>&1) || die "wrk failed on $system: $out"
   t1=$(cpu_ns "${pids[@]}")
+  [ -n "${WRK_RELAY:-}" ] && s1=$(relay_stats "$WRK_RELAY")
   json=$(sed -n 's/^WRKJSON //p' <<<"$out")
   [ -n "$json" ] || die "wrk printed no result for $system: $out"
   n=$(sed -n 's/.*"requests":\([0-9]*\).*/\1/p' <<<"$json")
   ((${#pids[@]})) && json=$(with_cpu "$json" $((t1 - t0)) "${n:-0}")
+  [ -n "$s0" ] && json=$(with_relay "$json" "$s0" "$s1" "${n:-0}")
   record "$scenario" "$system" "$round" "" "$json"
   printf '    %-15s round %s  %s\n' "$system" "$round" "$json" >&2
+}
+# One JSON line of a relay's counters (fpbench relay's stats address).
+relay_stats() {
+  ( exec 3<>"/dev/tcp/${1%:*}/${1##*:}" || exit 1
+    IFS= read -r -t 5 line <&3 && printf '%s' "$line" ) 2>/dev/null || die "cannot read the relay's counters at $1"
+}
+counter() { sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p" <<<"$1"; }
+# with_relay METRICS_JSON STATS_BEFORE STATS_AFTER OPERATIONS: adds the store round trips
+# (client→server flights through the relay) and statements (Postgres Execute + Query messages)
+# per operation, and their totals.
+with_relay() {
+  local turns stmts per_t="null" per_s="null"
+  turns=$(( $(counter "$3" turns) - $(counter "$2" turns) ))
+  stmts=$(( $(counter "$3" pg_executes) + $(counter "$3" pg_queries) - $(counter "$2" pg_executes) - $(counter "$2" pg_queries) ))
+  if [ "$4" -gt 0 ]; then
+    per_t=$(awk -v a="$turns" -v n="$4" 'BEGIN { printf "%.2f", a / n }')
+    per_s=$(awk -v a="$stmts" -v n="$4" 'BEGIN { printf "%.2f", a / n }')
+  fi
+  printf '%s,"store_turns":%s,"store_statements":%s,"store_round_trips_per_op":%s,"store_statements_per_op":%s}' \
+    "${1%\}}" "$turns" "$stmts" "$per_t" "$per_s"
 }
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
@@ -257,7 +297,7 @@ LOAD_BEFORE=$(loadavg)
 start_bg loadavg bash -c 'while sleep 5; do cut -d" " -f1 /proc/loadavg; done'
 
 # ---------------------------------------------------------------- systems
-read -r P_PROXY P_NGINX P_FB_A P_FB_B P_PG < <("$FPB" ports 5 | tr "\n" " "; echo)
+read -r P_PROXY P_NGINX P_FB_A P_FB_B P_PG P_RA P_RB < <("$FPB" ports 7 | tr "\n" " "; echo)
 
 start_bg upstream "$FPB" upstream --threads "$WORKERS"
 UPSTREAM=$(listening_addr upstream)
@@ -387,27 +427,44 @@ if wants idle; then
 fi
 
 # ---------------------------------------------------------------- 5. feedback
+# The Postgres server of scenarios 5 and 7: BENCH_PG_URL, or a private cluster started once.
+# Sets PG_URL (and PG_HOSTPORT) or PG_FAIL (why not) and returns 1.
+PG_URL=""
+PG_FAIL=""
+ensure_pg() {
+  [ -n "$PG_URL" ] && return 0
+  [ -n "$PG_FAIL" ] && return 1
+  if [ -n "${BENCH_PG_URL:-}" ]; then
+    PG_URL=$BENCH_PG_URL
+    # host:port of the URL (the relay of scenario 7 needs an IP address there).
+    local rest=${PG_URL#*://}
+    rest=${rest%%[/?]*}
+    PG_HOSTPORT=${rest##*@}
+    [[ $PG_HOSTPORT == *:* ]] || PG_HOSTPORT=$PG_HOSTPORT:5432
+    return 0
+  fi
+  [ -n "$PGBIN" ] || { PG_FAIL="no PostgreSQL server binaries"; return 1; }
+  log "starting a private PostgreSQL cluster on 127.0.0.1:$P_PG"
+  local as=()
+  [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
+  mkdir -p "$RUN/pg"
+  [ "$(id -u)" = 0 ] && chown postgres "$RUN/pg"
+  "${as[@]}" "$PGBIN/initdb" -D "$RUN/pg/data" -A trust -U postgres --no-sync >"$RUN/pg-init.log" 2>&1 \
+    || { PG_FAIL="initdb failed: $(tail -1 "$RUN/pg-init.log")"; return 1; }
+  # Stock settings but for the connection count (pgbench 32 + four proxies × 32).
+  "${as[@]}" "$PGBIN/pg_ctl" -D "$RUN/pg/data" -l "$RUN/pg/server.log" -w -t 30 \
+    -o "-c listen_addresses=127.0.0.1 -c port=$P_PG -c unix_socket_directories=$RUN/pg -c max_connections=300" \
+    start >/dev/null || { PG_FAIL="PostgreSQL did not start"; return 1; }
+  PG_STOP=("${as[@]}" "$PGBIN/pg_ctl" -D "$RUN/pg/data" -m fast -w stop)
+  "$PSQL" -q -h 127.0.0.1 -p "$P_PG" -U postgres -c "CREATE DATABASE fp_bench" postgres >/dev/null
+  PG_HOSTPORT=127.0.0.1:$P_PG
+  PG_URL="postgres://postgres@$PG_HOSTPORT/fp_bench?sslmode=disable"
+}
+
 feedback_scenario() {
   local pg_url
-  if [ -n "${BENCH_PG_URL:-}" ]; then
-    pg_url=$BENCH_PG_URL
-  else
-    [ -n "$PGBIN" ] || { skip feedback "no PostgreSQL server binaries"; return 0; }
-    log "starting a private PostgreSQL cluster on 127.0.0.1:$P_PG"
-    local as=()
-    [ "$(id -u)" = 0 ] && as=(runuser -u postgres --)
-    mkdir -p "$RUN/pg"
-    [ "$(id -u)" = 0 ] && chown postgres "$RUN/pg"
-    "${as[@]}" "$PGBIN/initdb" -D "$RUN/pg/data" -A trust -U postgres --no-sync >"$RUN/pg-init.log" 2>&1 \
-      || { skip feedback "initdb failed: $(tail -1 "$RUN/pg-init.log")"; return 0; }
-    # Stock settings but for the connection count (pgbench 32 + two proxies × 32).
-    "${as[@]}" "$PGBIN/pg_ctl" -D "$RUN/pg/data" -l "$RUN/pg/server.log" -w -t 30 \
-      -o "-c listen_addresses=127.0.0.1 -c port=$P_PG -c unix_socket_directories=$RUN/pg -c max_connections=200" \
-      start >/dev/null || { skip feedback "PostgreSQL did not start"; return 0; }
-    PG_STOP=("${as[@]}" "$PGBIN/pg_ctl" -D "$RUN/pg/data" -m fast -w stop)
-    "$PSQL" -q -h 127.0.0.1 -p "$P_PG" -U postgres -c "CREATE DATABASE fp_bench" postgres >/dev/null
-    pg_url="postgres://postgres@127.0.0.1:$P_PG/fp_bench?sslmode=disable"
-  fi
+  ensure_pg || { skip feedback "$PG_FAIL"; return 0; }
+  pg_url=$PG_URL
 
   start_bg mlflow "$FPB" mlflow
   local mlflow_addr
@@ -449,30 +506,153 @@ feedback_scenario() {
         proxy-mlflow)
           run_wrk feedback "$sys" "$r" "$WORKERS" "$FB_CONNS" "$FB_SECS" "http://127.0.0.1:$P_FB_B" \
             bench/wrk/feedback.lua b "$FB_USERS" "$FB_MESSAGES" ;;
-        pgbench) run_pgbench "$pg_url" "$r" ;;
+        pgbench) run_pgbench feedback "$pg_url" "$r" a ;;
       esac
     done
   done
 }
 psql_q() { "$PSQL" -qtAX "$1" -c "$2" 2>/dev/null; }
+# run_pgbench SCENARIO PG_URL ROUND TAG [SECONDS [RELAY_STATS_ADDR]]
 run_pgbench() {
-  local pg_url=$1 r=$2 out tps failed lat
+  local scenario=$1 pg_url=$2 r=$3 tag=$4 secs=${5:-$FB_SECS} relay=${6:-} out tps failed lat n s0="" s1=""
   rm -f "$RUN"/pgb.*
-  # The same transaction as the proxy's upsert_vote, on the "a" proxy's tables and keys.
-  out=$(PGOPTIONS="-c search_path=bench_a" timeout --foreground -k 5 $((FB_SECS + 60)) "$PGBENCH" "$pg_url" \
-    -n -M prepared -c "$FB_CONNS" -j "$WORKERS" -T "$FB_SECS" -f bench/pgbench/upsert_vote.sql \
-    -D users="$FB_USERS" -D messages="$FB_MESSAGES" -D tag=a -l --log-prefix="$RUN/pgb" 2>&1) \
+  [ -n "$relay" ] && s0=$(relay_stats "$relay")
+  # The same transaction as the proxy's upsert_vote, on the TAG proxy's tables and keys.
+  out=$(PGOPTIONS="-c search_path=bench_$tag" timeout --foreground -k 5 $((secs + 60)) "$PGBENCH" "$pg_url" \
+    -n -M prepared -c "$FB_CONNS" -j "$WORKERS" -T "$secs" -f bench/pgbench/upsert_vote.sql \
+    -D users="$FB_USERS" -D messages="$FB_MESSAGES" -D tag="$tag" -l --log-prefix="$RUN/pgb" 2>&1) \
     || die "pgbench failed: $out"
+  [ -n "$relay" ] && s1=$(relay_stats "$relay")
   tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | head -1)
   failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
+  n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
   lat=$("$FPB" pglog "$RUN"/pgb.*)
   [ -n "$tps" ] || die "pgbench printed no TPS: $out"
   local json="{\"rps\":$tps,\"errors\":${failed:-0},${lat#\{}"
-  record feedback pgbench "$r" "" "$json"
+  [ -n "$relay" ] && json=$(with_relay "$json" "$s0" "$s1" "${n:-0}")
+  record "$scenario" pgbench "$r" "" "$json"
   printf '    %-15s round %s  %s\n' pgbench "$r" "$json" >&2
 }
 if wants feedback; then
   feedback_scenario
+fi
+
+# ---------------------------------------------------------------- 7. the store 5 ms away
+# Postgres behind `fpbench relay` (REMOTE_DELAY_MS each way): production's store is
+# milliseconds away, not on loopback. One relay per client (proxy "ra", proxy "rb", pgbench) so
+# that each relay's counters (round trips, statements) belong to one system.
+remote_scenario() {
+  local why
+  if ! ensure_pg; then
+    wants remote-chat && skip remote-chat "$PG_FAIL"
+    wants remote-votes && skip remote-votes "$PG_FAIL"
+    return 0
+  fi
+  local pg_url=$PG_URL name
+  declare -A RELAY RSTATS
+  for name in ra rb pg; do
+    start_bg "relay-$name" "$FPB" relay --to "$PG_HOSTPORT" --delay-ms "$REMOTE_DELAY_MS"
+    RELAY[$name]=$(listening_addr "relay-$name")
+    RSTATS[$name]=$(listening_addr "relay-$name" stats)
+  done
+  local via_ra=${pg_url/$PG_HOSTPORT/${RELAY[ra]}} via_rb=${pg_url/$PG_HOSTPORT/${RELAY[rb]}}
+  local via_pg=${pg_url/$PG_HOSTPORT/${RELAY[pg]}}
+  start_bg mlflow-r "$FPB" mlflow
+  local mlflow_addr
+  mlflow_addr=$(listening_addr mlflow-r)
+  proxy_config "$RUN/proxy-ra.toml" "$P_RA" "$via_ra" bench_ra
+  proxy_config "$RUN/proxy-rb.toml" "$P_RB" "$via_rb" bench_rb "$mlflow_addr"
+  start_bg proxy-ra env TOKIO_WORKER_THREADS=$WORKERS "$PROXY" serve --config "$RUN/proxy-ra.toml"
+  local pid_ra=$LAST_PID
+  start_bg proxy-rb env TOKIO_WORKER_THREADS=$WORKERS "$PROXY" serve --config "$RUN/proxy-rb.toml"
+  local pid_rb=$LAST_PID
+  SYSPIDS[proxy-nomlflow]=$pid_ra
+  SYSPIDS[proxy-mlflow]=$pid_rb
+  # The migrations run through the relay too: allow a minute.
+  if ! wait_ready proxy-ra "$pid_ra" 127.0.0.1 "$P_RA" /healthz 600 \
+     || ! wait_ready proxy-rb "$pid_rb" 127.0.0.1 "$P_RB" /healthz 600; then
+    why="the proxy did not start on Postgres behind the relay: $(grep -m1 -io 'cannot open the store.*' "$RUN/proxy-ra.log" | tr '"' "'" || true)"
+    wants remote-chat && skip remote-chat "$why"
+    wants remote-votes && skip remote-votes "$why"
+    return 0
+  fi
+  local url_ra="http://127.0.0.1:$P_RA" url_rb="http://127.0.0.1:$P_RB"
+  # What one store round trip costs through the relay: `SELECT 1` at c=1 (the nominal 10 ms, plus
+  # the timer's 1 ms resolution and the machine's scheduling).
+  local out lat
+  printf 'SELECT 1;\n' > "$RUN/select1.sql"
+  out=$(timeout --foreground -k 5 60 "$PGBENCH" "$via_pg" -n -M prepared -c 1 -T "$RTT_SECS" -f "$RUN/select1.sql" 2>&1) \
+    || die "pgbench through the relay failed: $out"
+  lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out")
+  record remote-rtt pgbench 1 "" "{\"rtt_ms\":${lat:-null},\"delay_ms\":$REMOTE_DELAY_MS}"
+  log "one store round trip through the relay (pgbench SELECT 1, c=1): ${lat:-?} ms (nominal $((2 * REMOTE_DELAY_MS)) ms)"
+
+  if wants remote-chat; then
+    log "7a. chat TTFB, store ${REMOTE_DELAY_MS} ms away: 1 stream, $RC_REPEAT sequential chats × $RC_ROUNDS rounds (direct, proxy minting the id, proxy with a client-chosen id)"
+    local r sys json s0 s1 args
+    for r in $(seq 1 "$RC_ROUNDS"); do
+      for sys in $(rotate "$r" direct proxy-minted proxy-clientid); do
+        args=(--streams 1 --events "$RC_EVENTS" --interval-ms "$RC_INTERVAL_MS" --repeat "$RC_REPEAT" --timeout 30)
+        case $sys in
+          direct) args+=(--url "${URL[direct]}") ;;
+          proxy-minted) args+=(--url "$url_ra") ;;
+          proxy-clientid) args+=(--url "$url_ra" --message-id-prefix "rc-$T_START-$r") ;;
+        esac
+        s0=$(relay_stats "${RSTATS[ra]}")
+        json=$(timeout --foreground -k 5 $(( RC_REPEAT * 31 + 30 )) "$FPB" sse "${args[@]}") \
+          || die "the SSE client failed on $sys (store behind the relay)"
+        s1=$(relay_stats "${RSTATS[ra]}")
+        [ "$sys" != direct ] && json=$(with_relay "$json" "$s0" "$s1" "$RC_REPEAT")
+        record remote-chat "$sys" "$r" "" "$json"
+        printf '    %-15s round %s  %s\n' "$sys" "$r" "$json" >&2
+      done
+    done
+  fi
+
+  if wants remote-votes; then
+    log "seeding $((FB_USERS * FB_MESSAGES)) chats per proxy through the relay"
+    "$FPB" feedback-seed --url "$url_ra" --users "$FB_USERS" --messages "$FB_MESSAGES" --tag ra \
+      --check-status no_experiment_id >&2 || { skip remote-votes "seeding through the proxy failed"; return 0; }
+    "$FPB" feedback-seed --url "$url_rb" --users "$FB_USERS" --messages "$FB_MESSAGES" --tag rb \
+      --check-status logged,updated >&2 || { skip remote-votes "seeding through the proxy failed"; return 0; }
+    local want=$((FB_USERS * FB_MESSAGES)) i n
+    for i in $(seq 1 200); do
+      n=$(psql_q "$pg_url" "SELECT (SELECT count(*) FROM bench_ra.message_links WHERE trace_id IS NOT NULL AND message_id LIKE 'ra-m%') + (SELECT count(*) FROM bench_rb.message_links WHERE trace_id IS NOT NULL AND message_id LIKE 'rb-m%')" || echo 0)
+      [ "${n:-0}" -ge $((2 * want)) ] && break
+      sleep 0.1
+    done
+    [ "${n:-0}" -ge $((2 * want)) ] || log "only $n of $((2 * want)) links written; continuing"
+    log "7b. votes, store ${REMOTE_DELAY_MS} ms away: c=$FB_CONNS, ${RV_SECS}s × $RV_ROUNDS rounds (proxy without MLflow, with the stand-in, pgbench through the relay)"
+    local r sys
+    for r in $(seq 1 "$RV_ROUNDS"); do
+      for sys in $(rotate "$r" proxy-nomlflow proxy-mlflow pgbench); do
+        case $sys in
+          proxy-nomlflow)
+            WRK_RELAY=${RSTATS[ra]} run_wrk remote-votes "$sys" "$r" "$WORKERS" "$FB_CONNS" "$RV_SECS" "$url_ra" \
+              bench/wrk/feedback.lua ra "$FB_USERS" "$FB_MESSAGES" ;;
+          proxy-mlflow)
+            WRK_RELAY=${RSTATS[rb]} run_wrk remote-votes "$sys" "$r" "$WORKERS" "$FB_CONNS" "$RV_SECS" "$url_rb" \
+              bench/wrk/feedback.lua rb "$FB_USERS" "$FB_MESSAGES" ;;
+          pgbench) run_pgbench remote-votes "$via_pg" "$r" ra "$RV_SECS" "${RSTATS[pg]}" ;;
+        esac
+      done
+    done
+  fi
+}
+if wants remote-chat || wants remote-votes; then
+  remote_scenario
+fi
+
+# ---------------------------------------------------------------- 8. start-up and idle memory
+if wants startup; then
+  log "8. start-up: $STARTS starts of the proxy (embedded store, fresh data directory) to the first /readyz 200; idle memory of the last $IDLE_STARTS after ${IDLE_MS} ms idle"
+  sed -e "s|@UPSTREAM@|$UPSTREAM|" -e "s|@SCHEMA@|feedback_proxy|" bench/proxy.toml.in > "$RUN/startup.toml.in"
+  json=$(TOKIO_WORKER_THREADS=$WORKERS timeout --foreground -k 5 $(( STARTS * 15 + 60 )) "$FPB" startup \
+    --proxy "$PROXY" --template "$RUN/startup.toml.in" --work "$RUN/startup" \
+    --starts "$STARTS" --idle-starts "$IDLE_STARTS" --idle-ms "$IDLE_MS") \
+    || die "the start-up scenario failed"
+  record startup proxy 1 "" "$json"
+  printf '    %s\n' "$json" >&2
 fi
 
 # ---------------------------------------------------------------- 6. inspector

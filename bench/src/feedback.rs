@@ -93,12 +93,12 @@ async fn check_vote(target: &Target, tag: &str, expect: &[String]) -> Result<(),
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let mut send = target.connect().await?;
     let user = format!("{tag}-u0@bench.example");
-    let body: &'static str = if tag == "a" {
-        r#"{"chatId":"a-c0","messageId":"a-m0-0","isUpvoted":true}"#
-    } else {
-        r#"{"chatId":"b-c0","messageId":"b-m0-0","isUpvoted":true}"#
-    };
-    let req = target.post("/api/feedback", body, &[("x-forwarded-email", &user)])?;
+    let body = format!(r#"{{"chatId":"{tag}-c0","messageId":"{tag}-m0-0","isUpvoted":true}}"#);
+    let req = target.post_bytes(
+        "/api/feedback",
+        body.into(),
+        &[("x-forwarded-email", &user)],
+    )?;
     let res = send
         .send_request(req)
         .await

@@ -7,6 +7,9 @@
 //! - `idle`: holds thousands of open streams and reads the resident memory of given processes.
 //! - `feedback-seed`: writes message links for the feedback scenario (chats through the proxy).
 //! - `pglog`: latency percentiles from pgbench's per-transaction logs.
+//! - `relay`: a TCP relay that delays each direction (the store "milliseconds away") and counts
+//!   the round trips that cross it.
+//! - `startup`: time from exec of the proxy to its first `/readyz` 200, and its idle memory.
 //! - `report`: turns the raw JSON lines of a run into the markdown table.
 //!
 //! What it deliberately does not do: generate plain HTTP load (wrk does that, a well-known
@@ -17,9 +20,11 @@ mod idle;
 mod latency;
 mod mlflow;
 mod procfs;
+mod relay;
 mod report;
 mod serve;
 mod sse;
+mod startup;
 mod stats;
 mod target;
 mod upstream;
@@ -78,6 +83,50 @@ enum Command {
         /// Hard limit for one run of the set, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Send a client-chosen message id, `x-message-id: PREFIX-REPEAT-STREAM`.
+        #[arg(long)]
+        message_id_prefix: Option<String>,
+    },
+    /// A TCP relay holding every chunk `delay_ms` in each direction. Prints `listening ADDR`
+    /// and `stats ADDR` (connect to the latter for one JSON line of counters).
+    Relay {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 5)]
+        delay_ms: u64,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        stats: SocketAddr,
+        #[arg(long, default_value_t = 1800)]
+        exit_after: u64,
+    },
+    /// Start-up time to the first `/readyz` 200 and idle memory of the proxy binary.
+    Startup {
+        /// The proxy binary.
+        #[arg(long)]
+        proxy: PathBuf,
+        /// A config with `@LISTEN@` and `@STORE_URL@` left to fill in.
+        #[arg(long)]
+        template: PathBuf,
+        /// Scratch directory (one fresh data directory per start).
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        starts: u32,
+        /// The last this many starts also serve requests, idle, and have their memory read.
+        #[arg(long, default_value_t = 3)]
+        idle_starts: u32,
+        /// Chat requests served before idling.
+        #[arg(long, default_value_t = 10)]
+        requests: u32,
+        #[arg(long, default_value_t = 2000)]
+        idle_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        poll_us: u64,
+        /// Limit for one start, in seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
     },
     /// Latency at concurrency 1, the systems interleaved request by request.
     Latency {
@@ -129,7 +178,7 @@ enum Command {
         #[arg(long, default_value = "b")]
         tag: String,
         /// After seeding, vote once and require `mlflowStatus` to be one of these (comma
-        /// separated). Tags "a" and "b" only.
+        /// separated).
         #[arg(long, value_delimiter = ',')]
         check_status: Vec<String>,
     },
@@ -183,6 +232,7 @@ fn main() -> ExitCode {
             interval_ms,
             repeat,
             timeout,
+            message_id_prefix,
         } => client_runtime().and_then(|rt| {
             rt.block_on(sse::run(sse::Options {
                 url,
@@ -191,7 +241,44 @@ fn main() -> ExitCode {
                 interval: Duration::from_millis(interval_ms),
                 repeat,
                 timeout: Duration::from_secs(timeout),
+                message_id_prefix,
             }))
+        }),
+        Command::Relay {
+            listen,
+            to,
+            delay_ms,
+            stats,
+            exit_after,
+        } => client_runtime().and_then(|rt| {
+            rt.block_on(relay::run(relay::Options {
+                listen,
+                to,
+                delay: Duration::from_millis(delay_ms),
+                stats,
+                exit_after: Duration::from_secs(exit_after),
+            }))
+        }),
+        Command::Startup {
+            proxy,
+            template,
+            work,
+            starts,
+            idle_starts,
+            requests,
+            idle_ms,
+            poll_us,
+            timeout,
+        } => startup::run(startup::Options {
+            proxy,
+            template,
+            work,
+            starts,
+            idle_starts,
+            requests,
+            idle: Duration::from_millis(idle_ms),
+            poll: Duration::from_micros(poll_us),
+            timeout: Duration::from_secs(timeout),
         }),
         Command::Ports { n } => ports(n),
         Command::Latency {

@@ -42,6 +42,21 @@ pub fn memory(pid: u32) -> Result<Memory, String> {
     })
 }
 
+/// `RssAnon` and `RssFile` (KiB) from `/proc/PID/status`: heap and stacks vs mapped files
+/// (the binary's pages, shared libraries).
+pub fn rss_split(pid: u32) -> Result<(u64, u64), String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read the status of pid {pid}: {e}"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_ascii_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("pid {pid} has no {name}"))
+    };
+    Ok((field("RssAnon:")?, field("RssFile:")?))
+}
+
 /// The sum over `pids`.
 pub fn total(pids: &[u32]) -> Result<Memory, String> {
     pids.iter()

@@ -488,6 +488,19 @@ fn render(d: &Data, note: &str, judge: bool) -> String {
             met: p.map(|v| v <= 150.0),
             correctness: false,
         });
+        let after = m("proxy", "rss_after_kib");
+        let before = m("proxy", "rss_before_kib");
+        targets.push(Target {
+            what: "proxy RSS after the streams closed, vs before them".into(),
+            limit: "≤ 2×",
+            figure: format!(
+                "{} MB ({}×)",
+                mb(after),
+                f(after.zip(before).map(|(a, b)| a / b), 2)
+            ),
+            met: after.zip(before).map(|(a, b)| a <= 2.0 * b),
+            correctness: false,
+        });
     } else {
         skipped(&mut s, d, "idle");
     }
@@ -587,6 +600,213 @@ fn render(d: &Data, note: &str, judge: bool) -> String {
         }
     }
 
+    // 7. The store 5 ms away.
+    let _ = writeln!(
+        s,
+        "\n### 7. The store 5 ms away (Postgres behind fpbench relay)\n"
+    );
+    if d.has("remote-chat") || d.has("remote-votes") {
+        let _ = writeln!(
+            s,
+            "Every chunk between the proxy and Postgres held 5 ms each way (nominally a 10 ms round trip; `SELECT 1` through the relay at c=1 measured {} ms). Store round trips: client→server flights counted by the relay (data from the client after the server last spoke); statements: Postgres `Execute` + `Query` messages it carried. Both per request over the whole run, background work (link writes, deliveries) included.\n",
+            f(d.median("remote-rtt", "", "pgbench", "rtt_ms"), 1)
+        );
+    }
+    if d.has("remote-chat") {
+        let _ = writeln!(
+            s,
+            "(a) Chat TTFB, 1 stream, sequential chats, {} rounds; medians over rounds, \"added\" the median of per-round differences to direct.\n",
+            d.rounds("remote-chat")
+        );
+        let _ = writeln!(
+            s,
+            "| µs | direct | proxy, minted id | proxy, client-chosen id | minted added | client id added |\n|---|---:|---:|---:|---:|---:|"
+        );
+        for (label, m) in [("TTFB p50", "ttfb_p50_us"), ("TTFB p99", "ttfb_p99_us")] {
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} | {} | {} |",
+                f(d.median("remote-chat", "", "direct", m), 0),
+                f(d.median("remote-chat", "", "proxy-minted", m), 0),
+                f(d.median("remote-chat", "", "proxy-clientid", m), 0),
+                signed(d.added("remote-chat", "", "proxy-minted", "direct", m), 0),
+                signed(d.added("remote-chat", "", "proxy-clientid", "direct", m), 0),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "| store round trips per chat | | {} | {} | | |",
+            f(
+                d.median(
+                    "remote-chat",
+                    "",
+                    "proxy-minted",
+                    "store_round_trips_per_op"
+                ),
+                2
+            ),
+            f(
+                d.median(
+                    "remote-chat",
+                    "",
+                    "proxy-clientid",
+                    "store_round_trips_per_op"
+                ),
+                2
+            ),
+        );
+        let counts = |sys: &str| {
+            format!(
+                "{} / {} / {}",
+                f(d.sum("remote-chat", "", sys, "lost"), 0),
+                f(d.sum("remote-chat", "", sys, "failed"), 0),
+                f(d.sum("remote-chat", "", sys, "ids_replaced"), 0)
+            )
+        };
+        let _ = writeln!(
+            s,
+            "| lost events / failed / ids not kept | {} | {} | {} | | |",
+            counts("direct"),
+            counts("proxy-minted"),
+            counts("proxy-clientid"),
+        );
+        for (what, sys) in [
+            ("chat added TTFB p50, 5 ms store, minted id", "proxy-minted"),
+            (
+                "chat added TTFB p50, 5 ms store, client-chosen id",
+                "proxy-clientid",
+            ),
+        ] {
+            let a = d.added("remote-chat", "", sys, "direct", "ttfb_p50_us");
+            targets.push(Target {
+                what: what.into(),
+                limit: "≤ 1 ms (no store round trip)",
+                figure: format!("{} ms", f(a.map(|v| v / 1000.0), 3)),
+                met: a.map(|v| v <= 1000.0),
+                correctness: false,
+            });
+        }
+    } else {
+        let _ = write!(s, "(a) Chat TTFB. ");
+        skipped(&mut s, d, "remote-chat");
+    }
+    if d.has("remote-votes") {
+        let _ = writeln!(
+            s,
+            "\n(b) POST /api/feedback at concurrency 32 (wrk), {} interleaved rounds; pgbench runs the same SQL through its own relay.\n",
+            d.rounds("remote-votes")
+        );
+        let _ = writeln!(
+            s,
+            "| | votes/s (pgbench: TPS) | p50 (ms) | p99 (ms) | errors | store round trips per vote | statements per vote | vs pgbench |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for (label, sys) in [
+            ("proxy, MLflow not configured", "proxy-nomlflow"),
+            ("proxy, MLflow stand-in", "proxy-mlflow"),
+            ("pgbench (upsert_vote SQL)", "pgbench"),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} | {} | {} | {} | {} |",
+                f(d.median("remote-votes", "", sys, "rps"), 0),
+                f(
+                    d.median("remote-votes", "", sys, "p50_us")
+                        .map(|v| v / 1000.0),
+                    2
+                ),
+                f(
+                    d.median("remote-votes", "", sys, "p99_us")
+                        .map(|v| v / 1000.0),
+                    2
+                ),
+                f(d.sum("remote-votes", "", sys, "errors"), 0),
+                f(
+                    d.median("remote-votes", "", sys, "store_round_trips_per_op"),
+                    2
+                ),
+                f(
+                    d.median("remote-votes", "", sys, "store_statements_per_op"),
+                    2
+                ),
+                if sys == "pgbench" {
+                    "1.00".into()
+                } else {
+                    f(d.ratio("remote-votes", "", sys, "pgbench", "rps"), 2)
+                },
+            );
+        }
+        let rt = d.median(
+            "remote-votes",
+            "",
+            "proxy-nomlflow",
+            "store_round_trips_per_op",
+        );
+        targets.push(Target {
+            what: "store round trips per vote, 5 ms store (no MLflow)".into(),
+            limit: "≤ 1",
+            figure: f(rt, 2),
+            met: rt.map(|v| v <= 1.05),
+            correctness: false,
+        });
+    } else {
+        let _ = write!(s, "\n(b) Votes. ");
+        skipped(&mut s, d, "remote-votes");
+    }
+
+    // 8. Start-up and idle memory.
+    let _ = writeln!(s, "\n### 8. Start-up and idle memory (fpbench startup)\n");
+    if d.has("startup") {
+        let m = |k: &str| d.median("startup", "", "proxy", k);
+        let mb = |v: Option<f64>| f(v.map(|k| k * 1024.0 / 1e6), 1);
+        let _ = writeln!(
+            s,
+            "{} starts of the proxy binary on the embedded store, each with a fresh data directory: exec → first `/readyz` 200 (polled every 1 ms on fresh connections). The last {} then served {} chat requests, sat idle {} s, and had `Rss`/`Pss` read from /proc. MB = 10⁶ bytes.\n",
+            f(m("starts"), 0),
+            f(m("idle_samples"), 0),
+            f(m("idle_requests"), 0),
+            f(m("idle_secs"), 1),
+        );
+        let _ = writeln!(s, "| | proxy |\n|---|---:|");
+        let _ = writeln!(
+            s,
+            "| start to /readyz 200, median / min / max (ms) | {} / {} / {} |",
+            f(m("start_p50_ms"), 1),
+            f(m("start_min_ms"), 1),
+            f(m("start_max_ms"), 1)
+        );
+        let _ = writeln!(
+            s,
+            "| idle RSS, median / max (MB) | {} / {} |",
+            mb(m("idle_rss_kib")),
+            mb(m("idle_rss_max_kib"))
+        );
+        let _ = writeln!(s, "| idle PSS, median (MB) | {} |", mb(m("idle_pss_kib")));
+        let _ = writeln!(
+            s,
+            "| idle RSS: anonymous (heap, stacks) / file-backed (binary, libraries) (MB) | {} / {} |",
+            mb(m("idle_rss_anon_kib")),
+            mb(m("idle_rss_file_kib"))
+        );
+        let st = m("start_p50_ms");
+        targets.push(Target {
+            what: "start to /readyz 200, embedded store (median)".into(),
+            limit: "≤ 50 ms",
+            figure: format!("{} ms", f(st, 1)),
+            met: st.map(|v| v <= 50.0),
+            correctness: false,
+        });
+        let rss = m("idle_rss_kib").map(|k| k * 1024.0 / 1e6);
+        targets.push(Target {
+            what: "idle RSS after a few requests".into(),
+            limit: "≤ 15 MB",
+            figure: format!("{} MB", f(rss, 1)),
+            met: rss.map(|v| v <= 15.0),
+            correctness: false,
+        });
+    } else {
+        skipped(&mut s, d, "startup");
+    }
+
     let _ = writeln!(s, "\n### Targets\n");
     let _ = writeln!(s, "| target | limit | figure | |\n|---|---|---:|---|");
     for t in &targets {
@@ -639,6 +859,55 @@ mod tests {
         assert!(md.contains(
             "| added p99 latency at c=1 (interleaved client) | ≤ 0.3 ms | 0.090 ms | met |"
         ));
+    }
+
+    #[test]
+    fn remote_store_and_startup_rows() {
+        let raw = r#"
+{"scenario":"remote-chat","system":"direct","round":1,"metrics":{"ttfb_p50_us":100,"ttfb_p99_us":200,"lost":0,"failed":0,"ids_replaced":0}}
+{"scenario":"remote-chat","system":"proxy-minted","round":1,"metrics":{"ttfb_p50_us":400,"ttfb_p99_us":600,"lost":0,"failed":0,"ids_replaced":0,"store_round_trips_per_op":2.0}}
+{"scenario":"remote-chat","system":"proxy-clientid","round":1,"metrics":{"ttfb_p50_us":20400,"ttfb_p99_us":21000,"lost":0,"failed":0,"ids_replaced":0,"store_round_trips_per_op":4.0}}
+{"scenario":"remote-votes","system":"proxy-nomlflow","round":1,"metrics":{"rps":300,"p50_us":100000,"p99_us":150000,"errors":0,"store_round_trips_per_op":9.0,"store_statements_per_op":7.0}}
+{"scenario":"remote-votes","system":"pgbench","round":1,"metrics":{"rps":600,"p50_us":50000,"p99_us":60000,"errors":0,"store_round_trips_per_op":5.0,"store_statements_per_op":5.0}}
+{"scenario":"startup","system":"proxy","round":1,"metrics":{"starts":20,"start_p50_ms":30.5,"start_min_ms":25.0,"start_max_ms":60.1,"idle_samples":3,"idle_requests":10,"idle_secs":2.0,"idle_rss_kib":14000,"idle_rss_max_kib":15000,"idle_pss_kib":13000}}
+"#;
+        let d = Data::load(raw).expect("parses");
+        let md = render(&d, "", true);
+        assert!(
+            md.contains("| TTFB p50 | 100 | 400 | 20400 | +300 | +20300 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| store round trips per chat | | 2.00 | 4.00 | | |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| proxy, MLflow not configured | 300 | 100.00 | 150.00 | 0 | 9.00 | 7.00 | 0.50 |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| chat added TTFB p50, 5 ms store, client-chosen id | ≤ 1 ms (no store round trip) | 20.300 ms | **missed** |"), "{md}");
+        assert!(
+            md.contains(
+                "| store round trips per vote, 5 ms store (no MLflow) | ≤ 1 | 9.00 | **missed** |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| start to /readyz 200, median / min / max (ms) | 30.5 / 25.0 / 60.1 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| start to /readyz 200, embedded store (median) | ≤ 50 ms | 30.5 ms | met |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| idle RSS after a few requests | ≤ 15 MB | 14.3 MB | met |"),
+            "{md}"
+        );
     }
 
     #[test]

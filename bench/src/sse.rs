@@ -29,6 +29,9 @@ pub struct Options {
     pub interval: Duration,
     pub repeat: u32,
     pub timeout: Duration,
+    /// Send a client-chosen message id (`x-message-id: PREFIX-REPEAT-STREAM`, unique per
+    /// request) instead of letting the proxy mint one.
+    pub message_id_prefix: Option<String>,
 }
 
 /// Connections opened at once before the run.
@@ -42,6 +45,8 @@ struct StreamResult {
     received: u32,
     reordered: u32,
     complete: bool,
+    /// A client-chosen message id was sent and the proxy answered with another one.
+    id_replaced: bool,
     error: Option<String>,
 }
 
@@ -55,14 +60,15 @@ struct Agg {
     incomplete: u64,
     lost: u64,
     reordered: u64,
+    ids_replaced: u64,
     errors: Vec<String>,
 }
 
 pub async fn run(o: Options) -> Result<(), String> {
     let target = Target::parse(&o.url)?;
     let mut agg = Agg::default();
-    for _ in 0..o.repeat.max(1) {
-        run_once(&o, &target, &mut agg).await;
+    for rep in 0..o.repeat.max(1) {
+        run_once(&o, &target, rep, &mut agg).await;
     }
     let (ttfb50, ttfb99, ttfb_max) = summary(&mut agg.ttfb);
     let (gap50, gap99, gap_max) = summary(&mut agg.gaps);
@@ -74,7 +80,7 @@ pub async fn run(o: Options) -> Result<(), String> {
             "streams": o.streams, "events": o.events, "repeat": o.repeat,
             "interval_ms": o.interval.as_millis() as u64,
             "failed": agg.failed, "incomplete": agg.incomplete, "lost": agg.lost,
-            "reordered": agg.reordered,
+            "reordered": agg.reordered, "ids_replaced": agg.ids_replaced,
             "ttfb_samples": agg.ttfb.len(), "gap_samples": agg.gaps.len(),
             "ttfb_p50_us": us(ttfb50), "ttfb_p99_us": us(ttfb99), "ttfb_max_us": us(ttfb_max),
             "gap_p50_us": us(gap50), "gap_p99_us": us(gap99), "gap_max_us": us(gap_max),
@@ -85,7 +91,7 @@ pub async fn run(o: Options) -> Result<(), String> {
     Ok(())
 }
 
-async fn run_once(o: &Options, target: &Target, agg: &mut Agg) {
+async fn run_once(o: &Options, target: &Target, rep: u32, agg: &mut Agg) {
     let deadline = Instant::now() + o.timeout;
     let path = format!(
         "/invocations?sse={}&interval_ms={}",
@@ -104,6 +110,10 @@ async fn run_once(o: &Options, target: &Target, agg: &mut Agg) {
         let connects = connects.clone();
         let stagger = o.interval.mul_f64(i as f64 / o.streams as f64);
         let events = o.events;
+        let message_id = o
+            .message_id_prefix
+            .as_ref()
+            .map(|p| format!("{p}-{rep}-{i}"));
         tasks.push(tokio::spawn(async move {
             let conn = {
                 let _permit = connects.acquire().await;
@@ -123,7 +133,11 @@ async fn run_once(o: &Options, target: &Target, agg: &mut Agg) {
                 return StreamResult::default();
             }
             tokio::time::sleep(stagger).await;
-            let req = match target.post(&path, CHAT_REQUEST, &[("accept", "text/event-stream")]) {
+            let mut headers = vec![("accept", "text/event-stream")];
+            if let Some(id) = &message_id {
+                headers.push(("x-message-id", id.as_str()));
+            }
+            let req = match target.post(&path, CHAT_REQUEST, &headers) {
                 Ok(r) => r,
                 Err(e) => {
                     return StreamResult {
@@ -132,7 +146,12 @@ async fn run_once(o: &Options, target: &Target, agg: &mut Agg) {
                     };
                 }
             };
-            match tokio::time::timeout_at(deadline, one_stream(&mut send, req, events)).await {
+            match tokio::time::timeout_at(
+                deadline,
+                one_stream(&mut send, req, events, message_id.as_deref()),
+            )
+            .await
+            {
                 Ok(r) => r,
                 Err(_) => StreamResult {
                     error: Some("timed out".into()),
@@ -170,6 +189,7 @@ async fn run_once(o: &Options, target: &Target, agg: &mut Agg) {
         }
         agg.lost += u64::from(o.events.saturating_sub(r.received));
         agg.reordered += u64::from(r.reordered);
+        agg.ids_replaced += u64::from(r.id_replaced);
         agg.ttfb.extend(r.ttfb_ns);
         agg.gaps.extend(r.gaps_ns);
         agg.lags.extend(r.lags_us);
@@ -180,6 +200,7 @@ async fn one_stream(
     send: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
     req: http::Request<http_body_util::Full<Bytes>>,
     events: u32,
+    message_id: Option<&str>,
 ) -> StreamResult {
     let mut r = StreamResult::default();
     let t0 = Instant::now();
@@ -193,6 +214,13 @@ async fn one_stream(
     if res.status() != StatusCode::OK {
         r.error = Some(format!("status {}", res.status()));
         return r;
+    }
+    if let Some(id) = message_id {
+        r.id_replaced = res
+            .headers()
+            .get("x-message-id")
+            .and_then(|v| v.to_str().ok())
+            != Some(id);
     }
     let mut body = res.into_body();
     let mut buf: Vec<u8> = Vec::with_capacity(1024);

@@ -54,6 +54,16 @@ impl Target {
         body: &'static str,
         headers: &[(&str, &str)],
     ) -> Result<Request<Full<Bytes>>, String> {
+        self.post_bytes(path_and_query, Bytes::from_static(body.as_bytes()), headers)
+    }
+
+    /// [`Target::post`] with a body built at run time.
+    pub fn post_bytes(
+        &self,
+        path_and_query: &str,
+        body: Bytes,
+        headers: &[(&str, &str)],
+    ) -> Result<Request<Full<Bytes>>, String> {
         let mut b = Request::post(path_and_query)
             .header(HOST, &self.authority)
             .header(CONTENT_TYPE, "application/json")
@@ -61,7 +71,7 @@ impl Target {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(Full::new(Bytes::from_static(body.as_bytes())))
+        b.body(Full::new(body))
             .map_err(|e| format!("cannot build a request: {e}"))
     }
 }
