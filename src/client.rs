@@ -8,20 +8,32 @@
 //! (MLflow, token endpoints): it bounds the whole exchange in time and the response in size.
 //! Proxied traffic uses [`HttpClient::request`] and is never collected.
 
-use std::sync::{Arc, OnceLock};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
-use http::{Request, Response};
+use http::uri::Scheme;
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpStream;
 
-use crate::body::{Body, CollectError, collect_limited};
+use crate::body::{Body, BoxError, CollectError, collect_limited};
 use crate::text::chain;
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+type Connector = LazyTls;
+type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<Stream, BoxError>> + Send>>;
 
 /// Settings of one client pool.
 #[derive(Debug, Clone)]
@@ -79,21 +91,17 @@ impl HttpClient {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(opts.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config().as_ref().clone())
-            .https_or_http()
-            .enable_http1();
-        let https = if opts.http2 {
-            https.enable_http2().wrap_connector(http)
-        } else {
-            https.wrap_connector(http)
+        let connector = LazyTls {
+            http,
+            https: Arc::new(OnceLock::new()),
+            http2: opts.http2,
         };
         let inner = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(opts.pool_idle_timeout)
             .pool_max_idle_per_host(opts.pool_max_idle_per_host)
-            .build(https);
+            .build(connector);
         Self { inner }
     }
 
@@ -131,6 +139,111 @@ impl HttpClient {
 }
 
 /// The TLS client configuration, built once: loading system roots reads files.
+/// One [`HttpClient`] (and so one connection pool) per thread that uses it, for proxied
+/// traffic under thread-per-core serving (`crate::server::workers`): a connection's task is
+/// spawned on the runtime of the thread that opened it, so a pool shared between worker
+/// threads would hand a request on one thread a connection driven by another, and every
+/// chunk would cross threads. On the work-stealing runtime this is one pool per runtime worker
+/// thread, which is harmless.
+///
+/// Written by hand because it is a thread-local map of a few entries; `thread_local` crates
+/// key by type, not by instance.
+#[derive(Debug, Clone)]
+pub struct PerThread {
+    opts: ClientOptions,
+    /// Identifies this family of clients in the threads' maps; entries of families that no
+    /// longer exist are dropped when a thread adds one.
+    id: Arc<u64>,
+}
+
+thread_local! {
+    static POOLS: RefCell<Vec<(Weak<u64>, HttpClient)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl PerThread {
+    pub fn new(opts: ClientOptions) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self {
+            opts,
+            id: Arc::new(NEXT.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// Sends `req` through this thread's client (built on first use).
+    pub fn request(&self, req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+        POOLS.with(|pools| {
+            let mut pools = pools.borrow_mut();
+            if let Some((_, client)) = pools
+                .iter()
+                .find(|(id, _)| id.as_ptr() == Arc::as_ptr(&self.id))
+            {
+                return client.request(req);
+            }
+            pools.retain(|(id, _)| id.strong_count() > 0);
+            let client = HttpClient::new(&self.opts);
+            let fut = client.request(req);
+            pools.push((Arc::downgrade(&self.id), client));
+            fut
+        })
+    }
+}
+
+/// The connector: plain TCP for `http://`, rustls for `https://`, where the TLS configuration
+/// (and with it the system's trust roots, about 30 ms of parsing and a few MB of transient
+/// memory) is built on the first `https://` connection, not at start-up: a proxy in front of a
+/// local agent never pays for it, and [`warm_tls`] builds it off the start-up path where
+/// HTTPS is configured. hyper-rustls' connector needs its configuration when it is built; this
+/// wrapper is the small part it does not do.
+#[derive(Clone)]
+pub struct LazyTls {
+    http: HttpConnector,
+    https: Arc<OnceLock<hyper_rustls::HttpsConnector<HttpConnector>>>,
+    http2: bool,
+}
+
+impl tower::Service<Uri> for LazyTls {
+    type Response = Stream;
+    type Error = BoxError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Both connectors are always ready (they hold no capacity of their own).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        if uri.scheme() == Some(&Scheme::HTTPS) {
+            let mut https = self
+                .https
+                .get_or_init(|| {
+                    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(tls_config().as_ref().clone())
+                        .https_or_http()
+                        .enable_http1();
+                    if self.http2 {
+                        builder.enable_http2().wrap_connector(self.http.clone())
+                    } else {
+                        builder.wrap_connector(self.http.clone())
+                    }
+                })
+                .clone();
+            Box::pin(async move { https.call(uri).await })
+        } else {
+            let mut http = self.http.clone();
+            Box::pin(async move {
+                let tcp = http.call(uri).await?;
+                Ok(MaybeHttpsStream::Http(tcp))
+            })
+        }
+    }
+}
+
+/// Builds the TLS client configuration (the trust roots) now, on a blocking thread, so that
+/// the first HTTPS request does not wait for it.
+pub async fn warm_tls() {
+    let _ = tokio::task::spawn_blocking(tls_config).await;
+}
+
 fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     CONFIG

@@ -81,6 +81,8 @@ use store::StoreError;
 pub enum StartError {
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot start the serving workers: {0}")]
+    Workers(std::io::Error),
     #[error("cannot bind {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -102,6 +104,17 @@ impl App {
     /// migrations), the link writer.
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
+        let https = std::iter::once(Some(&config.agent.url))
+            .chain([
+                config.mlflow.tracking_uri.as_ref(),
+                config.databricks.host.as_ref(),
+            ])
+            .flatten()
+            .any(|u| u.scheme() == "https");
+        if https {
+            // The trust roots are loaded off the start-up path (see `client::LazyTls`).
+            tokio::spawn(client::warm_tls());
+        }
         let http = HttpClient::new(&ClientOptions::default());
         let tokens = TokenSources::new(config.databricks.clone(), http.clone(), metrics.clone());
 
@@ -208,12 +221,13 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then drains within the configured grace period.
+    /// Fails only if the serving workers cannot start (`server.workers`).
     pub async fn serve(
         self,
         listener: TcpListener,
         metrics_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
-    ) {
+    ) -> Result<(), StartError> {
         let grace = self.state.config.shutdown_grace;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -249,7 +263,6 @@ impl App {
             })
         });
 
-        let service = app::service(self.state.clone());
         // One drain deadline: connections get the grace period; what is still open then is cut
         // (streams end with an error event, recording their final link and access line) and
         // the rest — delivery attempts, queued and held links — must be done `tail` later. The
@@ -258,24 +271,51 @@ impl App {
         let tail = drain_tail(grace);
         let began = Arc::new(std::sync::OnceLock::new());
         let streams = self.state.proxy.streams().clone();
-        let main = server::serve_with_cut(
-            listener,
-            service,
+        let shutdown = {
+            let began = began.clone();
+            async move {
+                shutdown.await;
+                let _ = began.set(tokio::time::Instant::now());
+                let _ = stop_tx.send(true);
+            }
+        };
+        let workers = self.state.config.server.workers;
+        let mut held = None;
+        let mut failed = None;
+        if workers > 1 {
+            let state = self.state.clone();
+            let settings = server::workers::WorkerSettings {
+                workers,
+                grace,
+                name: "main",
+                limits: self.state.config.server.clone(),
+                on_cut: move || streams.cut(),
+                cut_budget: tail / 2,
+            };
+            match server::workers::serve_on_workers(
+                listener,
+                move || app::service(state.clone()),
+                shutdown,
+                settings,
+            )
+            .await
             {
-                let began = began.clone();
-                async move {
-                    shutdown.await;
-                    let _ = began.set(tokio::time::Instant::now());
-                    let _ = stop_tx.send(true);
-                }
-            },
-            grace,
-            "main",
-            &self.state.config.server,
-            move || streams.cut(),
-            tail / 2,
-        );
-        main.await;
+                Ok(w) => held = Some(w),
+                Err(e) => failed = Some(e),
+            }
+        } else {
+            server::serve_with_cut(
+                listener,
+                app::service(self.state.clone()),
+                shutdown,
+                grace,
+                "main",
+                &self.state.config.server,
+                move || streams.cut(),
+                tail / 2,
+            )
+            .await;
+        }
         let deadline = began
             .get()
             .copied()
@@ -298,6 +338,10 @@ impl App {
             deliverer.shutdown(deadline).await;
         };
         tokio::join!(background, self.link_writer.shutdown(deadline));
+        if let Some(w) = held {
+            w.release().await;
+        }
+        failed.map_or(Ok(()), |e| Err(StartError::Workers(e)))
     }
 }
 
@@ -343,6 +387,5 @@ pub async fn run(
     App::build(config)
         .await?
         .serve(listener, metrics_listener, shutdown)
-        .await;
-    Ok(())
+        .await
 }

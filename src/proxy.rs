@@ -44,7 +44,7 @@ use limit::UserLimiter;
 use link::LinkRecorder;
 
 use crate::auth::TokenSource;
-use crate::client::{ClientOptions, HttpClient};
+use crate::client::{ClientOptions, PerThread};
 use crate::config::{AgentConfig, AgentRoute};
 use crate::error::Error;
 use crate::metrics::{KindLabel, Metrics};
@@ -62,7 +62,8 @@ pub struct Forward<'a> {
 
 /// The agent forwarder. One per process.
 pub struct Proxy {
-    client: HttpClient,
+    /// One upstream pool per serving thread.
+    client: PerThread,
     config: AgentConfig,
     /// `scheme://authority` of the agent.
     origin: String,
@@ -96,7 +97,7 @@ impl Proxy {
         body_timeout: Duration,
         trust_forwarded: bool,
     ) -> Self {
-        let client = HttpClient::new(&ClientOptions {
+        let client = PerThread::new(ClientOptions {
             connect_timeout: config.connect_timeout,
             pool_idle_timeout: config.pool_idle_timeout,
             pool_max_idle_per_host: config.pool_max_idle_per_host,

@@ -30,6 +30,7 @@
 //! ended, so that nothing a connection does (its access line, its message link) happens later.
 
 mod track;
+pub mod workers;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -134,6 +135,34 @@ pub async fn serve_with_cut<S>(
 ) where
     S: HttpService,
 {
+    let slots = Arc::new(Semaphore::new(connection_cap(limits)));
+    serve_with_slots(
+        listener, service, shutdown, grace, name, limits, on_cut, cut_budget, slots,
+    )
+    .await;
+}
+
+/// The connection cap of a listener (`server.max_connections`), as semaphore permits.
+pub(crate) fn connection_cap(limits: &ServerConfig) -> usize {
+    limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)
+}
+
+/// [`serve_with_cut`] with the connection cap's semaphore given: listeners that share it
+/// (the workers of `server::workers`) share the cap, and each drains until all of them have.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve_with_slots<S>(
+    listener: TcpListener,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    name: &'static str,
+    limits: &ServerConfig,
+    on_cut: impl FnOnce(),
+    cut_budget: Duration,
+    slots: Arc<Semaphore>,
+) where
+    S: HttpService,
+{
     // Connection tasks, so that the cut can drop them and wait for them (a JoinSet: its
     // bookkeeping is per connection, nothing per poll).
     let mut connections = tokio::task::JoinSet::new();
@@ -153,8 +182,7 @@ pub async fn serve_with_cut<S>(
         .max_local_error_reset_streams(Some(1024));
     let builder = Arc::new(builder);
     let lifetimes = Arc::new(Lifetimes::new(limits));
-    let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
-    let slots = Arc::new(Semaphore::new(max));
+    let max = connection_cap(limits);
     let stop = CancellationToken::new();
     let mut saturation = Saturation::default();
     tokio::pin!(shutdown);

@@ -287,9 +287,20 @@ async fn a_stalled_feedback_body_gets_408() {
 // (f) The connection cap: N+1 connections with cap N.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_wait_and_are_served_once_one_closes() {
+    cap_of_two("max_connections = 2").await;
+}
+
+// (f) The cap is the listener's, shared by the workers of thread-per-core serving (not a share
+// each: with two workers and a cap of two, one worker may take both connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_is_shared_by_the_serving_workers() {
+    cap_of_two("max_connections = 2\nworkers = 2").await;
+}
+
+async fn cap_of_two(server: &str) {
     logs();
     let agent = json_agent().await;
-    let proxy = TestProxy::start(&config(&agent.url(), "", "max_connections = 2")).await;
+    let proxy = TestProxy::start(&config(&agent.url(), "", server)).await;
     let mut first = TcpStream::connect(proxy.addr).await.unwrap();
     let mut second = TcpStream::connect(proxy.addr).await.unwrap();
     for s in [&mut first, &mut second] {

@@ -202,6 +202,7 @@ pub struct RawMetrics {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
+    pub workers: Option<usize>,
     pub max_connections: Option<usize>,
     pub handshake_timeout: Option<String>,
     pub header_read_timeout: Option<String>,

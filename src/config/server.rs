@@ -54,6 +54,9 @@ pub struct MetricsConfig {
 /// Connection lifetimes and limits of the listeners (`[server]`).
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerConfig {
+    /// Serving threads, each with its own single-threaded runtime (`server::workers`); 1 serves
+    /// on the shared work-stealing runtime.
+    pub workers: usize,
     /// Open connections per listener; past it the listener stops accepting until one closes.
     pub max_connections: usize,
     /// From accept until the protocol is known (first request bytes or the whole HTTP/2
@@ -78,6 +81,10 @@ pub struct ServerConfig {
 
 impl Validator {
     pub(super) fn server(&mut self, raw: raw::RawServer) -> ServerConfig {
+        let workers = raw.workers.unwrap_or_else(default_workers);
+        if !(1..=1024).contains(&workers) {
+            self.problem("server.workers", "must be between 1 and 1024");
+        }
         let max_connections = raw.max_connections.unwrap_or(2048);
         if !(1..=1_000_000).contains(&max_connections) {
             self.problem("server.max_connections", "must be between 1 and 1000000");
@@ -117,6 +124,7 @@ impl Validator {
             }
         };
         ServerConfig {
+            workers,
             max_connections,
             handshake_timeout,
             header_read_timeout,
@@ -125,4 +133,10 @@ impl Validator {
             reset_rate,
         }
     }
+}
+
+/// `server.workers` when not set: one per CPU this process may use (as nginx's
+/// `worker_processes auto`), at most 64.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(64))
 }

@@ -74,7 +74,8 @@ impl TestProxy {
             app.serve(listener, metrics_listener, async {
                 let _ = rx.await;
             })
-            .await;
+            .await
+            .expect("the proxy serves");
         });
         Self {
             addr,
