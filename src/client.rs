@@ -146,6 +146,10 @@ impl HttpClient {
 /// chunk would cross threads. On the work-stealing runtime this is one pool per runtime worker
 /// thread, which is harmless.
 ///
+/// With HTTP/2 offered to the agent ([`ClientOptions::http2`]) there is one shared client:
+/// HTTP/2's point is one connection for all streams, and per-thread pools would multiply the
+/// connections (and the races to open them past the agent's stream limit) by the workers.
+///
 /// Written by hand because it is a thread-local map of a few entries; `thread_local` crates
 /// key by type, not by instance.
 #[derive(Debug, Clone)]
@@ -154,6 +158,8 @@ pub struct PerThread {
     /// Identifies this family of clients in the threads' maps; entries of families that no
     /// longer exist are dropped when a thread adds one.
     id: Arc<u64>,
+    /// The one client of an HTTP/2-capable family.
+    shared: Option<HttpClient>,
 }
 
 thread_local! {
@@ -163,14 +169,19 @@ thread_local! {
 impl PerThread {
     pub fn new(opts: ClientOptions) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(1);
+        let shared = opts.http2.then(|| HttpClient::new(&opts));
         Self {
             opts,
             id: Arc::new(NEXT.fetch_add(1, Ordering::Relaxed)),
+            shared,
         }
     }
 
     /// Sends `req` through this thread's client (built on first use).
     pub fn request(&self, req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+        if let Some(client) = &self.shared {
+            return client.request(req);
+        }
         POOLS.with(|pools| {
             let mut pools = pools.borrow_mut();
             if let Some((_, client)) = pools
