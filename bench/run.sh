@@ -162,9 +162,10 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ "$PROFILE" = release ]; then CARGO_PROFILE=(--release); BIN=$TARGET_DIR/release
 else CARGO_PROFILE=(); BIN=$TARGET_DIR/debug; fi
 log "building the proxy and the harness ($PROFILE)"
-cargo build -q "${CARGO_PROFILE[@]}" --bin feedback-proxy
+# BENCH_PROXY=PATH: measure that proxy binary instead of building this checkout's.
+[ -z "${BENCH_PROXY:-}" ] && cargo build -q "${CARGO_PROFILE[@]}" --bin feedback-proxy
 cargo build -q "${CARGO_PROFILE[@]}" --manifest-path bench/Cargo.toml --target-dir "$TARGET_DIR"
-PROXY=$BIN/feedback-proxy
+PROXY=${BENCH_PROXY:-$BIN/feedback-proxy}
 FPB=$BIN/fpbench
 HAVE_INSPECTOR_BENCH=""
 if [ -f benches/inspector.rs ] && grep -Eq '^name *= *"inspector"' Cargo.toml; then
