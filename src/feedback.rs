@@ -48,7 +48,9 @@ use crate::metrics::{Metrics, StatusLabel, VoteLabels};
 use crate::proxy::link::LinkRecorder;
 use crate::proxy::media_type;
 use crate::route::Route;
-use crate::store::{CorrectionChange, Enqueue, FeedbackValue, NewVote, SharedStore, VoteKey};
+use crate::store::{
+    CorrectionChange, Enqueue, FeedbackValue, LinkedVote, NewVote, SharedStore, VoteKey, VoteWrite,
+};
 use delivery::{Deliverer, NO_EXPERIMENT_ID, NO_TRACE_ID, Status};
 
 /// The feedback service: handlers plus the shared deliverer.
@@ -173,6 +175,21 @@ impl Feedback {
         Ok(user)
     }
 
+    /// How a vote on a message the voter owns is enqueued when its trace is known or coming
+    /// (its link has a trace id, a client request id or is still streaming), and whether it
+    /// needs that: with MLflow configured it is attempted inline at once; without, it waits
+    /// for MLflow whatever the link holds. A vote that needs a trace it does not have waits for
+    /// it instead (`no_trace_id`).
+    fn fast_enqueue(&self) -> (Enqueue, bool) {
+        if self.deliverer.enabled() {
+            let hold = self.deliverer.inline_hold();
+            (Enqueue::Inline { hold }, true)
+        } else {
+            let reason = NO_EXPERIMENT_ID.into();
+            (Enqueue::Waiting { reason }, false)
+        }
+    }
+
     async fn submit(&self, req: Request<ReqBody>) -> Result<Response<Body>, Error> {
         require_json(req.headers())?;
         let user = self.user(req.headers())?;
@@ -198,7 +215,32 @@ impl Feedback {
         // a long store outage): the proxy sent the answer with a client request id derived from
         // the message id and this voter, so MLflow can be asked for it. Only a trace made for
         // this voter is taken, and the link it yields is owned by the voter.
-        let mut link = self.store.get_link(&message_id).await?;
+        //
+        // The usual vote (a known message of the voter's, its trace known or coming, no
+        // correction) is checked and written in ONE store call: `vote_on_link` writes only when
+        // every check below would pass and the enqueue below would be `fast`'s. Anything else
+        // comes back unwritten, with the link, and takes the general path.
+        let fast = (vote.correction == CorrectionChange::Keep).then(|| self.fast_enqueue());
+        let (mut link, mut fast_write) = match &fast {
+            Some((enqueue, needs_trace)) => {
+                let offered = LinkedVote {
+                    key: VoteKey {
+                        message_id: message_id.clone(),
+                        user_id: user.clone(),
+                        name: vote.name.clone(),
+                    },
+                    chat_id: vote.chat_id.clone(),
+                    value: vote.value.clone(),
+                    comment: vote.comment.clone(),
+                };
+                let r = self
+                    .store
+                    .vote_on_link(&offered, enqueue, *needs_trace)
+                    .await?;
+                (r.link, r.written)
+            }
+            None => (self.store.get_link(&message_id).await?, None),
+        };
         if link.is_none() && self.links.flush(LINK_FLUSH_WAIT).await {
             // The answer may have ended a moment ago on this replica, its link still queued,
             // or held through a store outage that has just ended.
@@ -248,37 +290,41 @@ impl Feedback {
                 ));
             }
         };
-        let enqueue = if !self.deliverer.enabled() {
-            Enqueue::Waiting {
-                reason: NO_EXPERIMENT_ID.into(),
-            }
-        } else if link.trace_id.is_some() || link.client_request_id.is_some() || link.open {
-            Enqueue::Inline {
-                hold: self.deliverer.inline_hold(),
-            }
-        } else {
-            Enqueue::Waiting {
+        let traced = link.trace_id.is_some() || link.client_request_id.is_some() || link.open;
+        let enqueue = match self.fast_enqueue() {
+            (e, needs_trace) if traced || !needs_trace => e,
+            _ => Enqueue::Waiting {
                 reason: NO_TRACE_ID.into(),
-            }
+            },
         };
         let key = VoteKey {
             message_id: message_id.clone(),
             user_id: user,
             name: vote.name.clone(),
         };
-        let written = self
-            .store
-            .upsert_vote_corrected(
-                &NewVote {
-                    key: key.clone(),
-                    chat_id,
-                    value: vote.value.clone(),
-                    comment: vote.comment.clone(),
-                },
-                &vote.correction,
-                &enqueue,
-            )
-            .await?;
+        let written = match fast_write.take() {
+            Some(vote) => {
+                debug_assert_eq!(fast.map(|(e, _)| e).as_ref(), Some(&enqueue));
+                VoteWrite {
+                    vote,
+                    correction: None,
+                }
+            }
+            None => {
+                self.store
+                    .upsert_vote_corrected(
+                        &NewVote {
+                            key: key.clone(),
+                            chat_id,
+                            value: vote.value.clone(),
+                            comment: vote.comment.clone(),
+                        },
+                        &vote.correction,
+                        &enqueue,
+                    )
+                    .await?
+            }
+        };
         let delivery = written.vote;
         self.metrics
             .votes_accepted

@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use feedback_proxy::store::DeliveryCursor;
 use feedback_proxy::store::{
-    AssessmentFact, Claim, DeliveryState, Desired, Enqueue, FeedbackValue, Finished, LinkRecord,
-    NewVote, Outcome, SharedStore, StoreError, Ticket, VoteKey,
+    AssessmentFact, Claim, CorrectionChange, DeliveryState, Desired, Enqueue, FeedbackValue,
+    Finished, LinkRecord, LinkedVote, LinkedVoteWrite, NewVote, Outcome, SharedStore, StoreError,
+    Ticket, VoteKey,
 };
 
 on_both_backends!(
@@ -52,6 +53,7 @@ on_both_backends!(
     waiting_votes_racing_links_are_never_stranded,
     racing_owners_leave_one_owner_for_good,
     links_wake_only_their_owners_deliveries,
+    vote_on_link_writes_only_a_vote_every_check_allows,
 );
 
 mod suite {
@@ -284,6 +286,148 @@ mod suite {
         assert_eq!(votes[0].value, FeedbackValue::Bool(true));
         assert_eq!(votes[0].comment.as_deref(), Some("spot on"));
         assert!(votes[0].updated_at >= before);
+    }
+
+    /// `vote_on_link`: one call that reads the link and writes the vote only when the general
+    /// path's checks all pass. Postgres writes in that one statement; SQLite takes the default
+    /// (reads the link, writes nothing) and leaves the write to `upsert_vote_corrected`.
+    pub async fn vote_on_link_writes_only_a_vote_every_check_allows(store: SharedStore) {
+        let writes = store.kind() == "postgres";
+        let alice = "alice@example.com";
+        let inline = Enqueue::Inline {
+            hold: Duration::from_secs(60),
+        };
+        let offer = |m: &str, chat: Option<&str>| LinkedVote {
+            key: key(m),
+            chat_id: chat.map(str::to_owned),
+            value: FeedbackValue::Bool(false),
+            comment: Some("wrong year".into()),
+        };
+        let nothing = LinkedVoteWrite {
+            link: None,
+            written: None,
+        };
+        assert_eq!(
+            store
+                .vote_on_link(&offer("unknown", None), &inline, true)
+                .await
+                .unwrap(),
+            nothing
+        );
+
+        let mut mine = link("mine", alice);
+        mine.trace_id = Some("tr-1".into());
+        mine.open = false;
+        let mut theirs = link("theirs", "bob@example.com");
+        theirs.trace_id = Some("tr-2".into());
+        let mut untraced = link("untraced", alice);
+        untraced.open = false;
+        let mut chatless = link("chatless", alice);
+        chatless.chat_id = None;
+        store
+            .record_links(&[mine, theirs, untraced, chatless])
+            .await
+            .unwrap();
+
+        let wait_for_trace = Enqueue::Waiting {
+            reason: "no_trace_id".into(),
+        };
+        for (what, offered, enqueue, needs_trace) in [
+            (
+                "another user's message",
+                offer("theirs", None),
+                &inline,
+                true,
+            ),
+            ("another chat", offer("mine", Some("chat-2")), &inline, true),
+            ("no chat anywhere", offer("chatless", None), &inline, true),
+            ("no trace yet", offer("untraced", None), &inline, true),
+            (
+                "a wait for the trace",
+                offer("mine", None),
+                &wait_for_trace,
+                false,
+            ),
+        ] {
+            let r = store
+                .vote_on_link(&offered, enqueue, needs_trace)
+                .await
+                .unwrap();
+            assert_eq!(r.written, None, "{what}");
+            let link = store.get_link(&offered.key.message_id).await.unwrap();
+            assert!(link.is_some(), "{what}");
+            assert_eq!(r.link, link, "{what}");
+        }
+        assert_eq!(store.list_deliveries(None, 100).await.unwrap(), vec![]);
+        assert_eq!(store.list_votes("chat-1", alice).await.unwrap(), vec![]);
+
+        let r = store
+            .vote_on_link(&offer("mine", None), &inline, true)
+            .await
+            .unwrap();
+        assert_eq!(r.link, store.get_link("mine").await.unwrap());
+        if !writes {
+            assert_eq!(r.written, None);
+            assert_eq!(store.list_deliveries(None, 100).await.unwrap(), vec![]);
+            return;
+        }
+        let d = r.written.expect("the vote is written");
+        assert_eq!(d, delivery_of(&store, &key("mine")).await);
+        assert_eq!(
+            (d.version, d.state, d.chat_id.as_str()),
+            (1, DeliveryState::Pending, "chat-1")
+        );
+        assert_eq!(
+            d.desired,
+            Desired::Upsert {
+                value: FeedbackValue::Bool(false),
+                comment: Some("wrong year".into())
+            }
+        );
+        // Held from the worker like any inline enqueue.
+        assert!(store.claim_due(10, LEASE).await.unwrap().is_empty());
+
+        // A re-vote keeps the correction an earlier vote carried, and bumps the version.
+        store
+            .upsert_vote_corrected(
+                &vote("mine", FeedbackValue::Bool(false)),
+                &CorrectionChange::Set("the 2024 numbers".into()),
+                &inline,
+            )
+            .await
+            .unwrap();
+        let mut up = offer("mine", Some("chat-1"));
+        up.value = FeedbackValue::Bool(true);
+        up.comment = None;
+        let d = store
+            .vote_on_link(&up, &inline, true)
+            .await
+            .unwrap()
+            .written
+            .expect("the re-vote is written");
+        assert_eq!(d.version, 3);
+        let votes = store.list_votes("chat-1", alice).await.unwrap();
+        assert_eq!(votes.len(), 1);
+        assert_eq!(votes[0].value, FeedbackValue::Bool(true));
+        assert_eq!(votes[0].comment, None);
+        assert_eq!(
+            votes[0].expected_response.as_deref(),
+            Some("the 2024 numbers")
+        );
+
+        // Without MLflow a vote needs no trace: parked for MLflow, whatever the link holds.
+        let parked = Enqueue::Waiting {
+            reason: "no_experiment_id".into(),
+        };
+        let d = store
+            .vote_on_link(&offer("untraced", None), &parked, false)
+            .await
+            .unwrap()
+            .written
+            .expect("the untraced vote is written");
+        assert_eq!(d.state, DeliveryState::Waiting);
+        assert_eq!(d.last_error.as_deref(), Some("no_experiment_id"));
+        assert_eq!(d, delivery_of(&store, &key("untraced")).await);
     }
 
     pub async fn upsert_vote_bumps_version_and_keeps_assessment(store: SharedStore) {

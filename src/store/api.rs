@@ -64,6 +64,27 @@ pub struct NewVote {
     pub comment: Option<String>,
 }
 
+/// A vote offered to [`Store::vote_on_link`]: written only if its message's link allows it
+/// outright. Unlike [`NewVote`], the chat may be left to the link.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkedVote {
+    pub key: VoteKey,
+    /// The chat the voter named; `None`: the link's.
+    pub chat_id: Option<String>,
+    pub value: FeedbackValue,
+    pub comment: Option<String>,
+}
+
+/// What [`Store::vote_on_link`] found and did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkedVoteWrite {
+    /// The message's link as the write saw it (`None`: the message is unknown).
+    pub link: Option<MessageLink>,
+    /// The vote's delivery, when the vote was written; `None`: nothing was written, and the
+    /// caller takes the general path ([`Store::upsert_vote_corrected`]) if it still may.
+    pub written: Option<Delivery>,
+}
+
 /// What a vote write does to the user's correction of the message (see
 /// [`Store::upsert_vote_corrected`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,6 +316,36 @@ pub trait Store: Send + Sync + 'static {
             .upsert_vote_corrected(vote, &CorrectionChange::Keep, enqueue)
             .await?;
         Ok(w.vote)
+    }
+
+    /// The vote path's first store call, in ONE statement where the backend can (Postgres: one
+    /// round trip instead of a link read and a transaction). Reads the message's link and, when
+    ///
+    /// - the link is the voter's (`vote.key.user_id`),
+    /// - the chat is known and agrees: `vote.chat_id` if given, which the link's (if it has
+    ///   one) must equal, else the link's, which must be set, and
+    /// - unless `needs_trace` is false, the link has a trace id or a client request id or is
+    ///   still open,
+    ///
+    /// writes what [`Store::upsert_vote`] writes with `enqueue`, atomically with that read.
+    /// Otherwise it writes nothing and returns the link, for the caller's own checks and
+    /// errors. `enqueue` must not wait for a trace ([`AWAITING_TRACE`]): that path needs the
+    /// per-message serialization with [`Store::record_links`] that only
+    /// [`Store::upsert_vote_corrected`] does; such an enqueue writes nothing.
+    ///
+    /// The default reads the link and writes nothing (right for an embedded store, where a
+    /// second call costs no round trip).
+    async fn vote_on_link(
+        &self,
+        vote: &LinkedVote,
+        enqueue: &Enqueue,
+        needs_trace: bool,
+    ) -> Result<LinkedVoteWrite, StoreError> {
+        let _ = (enqueue, needs_trace);
+        Ok(LinkedVoteWrite {
+            link: self.get_link(&vote.key.message_id).await?,
+            written: None,
+        })
     }
 
     /// [`Store::upsert_vote`], and in the same transaction the user's correction of the

@@ -121,6 +121,19 @@ impl Store for PgStore {
         .await
     }
 
+    async fn vote_on_link(
+        &self,
+        vote: &LinkedVote,
+        enqueue: &Enqueue,
+        needs_trace: bool,
+    ) -> Result<LinkedVoteWrite, StoreError> {
+        self.run(
+            "vote_on_link",
+            votes::vote_on_link(self, vote, enqueue, needs_trace),
+        )
+        .await
+    }
+
     async fn upsert_vote_corrected(
         &self,
         vote: &NewVote,

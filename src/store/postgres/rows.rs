@@ -76,17 +76,54 @@ pub(super) fn vote(row: &Row) -> Result<Vote, StoreError> {
 
 /// A row of `message_links` (all its columns).
 pub(super) fn link(row: &Row) -> Result<MessageLink, StoreError> {
+    link_named(row, &LINK)
+}
+
+/// A row carrying a message link's columns prefixed `link_` (`link_message_id`, …) beside
+/// other columns of the same names (a delivery's).
+pub(super) fn prefixed_link(row: &Row) -> Result<MessageLink, StoreError> {
+    link_named(row, &PREFIXED_LINK)
+}
+
+/// The names of a message link's columns in a row, in [`MessageLink`]'s field order.
+type LinkNames = [&'static str; 9];
+
+const LINK: LinkNames = [
+    "message_id",
+    "chat_id",
+    "user_id",
+    "trace_id",
+    "client_request_id",
+    "open",
+    "created_at",
+    "updated_at",
+    "route",
+];
+
+const PREFIXED_LINK: LinkNames = [
+    "link_message_id",
+    "link_chat_id",
+    "link_user_id",
+    "link_trace_id",
+    "link_client_request_id",
+    "link_open",
+    "link_created_at",
+    "link_updated_at",
+    "link_route",
+];
+
+fn link_named(row: &Row, n: &LinkNames) -> Result<MessageLink, StoreError> {
     const W: &str = "message link";
     Ok(MessageLink {
-        message_id: get(row, W, "message_id")?,
-        chat_id: get(row, W, "chat_id")?,
-        user_id: get(row, W, "user_id")?,
-        trace_id: get(row, W, "trace_id")?,
-        client_request_id: get(row, W, "client_request_id")?,
-        open: get(row, W, "open")?,
-        created_at: get(row, W, "created_at")?,
-        updated_at: get(row, W, "updated_at")?,
-        route: get(row, W, "route")?,
+        message_id: get(row, W, n[0])?,
+        chat_id: get(row, W, n[1])?,
+        user_id: get(row, W, n[2])?,
+        trace_id: get(row, W, n[3])?,
+        client_request_id: get(row, W, n[4])?,
+        open: get(row, W, n[5])?,
+        created_at: get(row, W, n[6])?,
+        updated_at: get(row, W, n[7])?,
+        route: get(row, W, n[8])?,
     })
 }
 
@@ -284,6 +321,14 @@ mod tests {
             route: Some("/chat".into()),
         };
         for got in both_orders(&client, &link_columns, link).await {
+            assert_eq!(got, want);
+        }
+        let prefixed: Vec<(String, &str)> = link_columns
+            .iter()
+            .map(|(c, v)| (format!("link_{c}"), *v))
+            .collect();
+        let prefixed: Vec<(&str, &str)> = prefixed.iter().map(|(c, v)| (c.as_str(), *v)).collect();
+        for got in both_orders(&client, &prefixed, prefixed_link).await {
             assert_eq!(got, want);
         }
     }

@@ -2,12 +2,25 @@
 
 use super::handle::{PgStore, lock_messages};
 use super::pool::query_error;
-use super::rows::{delivery, vote};
+use super::rows::{delivery, prefixed_link, vote};
 use crate::store::api::{
-    AWAITING_TRACE, CorrectionChange, DeliveryState, Enqueue, NewVote, StoreError, Vote, VoteKey,
-    VoteWrite,
+    AWAITING_TRACE, CorrectionChange, DeliveryState, Enqueue, LinkedVote, LinkedVoteWrite, NewVote,
+    StoreError, Vote, VoteKey, VoteWrite,
 };
 use crate::store::codec::{self, DESIRED_DELETE};
+
+/// What an upsert of a delivery does to an existing row: the new desired state, `version + 1`,
+/// due anew (an existing lease, assessment id, generation and trace id are kept).
+macro_rules! delivery_upsert_conflict {
+    () => {
+        "ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+        chat_id = excluded.chat_id, desired = excluded.desired,
+        desired_value = excluded.desired_value, desired_comment = excluded.desired_comment,
+        version = deliveries.version + 1, state = excluded.state, attempts = 0,
+        next_attempt_at = excluded.next_attempt_at, enqueued_at = excluded.enqueued_at,
+        last_error = excluded.last_error, updated_at = excluded.updated_at"
+    };
+}
 
 /// Upserts the delivery of a vote or correction: `$1..$3` its key, `$4` chat, `$5` value, `$6`
 /// comment, `$7` state, `$8` waiting reason, `$9` due delay (ms).
@@ -17,14 +30,62 @@ const UPSERT_DELIVERY: &str = concat!(
         last_error, updated_at)
     VALUES ($1, $2, $3, $4, 'upsert', $5, $6, 1, 0, $7, 0,
         now() + $9::bigint * interval '1 millisecond', now(), $8, now())
-    ON CONFLICT (message_id, user_id, name) DO UPDATE SET
-        chat_id = excluded.chat_id, desired = excluded.desired,
-        desired_value = excluded.desired_value, desired_comment = excluded.desired_comment,
-        version = deliveries.version + 1, state = excluded.state, attempts = 0,
-        next_attempt_at = excluded.next_attempt_at, enqueued_at = excluded.enqueued_at,
-        last_error = excluded.last_error, updated_at = excluded.updated_at
-    RETURNING ",
+    ",
+    delivery_upsert_conflict!(),
+    " RETURNING ",
     delivery_columns!()
+);
+
+/// [`Store::vote_on_link`](crate::store::Store::vote_on_link) in one statement (one round
+/// trip, atomic without a transaction block): reads the link of message `$1`; when it is
+/// user `$2`'s, the chat (`$4`, else the link's) is known and agrees with the link's, and
+/// (unless `$10` is false) the link has a trace id, a client request id or is open, upserts
+/// the vote (its correction kept) and its delivery like [`UPSERT_DELIVERY`] (`$5..$9` as
+/// there). Returns the link's columns prefixed `link_`, and the delivery's (NULL when nothing
+/// was written); no row when the message has no link.
+///
+/// The data-modifying CTEs run to completion whether or not the outer SELECT reads them, and
+/// all parts see the one snapshot the statement started with. Taking no advisory lock is
+/// right: only a `waiting` enqueue parked for a trace must be serialized with
+/// `record_links`, and the caller never sends one here.
+const VOTE_ON_LINK: &str = concat!(
+    "WITH lnk AS (
+        SELECT message_id, chat_id, user_id, trace_id, client_request_id, open, created_at,
+            updated_at, route
+        FROM message_links WHERE message_id = $1::text
+    ), ok AS (
+        SELECT COALESCE($4::text, chat_id) AS chat_id, route FROM lnk
+        WHERE user_id = $2::text
+            AND COALESCE($4::text, chat_id) IS NOT NULL
+            AND ($4::text IS NULL OR chat_id IS NULL OR chat_id = $4::text)
+            AND (NOT $10::boolean OR trace_id IS NOT NULL OR client_request_id IS NOT NULL
+                OR open)
+    ), v AS (
+        INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at, route)
+        SELECT $1::text, $2::text, $3::text, ok.chat_id, $5::jsonb, $6::text, now(), ok.route
+        FROM ok
+        ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+            chat_id = excluded.chat_id, value = excluded.value, comment = excluded.comment,
+            updated_at = excluded.updated_at, route = excluded.route
+    ), d AS (
+        INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
+            desired_comment, version, generation, state, attempts, next_attempt_at,
+            enqueued_at, last_error, updated_at)
+        SELECT $1::text, $2::text, $3::text, ok.chat_id, 'upsert', $5::jsonb, $6::text, 1, 0,
+            $7::text, 0, now() + $9::bigint * interval '1 millisecond', now(), $8::text, now()
+        FROM ok
+        ",
+    delivery_upsert_conflict!(),
+    " RETURNING ",
+    delivery_columns!(),
+    "
+    )
+    SELECT lnk.message_id AS link_message_id, lnk.chat_id AS link_chat_id,
+        lnk.user_id AS link_user_id, lnk.trace_id AS link_trace_id,
+        lnk.client_request_id AS link_client_request_id, lnk.open AS link_open,
+        lnk.created_at AS link_created_at, lnk.updated_at AS link_updated_at,
+        lnk.route AS link_route, d.*
+    FROM lnk LEFT JOIN d ON true"
 );
 
 /// Sets a delivery to `desired = delete`, pending, due after `$6` ms: `$1..$3` its key, `$4`
@@ -43,6 +104,65 @@ const DELETE_DELIVERY: &str = concat!(
     RETURNING ",
     delivery_columns!()
 );
+
+pub(super) async fn vote_on_link(
+    store: &PgStore,
+    vote: &LinkedVote,
+    enqueue: &Enqueue,
+    needs_trace: bool,
+) -> Result<LinkedVoteWrite, StoreError> {
+    let (state, reason, delay_ms) = codec::enqueue(enqueue);
+    if reason.is_some_and(|r| r.starts_with(AWAITING_TRACE)) {
+        // Not this path's to write (see `VOTE_ON_LINK`): only read the link.
+        return Ok(LinkedVoteWrite {
+            link: super::links::get_link(store, &vote.key.message_id).await?,
+            written: None,
+        });
+    }
+    let value = codec::value_json(&vote.value)?;
+    let k = &vote.key;
+    let state_name = state.as_str();
+    let mut conn = store.conn().await?;
+    let c = &mut *conn;
+    let stmt = c
+        .client
+        .prepare_cached(VOTE_ON_LINK)
+        .await
+        .map_err(query_error)?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+        &k.message_id,
+        &k.user_id,
+        &k.name,
+        &vote.chat_id,
+        &value,
+        &vote.comment,
+        &state_name,
+        &reason,
+        &delay_ms,
+        &needs_trace,
+    ];
+    let Some(row) = c
+        .client
+        .query_opt(&stmt, &params)
+        .await
+        .map_err(query_error)?
+    else {
+        return Ok(LinkedVoteWrite {
+            link: None,
+            written: None,
+        });
+    };
+    let link = prefixed_link(&row)?;
+    let wrote: Option<i64> = row.try_get("version").map_err(query_error)?;
+    let written = match wrote {
+        Some(_) => Some(delivery(&row)?),
+        None => None,
+    };
+    Ok(LinkedVoteWrite {
+        link: Some(link),
+        written,
+    })
+}
 
 pub(super) async fn upsert_vote(
     store: &PgStore,
