@@ -220,7 +220,10 @@ impl Feedback {
         // correction) is checked and written in ONE store call: `vote_on_link` writes only when
         // every check below would pass and the enqueue below would be `fast`'s. Anything else
         // comes back unwritten, with the link, and takes the general path.
+        // With MLflow, that call also claims the delivery for the inline attempt below, and a
+        // new delivery takes the link's trace id: the attempt then needs neither round trip.
         let fast = (vote.correction == CorrectionChange::Keep).then(|| self.fast_enqueue());
+        let claimed_at = std::time::Instant::now();
         let (mut link, mut fast_write) = match &fast {
             Some((enqueue, needs_trace)) => {
                 let offered = LinkedVote {
@@ -235,9 +238,14 @@ impl Feedback {
                 };
                 let r = self
                     .store
-                    .vote_on_link(&offered, enqueue, *needs_trace)
+                    .vote_on_link(
+                        &offered,
+                        enqueue,
+                        *needs_trace,
+                        self.deliverer.inline_lease(),
+                    )
                     .await?;
-                (r.link, r.written)
+                (r.link, r.written.map(|d| (d, r.claimed)))
             }
             None => (self.store.get_link(&message_id).await?, None),
         };
@@ -302,9 +310,13 @@ impl Feedback {
             user_id: user,
             name: vote.name.clone(),
         };
+        let mut claimed = None;
         let written = match fast_write.take() {
-            Some(vote) => {
+            Some((vote, was_claimed)) => {
                 debug_assert_eq!(fast.map(|(e, _)| e).as_ref(), Some(&enqueue));
+                if was_claimed {
+                    claimed = Some(vote.clone());
+                }
                 VoteWrite {
                     vote,
                     correction: None,
@@ -335,7 +347,12 @@ impl Feedback {
             .inc();
         let (status, correction) = match enqueue {
             Enqueue::Inline { .. } | Enqueue::Pending => {
-                let vote_attempt = self.deliverer.attempt_inline(&key, delivery.version);
+                let vote_attempt = async {
+                    match claimed {
+                        Some(d) => self.deliverer.attempt_claimed(d, claimed_at).await,
+                        None => self.deliverer.attempt_inline(&key, delivery.version).await,
+                    }
+                };
                 let correction_attempt = async {
                     match &written.correction {
                         Some(c) => Some(self.deliverer.attempt_inline(&c.key, c.version).await),

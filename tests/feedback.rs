@@ -180,7 +180,43 @@ async fn wait_assessments(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vote_is_stored_logged_updated_and_listed() {
-    let proxy = TestProxy::start(&config(as_ref(&shared_mlflow()), None, FAST_DELIVERY)).await;
+    vote_logged_updated_listed(None).await;
+}
+
+/// The same on Postgres, where the usual vote is checked, written and claimed for its inline
+/// attempt in one statement (`Store::vote_on_link`), and a retracted vote voted again is logged
+/// afresh on that path too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vote_is_stored_logged_updated_and_listed_on_postgres() {
+    let db = TestDb::create(&shared_url()).await;
+    let (proxy, message_id, trace_id) = vote_logged_updated_listed(Some(&db.url)).await;
+    let delete = Request::delete(proxy.url(&format!("/api/feedback/chat-a/{message_id}")))
+        .header("content-type", "application/json")
+        .header("x-forwarded-email", ALICE);
+    let res = send(&h1(), delete, "").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(body_json(res).await["mlflowStatus"], "deleted");
+    let (status, v) = vote(
+        &proxy,
+        ALICE,
+        json!({"chatId": "chat-a", "messageId": message_id, "isUpvoted": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["mlflowStatus"], "logged", "{v}");
+    let a = assessments(&client_for(&mlflow_url()), &trace_id, "user_feedback").await;
+    assert_eq!(a.len(), 1, "{a:#?}");
+    assert_eq!(a[0].value, Some(json!(true)));
+    assert_eq!(
+        votes_of(&proxy, ALICE, "chat-a").await["votes"],
+        json!({ message_id: true })
+    );
+}
+
+/// Votes on an answer, changes the vote, and checks MLflow and the listing; returns the proxy,
+/// the message and its trace.
+async fn vote_logged_updated_listed(store_url: Option<&str>) -> (TestProxy, String, String) {
+    let proxy = TestProxy::start(&config(as_ref(&shared_mlflow()), store_url, FAST_DELIVERY)).await;
     let (message_id, trace_id) = answered(&proxy, &agent_url(), ALICE, "chat-a").await;
     support::mlflow::wait_for_trace(
         &client_for(&mlflow_url()),
@@ -230,6 +266,7 @@ async fn a_vote_is_stored_logged_updated_and_listed() {
         votes_of(&proxy, ALICE, "chat-a").await["feedback"][&message_id]["comment"],
         "missing the 2024 numbers"
     );
+    (proxy, message_id, trace_id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

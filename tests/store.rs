@@ -306,10 +306,11 @@ mod suite {
         let nothing = LinkedVoteWrite {
             link: None,
             written: None,
+            claimed: false,
         };
         assert_eq!(
             store
-                .vote_on_link(&offer("unknown", None), &inline, true)
+                .vote_on_link(&offer("unknown", None), &inline, true, Some(LEASE))
                 .await
                 .unwrap(),
             nothing
@@ -350,7 +351,7 @@ mod suite {
             ),
         ] {
             let r = store
-                .vote_on_link(&offered, enqueue, needs_trace)
+                .vote_on_link(&offered, enqueue, needs_trace, Some(LEASE))
                 .await
                 .unwrap();
             assert_eq!(r.written, None, "{what}");
@@ -362,10 +363,11 @@ mod suite {
         assert_eq!(store.list_votes("chat-1", alice).await.unwrap(), vec![]);
 
         let r = store
-            .vote_on_link(&offer("mine", None), &inline, true)
+            .vote_on_link(&offer("mine", None), &inline, true, None)
             .await
             .unwrap();
         assert_eq!(r.link, store.get_link("mine").await.unwrap());
+        assert!(!r.claimed);
         if !writes {
             assert_eq!(r.written, None);
             assert_eq!(store.list_deliveries(None, 100).await.unwrap(), vec![]);
@@ -384,6 +386,9 @@ mod suite {
                 comment: Some("wrong year".into())
             }
         );
+        // The link's trace, which the attempt would have looked up.
+        assert_eq!(d.trace_id.as_deref(), Some("tr-1"));
+        assert_eq!((d.attempts, d.claims), (0, 0), "not claimed");
         // Held from the worker like any inline enqueue.
         assert!(store.claim_due(10, LEASE).await.unwrap().is_empty());
 
@@ -400,7 +405,7 @@ mod suite {
         up.value = FeedbackValue::Bool(true);
         up.comment = None;
         let d = store
-            .vote_on_link(&up, &inline, true)
+            .vote_on_link(&up, &inline, true, None)
             .await
             .unwrap()
             .written
@@ -420,14 +425,55 @@ mod suite {
             reason: "no_experiment_id".into(),
         };
         let d = store
-            .vote_on_link(&offer("untraced", None), &parked, false)
+            .vote_on_link(&offer("untraced", None), &parked, false, Some(LEASE))
             .await
-            .unwrap()
-            .written
-            .expect("the untraced vote is written");
+            .unwrap();
+        assert!(!d.claimed, "a waiting delivery is never claimed");
+        let d = d.written.expect("the untraced vote is written");
         assert_eq!(d.state, DeliveryState::Waiting);
         assert_eq!(d.last_error.as_deref(), Some("no_experiment_id"));
+        assert_eq!((d.attempts, d.claims, d.trace_id.as_deref()), (0, 0, None));
         assert_eq!(d, delivery_of(&store, &key("untraced")).await);
+
+        // With a lease: claimed for the caller, as `claim` would, and nobody else can claim it.
+        let mut fresh = link("claimed", alice);
+        fresh.trace_id = Some("tr-3".into());
+        store.record_links(&[fresh]).await.unwrap();
+        let r = store
+            .vote_on_link(&offer("claimed", None), &inline, true, Some(LEASE))
+            .await
+            .unwrap();
+        assert!(r.claimed);
+        let first = r.written.expect("written");
+        assert_eq!((first.version, first.attempts, first.claims), (1, 1, 1));
+        assert_eq!(first.trace_id.as_deref(), Some("tr-3"));
+        assert_eq!(first, delivery_of(&store, &key("claimed")).await);
+        assert_eq!(store.claim(&key("claimed"), 1, LEASE).await.unwrap(), None);
+        assert!(store.claim_due(10, LEASE).await.unwrap().is_empty());
+        // A re-vote while that lease is live keeps it (not claimed again); the holder's ticket
+        // still renews it.
+        let r = store
+            .vote_on_link(&offer("claimed", None), &inline, true, Some(LEASE))
+            .await
+            .unwrap();
+        assert!(!r.claimed);
+        let second = r.written.expect("written");
+        assert_eq!((second.version, second.attempts, second.claims), (2, 0, 1));
+        assert!(store.renew_lease(&first.ticket(), LEASE).await.unwrap());
+        assert_eq!(store.claim(&key("claimed"), 2, LEASE).await.unwrap(), None);
+        // Once the lease is released (the holder's attempt finished on the old version), the
+        // next vote claims it again.
+        store
+            .finish(&first.ticket(), &AssessmentFact::Unchanged, &Outcome::Done)
+            .await
+            .unwrap();
+        let r = store
+            .vote_on_link(&offer("claimed", None), &inline, true, Some(LEASE))
+            .await
+            .unwrap();
+        assert!(r.claimed);
+        let third = r.written.expect("written");
+        assert_eq!((third.version, third.attempts, third.claims), (3, 1, 2));
     }
 
     pub async fn upsert_vote_bumps_version_and_keeps_assessment(store: SharedStore) {

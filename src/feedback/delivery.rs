@@ -297,17 +297,27 @@ impl Deliverer {
         }
     }
 
+    /// The lease an inline attempt claims its delivery with, when the vote's own store write
+    /// claims it (`Store::vote_on_link`); `None` without MLflow (nothing to attempt).
+    pub fn inline_lease(&self) -> Option<Duration> {
+        self.enabled().then_some(self.config.lease)
+    }
+
+    /// [`Deliverer::attempt_inline`] for a delivery the vote's own store write already claimed
+    /// (no earlier than `claimed_at`), which saves the claim's round trip.
+    pub async fn attempt_claimed(self: &Arc<Self>, d: Delivery, claimed_at: Instant) -> Status {
+        let this = self.clone();
+        self.inline(async move { this.attempt(d, claimed_at).await.0 })
+            .await
+    }
+
     /// Claims `key` at `version` and makes one attempt, waiting at most the inline deadline for
     /// its outcome. The attempt itself runs to completion in the background either way (an
     /// abandoned MLflow call would only widen the crash window).
     pub async fn attempt_inline(self: &Arc<Self>, key: &VoteKey, version: i64) -> Status {
         let this = self.clone();
         let key = key.clone();
-        let dropped = Status::Queued {
-            trace_id: None,
-            reason: Some("the proxy is shutting down".into()),
-        };
-        let task = self.spawn_tracked(dropped, async move {
+        self.inline(async move {
             let claimed_at = Instant::now();
             match this.store.claim(&key, version, this.config.lease).await {
                 Ok(Some(d)) => this.attempt(d, claimed_at).await.0,
@@ -325,7 +335,18 @@ impl Deliverer {
                     }
                 }
             }
-        });
+        })
+        .await
+    }
+
+    /// Runs an inline attempt as a tracked task (it runs to completion in the background
+    /// whatever happens to the request), waiting at most the inline deadline for its status.
+    async fn inline(&self, attempt: impl Future<Output = Status> + Send + 'static) -> Status {
+        let dropped = Status::Queued {
+            trace_id: None,
+            reason: Some("the proxy is shutting down".into()),
+        };
+        let task = self.spawn_tracked(dropped, attempt);
         match tokio::time::timeout(self.config.inline_deadline, task).await {
             Ok(Ok(status)) => status,
             Ok(Err(e)) => {

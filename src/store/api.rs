@@ -83,6 +83,9 @@ pub struct LinkedVoteWrite {
     /// The vote's delivery, when the vote was written; `None`: nothing was written, and the
     /// caller takes the general path ([`Store::upsert_vote_corrected`]) if it still may.
     pub written: Option<Delivery>,
+    /// Whether `written` was also claimed for the caller (see [`Store::vote_on_link`]'s
+    /// `claim`): it holds the lease, as if [`Store::claim`] had returned it.
+    pub claimed: bool,
 }
 
 /// What a vote write does to the user's correction of the message (see
@@ -329,7 +332,12 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// writes what [`Store::upsert_vote`] writes with `enqueue`, atomically with that read.
     /// Otherwise it writes nothing and returns the link, for the caller's own checks and
-    /// errors. `enqueue` must not wait for a trace ([`AWAITING_TRACE`]): that path needs the
+    /// errors.
+    ///
+    /// What the caller's delivery attempt would ask for next comes with the write: a delivery
+    /// that knows no trace takes the link's trace id, and with `claim = Some(lease)` a pending
+    /// delivery is claimed as [`Store::claim`] would claim its new version, unless another
+    /// claim's lease is live (kept, as every vote keeps it). `claimed` says which. `enqueue` must not wait for a trace ([`AWAITING_TRACE`]): that path needs the
     /// per-message serialization with [`Store::record_links`] that only
     /// [`Store::upsert_vote_corrected`] does; such an enqueue writes nothing.
     ///
@@ -340,11 +348,13 @@ pub trait Store: Send + Sync + 'static {
         vote: &LinkedVote,
         enqueue: &Enqueue,
         needs_trace: bool,
+        claim: Option<Duration>,
     ) -> Result<LinkedVoteWrite, StoreError> {
-        let _ = (enqueue, needs_trace);
+        let _ = (enqueue, needs_trace, claim);
         Ok(LinkedVoteWrite {
             link: self.get_link(&vote.key.message_id).await?,
             written: None,
+            claimed: false,
         })
     }
 

@@ -126,10 +126,11 @@ impl Store for PgStore {
         vote: &LinkedVote,
         enqueue: &Enqueue,
         needs_trace: bool,
+        claim: Option<Duration>,
     ) -> Result<LinkedVoteWrite, StoreError> {
         self.run(
             "vote_on_link",
-            votes::vote_on_link(self, vote, enqueue, needs_trace),
+            votes::vote_on_link(self, vote, enqueue, needs_trace, claim),
         )
         .await
     }

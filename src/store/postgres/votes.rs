@@ -10,15 +10,16 @@ use crate::store::api::{
 use crate::store::codec::{self, DESIRED_DELETE};
 
 /// What an upsert of a delivery does to an existing row: the new desired state, `version + 1`,
-/// due anew (an existing lease, assessment id, generation and trace id are kept).
+/// due anew (assessment id and generation are kept). The statement adds `attempts`, and what
+/// it does to the lease and the trace id.
 macro_rules! delivery_upsert_conflict {
     () => {
         "ON CONFLICT (message_id, user_id, name) DO UPDATE SET
         chat_id = excluded.chat_id, desired = excluded.desired,
         desired_value = excluded.desired_value, desired_comment = excluded.desired_comment,
-        version = deliveries.version + 1, state = excluded.state, attempts = 0,
+        version = deliveries.version + 1, state = excluded.state,
         next_attempt_at = excluded.next_attempt_at, enqueued_at = excluded.enqueued_at,
-        last_error = excluded.last_error, updated_at = excluded.updated_at"
+        last_error = excluded.last_error, updated_at = excluded.updated_at, "
     };
 }
 
@@ -32,7 +33,7 @@ const UPSERT_DELIVERY: &str = concat!(
         now() + $9::bigint * interval '1 millisecond', now(), $8, now())
     ",
     delivery_upsert_conflict!(),
-    " RETURNING ",
+    "attempts = 0 RETURNING ",
     delivery_columns!()
 );
 
@@ -44,6 +45,14 @@ const UPSERT_DELIVERY: &str = concat!(
 /// there). Returns the link's columns prefixed `link_`, and the delivery's (NULL when nothing
 /// was written); no row when the message has no link.
 ///
+/// Two more things a delivery attempt would otherwise ask for right after, each a round trip:
+/// - a delivery that knows no trace yet takes the link's (what the attempt would resolve: the
+///   link is the voter's);
+/// - with a lease `$11` (ms), the delivery is claimed as `Outbox::claim` would, unless another
+///   claim's lease is live (kept, as every vote keeps it): `lease_until`, `claims + 1`, and
+///   `attempts = 1`, by which the caller tells that it holds the claim (a vote that was not
+///   claimed is written with `attempts = 0`).
+///
 /// The data-modifying CTEs run to completion whether or not the outer SELECT reads them, and
 /// all parts see the one snapshot the statement started with. Taking no advisory lock is
 /// right: only a `waiting` enqueue parked for a trace must be serialized with
@@ -54,7 +63,7 @@ const VOTE_ON_LINK: &str = concat!(
             updated_at, route
         FROM message_links WHERE message_id = $1::text
     ), ok AS (
-        SELECT COALESCE($4::text, chat_id) AS chat_id, route FROM lnk
+        SELECT COALESCE($4::text, chat_id) AS chat_id, route, trace_id FROM lnk
         WHERE user_id = $2::text
             AND COALESCE($4::text, chat_id) IS NOT NULL
             AND ($4::text IS NULL OR chat_id IS NULL OR chat_id = $4::text)
@@ -70,13 +79,25 @@ const VOTE_ON_LINK: &str = concat!(
     ), d AS (
         INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
             desired_comment, version, generation, state, attempts, next_attempt_at,
-            enqueued_at, last_error, updated_at)
+            enqueued_at, last_error, updated_at, trace_id, lease_until, claims)
         SELECT $1::text, $2::text, $3::text, ok.chat_id, 'upsert', $5::jsonb, $6::text, 1, 0,
-            $7::text, 0, now() + $9::bigint * interval '1 millisecond', now(), $8::text, now()
+            $7::text, CASE WHEN $11::bigint IS NULL THEN 0 ELSE 1 END,
+            now() + $9::bigint * interval '1 millisecond', now(), $8::text, now(), ok.trace_id,
+            now() + $11::bigint * interval '1 millisecond',
+            CASE WHEN $11::bigint IS NULL THEN 0 ELSE 1 END
         FROM ok
         ",
     delivery_upsert_conflict!(),
-    " RETURNING ",
+    "trace_id = COALESCE(deliveries.trace_id, excluded.trace_id),
+        attempts = CASE WHEN excluded.lease_until IS NOT NULL AND (deliveries.lease_until IS NULL
+            OR deliveries.lease_until <= now()) THEN 1 ELSE 0 END,
+        claims = deliveries.claims + CASE WHEN excluded.lease_until IS NOT NULL
+            AND (deliveries.lease_until IS NULL OR deliveries.lease_until <= now())
+            THEN 1 ELSE 0 END,
+        lease_until = CASE WHEN excluded.lease_until IS NOT NULL AND (deliveries.lease_until
+            IS NULL OR deliveries.lease_until <= now()) THEN excluded.lease_until
+            ELSE deliveries.lease_until END
+    RETURNING ",
     delivery_columns!(),
     "
     )
@@ -110,13 +131,19 @@ pub(super) async fn vote_on_link(
     vote: &LinkedVote,
     enqueue: &Enqueue,
     needs_trace: bool,
+    claim: Option<std::time::Duration>,
 ) -> Result<LinkedVoteWrite, StoreError> {
     let (state, reason, delay_ms) = codec::enqueue(enqueue);
+    // Only a pending delivery can be claimed (as `claim` asks).
+    let lease_ms = claim
+        .filter(|_| state == DeliveryState::Pending)
+        .map(codec::millis);
     if reason.is_some_and(|r| r.starts_with(AWAITING_TRACE)) {
         // Not this path's to write (see `VOTE_ON_LINK`): only read the link.
         return Ok(LinkedVoteWrite {
             link: super::links::get_link(store, &vote.key.message_id).await?,
             written: None,
+            claimed: false,
         });
     }
     let value = codec::value_json(&vote.value)?;
@@ -129,7 +156,7 @@ pub(super) async fn vote_on_link(
         .prepare_cached(VOTE_ON_LINK)
         .await
         .map_err(query_error)?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
         &k.message_id,
         &k.user_id,
         &k.name,
@@ -140,6 +167,7 @@ pub(super) async fn vote_on_link(
         &reason,
         &delay_ms,
         &needs_trace,
+        &lease_ms,
     ];
     let Some(row) = c
         .client
@@ -150,6 +178,7 @@ pub(super) async fn vote_on_link(
         return Ok(LinkedVoteWrite {
             link: None,
             written: None,
+            claimed: false,
         });
     };
     let link = prefixed_link(&row)?;
@@ -158,9 +187,11 @@ pub(super) async fn vote_on_link(
         Some(_) => Some(delivery(&row)?),
         None => None,
     };
+    let claimed = lease_ms.is_some() && written.as_ref().is_some_and(|d| d.attempts == 1);
     Ok(LinkedVoteWrite {
         link: Some(link),
         written,
+        claimed,
     })
 }
 
