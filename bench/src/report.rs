@@ -513,7 +513,7 @@ fn render(d: &Data, note: &str, judge: bool) -> String {
     if d.has("feedback") {
         let _ = writeln!(
             s,
-            "Median of {} interleaved rounds; the ratio is the median of per-round ratios to pgbench running the store's upsert transaction with the same key distribution and 32 clients.\n",
+            "Median of {} interleaved rounds; the ratio is the median of per-round ratios to pgbench running the store's SQL for a vote (bench/pgbench/upsert_vote.sql) with the same key distribution and 32 clients.\n",
             d.rounds("feedback")
         );
         let _ = writeln!(
@@ -523,7 +523,7 @@ fn render(d: &Data, note: &str, judge: bool) -> String {
         for (label, sys) in [
             ("proxy, MLflow not configured", "proxy-nomlflow"),
             ("proxy, MLflow stand-in", "proxy-mlflow"),
-            ("pgbench (upsert_vote SQL)", "pgbench"),
+            ("pgbench (the vote's SQL)", "pgbench"),
         ] {
             let _ = writeln!(
                 s,
@@ -546,22 +546,29 @@ fn render(d: &Data, note: &str, judge: bool) -> String {
                 },
             );
         }
-        for (what, sys) in [
+        // Issue 18's goals: without MLflow the proxy adds at most 10 % to the store's own
+        // cost; with the MLflow stand-in (an HTTP call and a second statement per vote that
+        // pgbench does not make) at most 20 %.
+        for (what, sys, limit, least) in [
             (
                 "feedback votes/s vs pgbench TPS (no MLflow)",
                 "proxy-nomlflow",
+                "≥ 90 %",
+                0.9,
             ),
             (
                 "feedback votes/s vs pgbench TPS (MLflow stand-in)",
                 "proxy-mlflow",
+                "≥ 80 %",
+                0.8,
             ),
         ] {
             let r = d.ratio("feedback", "", sys, "pgbench", "rps");
             targets.push(Target {
                 what: what.into(),
-                limit: "≥ 80 %",
+                limit,
                 figure: format!("{} %", f(r.map(|v| v * 100.0), 0)),
-                met: r.map(|v| v >= 0.8),
+                met: r.map(|v| v >= least),
                 correctness: false,
             });
         }
@@ -703,7 +710,7 @@ fn render(d: &Data, note: &str, judge: bool) -> String {
         for (label, sys) in [
             ("proxy, MLflow not configured", "proxy-nomlflow"),
             ("proxy, MLflow stand-in", "proxy-mlflow"),
-            ("pgbench (upsert_vote SQL)", "pgbench"),
+            ("pgbench (the vote's SQL)", "pgbench"),
         ] {
             let _ = writeln!(
                 s,
