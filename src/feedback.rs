@@ -222,6 +222,8 @@ impl Feedback {
         // comes back unwritten, with the link, and takes the general path.
         // With MLflow, that call also claims the delivery for the inline attempt below, and a
         // new delivery takes the link's trace id: the attempt then needs neither round trip.
+        // (Should the request be dropped before its attempt starts, the worker delivers the vote
+        // once that lease, `delivery.lease`, runs out, rather than after the inline hold.)
         let fast = (vote.correction == CorrectionChange::Keep).then(|| self.fast_enqueue());
         let claimed_at = std::time::Instant::now();
         let (mut link, mut fast_write) = match &fast {
