@@ -8,6 +8,7 @@
 #   BACKENDS=sqlite bash bench/review/run.sh
 #   REVIEW_VOTES=100000 bash bench/review/run.sh   # fewer votes, for quicker iteration
 #   REVIEW_SPLIT=1 bash bench/review/run.sh        # also: the triggers alone, the indexes alone
+#   REVIEW_PROXY=path/to/feedback-proxy bash bench/review/run.sh   # that binary, not a build
 #
 # The review objects on `votes` (its triggers, its indexes other than the primary key and
 # votes_chat_user, and on Postgres its stored generated columns) are read from the migrated
@@ -35,10 +36,16 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 command -v wrk >/dev/null || { log "wrk is needed (apt-get install wrk)"; exit 1; }
 
-log "building (release)"
-cargo build -q --release --bin feedback-proxy
+# REVIEW_PROXY=PATH measures that binary instead of building one (an A/B of two builds).
+if [ -n "${REVIEW_PROXY:-}" ]; then
+  BIN=$REVIEW_PROXY
+  [ -x "$BIN" ] || { log "REVIEW_PROXY=$BIN is not an executable"; exit 1; }
+else
+  log "building (release)"
+  cargo build -q --release --bin feedback-proxy
+  BIN=$ROOT/target/release/feedback-proxy
+fi
 cargo build -q --release --manifest-path bench/Cargo.toml --target-dir "$ROOT/target"
-BIN=$ROOT/target/release/feedback-proxy
 FPB=$ROOT/target/release/fpbench
 read -r P_UP P_PROXY < <("$FPB" ports 2 | tr "\n" " "; echo)
 "$FPB" upstream --threads 2 > "$RUN/upstream.log" 2>&1 &
