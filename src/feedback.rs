@@ -226,7 +226,7 @@ impl Feedback {
         // once that lease, `delivery.lease`, runs out, rather than after the inline hold.)
         let fast = (vote.correction == CorrectionChange::Keep).then(|| self.fast_enqueue());
         let claimed_at = std::time::Instant::now();
-        let (mut link, mut fast_write) = match &fast {
+        let (mut link, fast_write) = match &fast {
             Some((enqueue, needs_trace)) => {
                 let offered = LinkedVote {
                     key: VoteKey {
@@ -313,7 +313,7 @@ impl Feedback {
             name: vote.name.clone(),
         };
         let mut claimed = None;
-        let written = match fast_write.take() {
+        let written = match fast_write {
             Some((vote, was_claimed)) => {
                 debug_assert_eq!(fast.map(|(e, _)| e).as_ref(), Some(&enqueue));
                 if was_claimed {

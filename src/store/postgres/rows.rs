@@ -61,6 +61,13 @@ pub(super) fn delivery(row: &Row) -> Result<Delivery, StoreError> {
     })
 }
 
+/// A row whose delivery columns come from an outer join: `None` when they are NULL (nothing
+/// was written), else the delivery.
+pub(super) fn written_delivery(row: &Row) -> Result<Option<Delivery>, StoreError> {
+    let version: Option<i64> = get(row, "delivery", "version")?;
+    version.map(|_| delivery(row)).transpose()
+}
+
 /// A row of `votes` (`message_id, user_id, name, chat_id, value, comment, updated_at`).
 pub(super) fn vote(row: &Row) -> Result<Vote, StoreError> {
     const W: &str = "vote";

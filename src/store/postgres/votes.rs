@@ -2,7 +2,7 @@
 
 use super::handle::{PgStore, lock_messages};
 use super::pool::query_error;
-use super::rows::{delivery, prefixed_link, vote};
+use super::rows::{delivery, prefixed_link, vote, written_delivery};
 use crate::store::api::{
     AWAITING_TRACE, CorrectionChange, DeliveryState, Enqueue, LinkedVote, LinkedVoteWrite, NewVote,
     StoreError, Vote, VoteKey, VoteWrite,
@@ -182,11 +182,7 @@ pub(super) async fn vote_on_link(
         });
     };
     let link = prefixed_link(&row)?;
-    let wrote: Option<i64> = row.try_get("version").map_err(query_error)?;
-    let written = match wrote {
-        Some(_) => Some(delivery(&row)?),
-        None => None,
-    };
+    let written = written_delivery(&row)?;
     let claimed = lease_ms.is_some() && written.as_ref().is_some_and(|d| d.attempts == 1);
     Ok(LinkedVoteWrite {
         link: Some(link),
