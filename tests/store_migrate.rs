@@ -27,7 +27,7 @@ fn write_config(dir: &Path, store_url: &str) -> std::path::PathBuf {
 }
 
 /// The newest schema version (the number of migrations shipped).
-const LATEST: i32 = 7;
+const LATEST: i32 = 6;
 
 /// Starts two `feedback-proxy migrate` processes at once and waits for both.
 fn migrate_twice_at_once(config: &Path) -> [Output; 2] {
@@ -91,7 +91,7 @@ async fn postgres_concurrent_migrations_leave_one_schema_version() {
         .await
         .unwrap();
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
     let tables: i64 = admin
         .query_one(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'feedback_proxy'",
@@ -179,7 +179,7 @@ async fn sqlite_concurrent_migrations_leave_one_schema_version() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -641,61 +641,4 @@ async fn sqlite_upgrades_a_version_3_file_with_its_rollup() {
         count,
     )
     .await;
-}
-
-/// Version 7: no trigger keeps the rollup on Postgres any more (the store's vote statements
-/// do), so a vote written around the store is not counted; `vote_rollup_rebuild()`, the repair
-/// the migration documents (an older binary still serving during a rolling upgrade), recounts
-/// the rollup from `votes`.
-#[tokio::test(flavor = "multi_thread")]
-async fn postgres_vote_rollup_rebuild_recounts_votes_written_around_the_store() {
-    let db = TestDb::create(&pg::shared_url()).await;
-    let store: SharedStore =
-        feedback_proxy::store::open(&pg::store_config(&db.url, ""), pg::deps())
-            .await
-            .unwrap();
-    let admin = db.admin().await;
-    let triggers: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pg_trigger
-            WHERE tgrelid = 'feedback_proxy.votes'::regclass AND NOT tgisinternal",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(triggers, 0, "no trigger on votes at version {LATEST}");
-
-    store
-        .upsert_vote(&thumb(true, Some("good")), &Enqueue::Pending)
-        .await
-        .unwrap();
-    // As a version-6 binary writes a vote (its statement, no rollup).
-    admin
-        .batch_execute(
-            "INSERT INTO feedback_proxy.votes (message_id, user_id, name, chat_id, value,
-                comment, updated_at)
-            VALUES ('m2', 'bob@example.com', 'user_feedback', 'c1', 'false', NULL, now())",
-        )
-        .await
-        .unwrap();
-    assert_eq!(review_cells(&store).await, [("true".to_owned(), 1, 1)]);
-
-    let rows: i64 = admin
-        .query_one("SELECT feedback_proxy.vote_rollup_rebuild()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 2, "one rollup row per (hour, name, route, value)");
-    assert_eq!(
-        review_cells(&store).await,
-        [("false".to_owned(), 1, 0), ("true".to_owned(), 1, 1)]
-    );
-    // And the store's own writes go on counting from the rebuilt rollup.
-    store
-        .retract_vote(&key(), Duration::ZERO)
-        .await
-        .unwrap()
-        .expect("retracted");
-    assert_eq!(review_cells(&store).await, [("false".to_owned(), 1, 0)]);
 }

@@ -2,10 +2,8 @@
 //! [`Store::review_votes`] take and return (the owner's view of the votes; `review` serves it).
 //!
 //! Both read CURRENT votes: a changed vote counts once, with its last value, at the time of its
-//! last change; a retracted vote is gone. Summaries read the hourly `vote_rollup` table kept in
-//! the same transaction as every vote change (SQLite: triggers, `0003_review.sql` and
-//! `0004_review_write_cost.sql`; Postgres: the vote statements themselves, see
-//! `0007_rollup_in_statements.sql`), so
+//! last change; a retracted vote is gone. Summaries read the hourly `vote_rollup` table the
+//! vote triggers keep (see the backends' `0003_review.sql` and `0004_review_write_cost.sql`), so
 //! their ranges are whole UTC hours; listings read `votes` newest first with a keyset cursor.
 //!
 //! [`Store::review_summary`]: super::Store::review_summary

@@ -1,5 +1,5 @@
 //! The review queries in Postgres: summaries from the hourly, sharded `vote_rollup` (kept by
-//! the store's vote statements since `0007_rollup_in_statements.sql`), listings from
+//! the vote trigger, since `0006_votes_hot.sql` one PL/pgSQL function), listings from
 //! `votes` through the `votes_recent_minute` index. Rows are decoded by column name (`rows`).
 
 use std::sync::OnceLock;

@@ -1,5 +1,4 @@
-//! Votes in Postgres: each vote change, its delivery and its share of the review rollup in ONE
-//! transaction.
+//! Votes in Postgres: each vote change and its delivery in ONE transaction.
 
 use super::handle::{PgStore, lock_messages};
 use super::pool::query_error;
@@ -21,42 +20,6 @@ macro_rules! delivery_upsert_conflict {
         version = deliveries.version + 1, state = excluded.state,
         next_attempt_at = excluded.next_attempt_at, enqueued_at = excluded.enqueued_at,
         last_error = excluded.last_error, updated_at = excluded.updated_at, "
-    };
-}
-
-/// The review rollup's share of a statement that changes a vote (the store keeps `vote_rollup`
-/// in the statement itself; schema version 7 dropped the row trigger that did it before). The
-/// statement defines `moves (updated_at, route, value, n, c)`: each vote row it removes counted
-/// `n = -1` (`c = -1` if it had a comment), each row it writes `n = 1`; the vote's name is `$3`.
-/// This CTE adds them to the writing backend's shard of each (hour, name, route, value) row, in
-/// key order (two statements sharing a shard may wait on each other, never deadlock), and
-/// writes nothing where they cancel out (a re-vote that changes nothing the rollup counts).
-/// The hour and route are version 3's: `floor(epoch / 3600)`, `COALESCE(route, '')`.
-macro_rules! rollup_cte {
-    () => {
-        "rollup AS (
-        INSERT INTO vote_rollup AS r (hour, name, route, value, shard, votes, commented)
-        SELECT floor(extract(epoch FROM updated_at) / 3600)::bigint AS hour, $3::text,
-            COALESCE(route, '') AS route, value, (pg_backend_pid() % 16)::smallint, sum(n), sum(c)
-        FROM moves
-        GROUP BY 1, 3, 4 HAVING sum(n) <> 0 OR sum(c) <> 0
-        ORDER BY 1, 3, 4
-        ON CONFLICT (hour, name, route, value, shard) DO UPDATE SET
-            votes = r.votes + excluded.votes, commented = r.commented + excluded.commented
-    )"
-    };
-}
-
-/// `moves` for a vote upsert: the old row (the CTE `old`, locked) out if the upsert `v` wrote,
-/// the written row in. Both CTEs have the columns `value, route, commented, updated_at`.
-macro_rules! upsert_moves_cte {
-    () => {
-        "moves AS (
-        SELECT o.updated_at, o.route, o.value, -1 AS n, -(o.commented::int) AS c
-        FROM old AS o, v
-        UNION ALL
-        SELECT updated_at, route, value, 1, commented::int FROM v
-    ), "
     };
 }
 
@@ -90,14 +53,6 @@ const UPSERT_DELIVERY: &str = concat!(
 ///   `attempts = 1`, by which the caller tells that it holds the claim (a vote that was not
 ///   claimed is written with `attempts = 0`).
 ///
-/// The vote's old row is read and locked first (`old`: the upsert's source joins it), for the
-/// review rollup ([`rollup_cte`]): the difference between the old and the new row is added to
-/// it in the same statement. A first vote on this key by a transaction that committed after
-/// this statement's snapshot is the one race: `old` is then empty while the insert conflicts,
-/// the update's `WHERE EXISTS (old)` declines it, and nothing is written (no vote, no rollup,
-/// no delivery: `d` reads `v`). The caller takes the general path, whose new statement sees
-/// that vote.
-///
 /// The data-modifying CTEs run to completion whether or not the outer SELECT reads them, and
 /// all parts see the one snapshot the statement started with. Taking no advisory lock is
 /// right: only a `waiting` enqueue parked for a trace must be serialized with
@@ -114,24 +69,14 @@ const VOTE_ON_LINK: &str = concat!(
             AND ($4::text IS NULL OR chat_id IS NULL OR chat_id = $4::text)
             AND (NOT $10::boolean OR trace_id IS NOT NULL OR client_request_id IS NOT NULL
                 OR open)
-    ), old AS MATERIALIZED (
-        SELECT value, route, comment IS NOT NULL AS commented, updated_at FROM votes
-        WHERE message_id = $1::text AND user_id = $2::text AND name = $3::text
-            AND EXISTS (SELECT 1 FROM ok)
-        FOR UPDATE
     ), v AS (
         INSERT INTO votes (message_id, user_id, name, chat_id, value, comment, updated_at, route)
         SELECT $1::text, $2::text, $3::text, ok.chat_id, $5::jsonb, $6::text, now(), ok.route
-        FROM ok LEFT JOIN old ON true
+        FROM ok
         ON CONFLICT (message_id, user_id, name) DO UPDATE SET
             chat_id = excluded.chat_id, value = excluded.value, comment = excluded.comment,
             updated_at = excluded.updated_at, route = excluded.route
-        WHERE EXISTS (SELECT 1 FROM old)
-        RETURNING value, route, comment IS NOT NULL AS commented, updated_at
-    ), ",
-    upsert_moves_cte!(),
-    rollup_cte!(),
-    ", d AS (
+    ), d AS (
         INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
             desired_comment, version, generation, state, attempts, next_attempt_at,
             enqueued_at, last_error, updated_at, trace_id, lease_until, claims)
@@ -140,7 +85,7 @@ const VOTE_ON_LINK: &str = concat!(
             now() + $9::bigint * interval '1 millisecond', now(), $8::text, now(), ok.trace_id,
             now() + $11::bigint * interval '1 millisecond',
             CASE WHEN $11::bigint IS NULL THEN 0 ELSE 1 END
-        FROM ok, v
+        FROM ok
         ",
     delivery_upsert_conflict!(),
     "trace_id = COALESCE(deliveries.trace_id, excluded.trace_id),
@@ -262,38 +207,19 @@ pub(super) async fn upsert_vote(
             WHERE (message_id = $1
                 OR (starts_with($1, 'chat/') AND chat_id = substr($1, 6)))
             AND user_id = $2 AND (trace_id IS NOT NULL OR client_request_id IS NOT NULL))";
-    // The vote and its share of the review rollup, as `VOTE_ON_LINK` writes them (its doc says
-    // how `old` and the race are handled); `written` is false when the race declined the
-    // write. The old row's correction comes back too: it is locked until the transaction
-    // ends, so two writes of one vote agree on whether the correction changed.
-    const VOTE: &str = concat!(
-        "WITH old AS MATERIALIZED (
-            SELECT value, route, comment IS NOT NULL AS commented, updated_at, expected_response
-            FROM votes WHERE message_id = $1 AND user_id = $2 AND name = $3
-            FOR UPDATE
-        ), v AS (
-            INSERT INTO votes (message_id, user_id, name, chat_id, value, comment,
-                updated_at, route, expected_response)
-            SELECT $1, $2, $3, $4, $5, $6, now(),
-                (SELECT route FROM message_links WHERE message_id = $1), $7
-            FROM (SELECT 1) AS one LEFT JOIN old ON true
-            ON CONFLICT (message_id, user_id, name) DO UPDATE SET
-                chat_id = excluded.chat_id, value = excluded.value, comment = excluded.comment,
-                updated_at = excluded.updated_at, route = excluded.route,
-                expected_response = CASE WHEN $8 THEN excluded.expected_response
-                    ELSE votes.expected_response END
-            WHERE EXISTS (SELECT 1 FROM old)
-            RETURNING value, route, comment IS NOT NULL AS commented, updated_at
-        ), ",
-        upsert_moves_cte!(),
-        rollup_cte!(),
-        "
-        SELECT EXISTS (SELECT 1 FROM v) AS written,
-            (SELECT expected_response FROM old) AS old_correction"
-    );
-    /// How often the vote statement is sent when a concurrent first vote keeps winning the
-    /// race (each retry sees the vote that won: a second one is already rare).
-    const VOTE_TRIES: usize = 3;
+    // The correction the vote carried before (locks the row, so that two writes of one
+    // vote agree on whether the correction changed).
+    const OLD_CORRECTION: &str = "SELECT expected_response FROM votes
+        WHERE message_id = $1 AND user_id = $2 AND name = $3 FOR UPDATE";
+    const VOTE: &str = "INSERT INTO votes (message_id, user_id, name, chat_id, value, comment,
+            updated_at, route, expected_response)
+        VALUES ($1, $2, $3, $4, $5, $6, now(),
+            (SELECT route FROM message_links WHERE message_id = $1), $7)
+        ON CONFLICT (message_id, user_id, name) DO UPDATE SET
+            chat_id = excluded.chat_id, value = excluded.value, comment = excluded.comment,
+            updated_at = excluded.updated_at, route = excluded.route,
+            expected_response = CASE WHEN $8 THEN excluded.expected_response
+                ELSE votes.expected_response END";
     let value = codec::value_json(&vote.value)?;
     let k = &vote.key;
     let (mut state, mut reason, delay_ms) = codec::enqueue(enqueue);
@@ -321,6 +247,22 @@ pub(super) async fn upsert_vote(
             reason = None;
         }
     }
+    let old_text: Option<String> = if set_correction {
+        let stmt = tx
+            .prepare_cached(OLD_CORRECTION)
+            .await
+            .map_err(query_error)?;
+        match tx
+            .query_opt(&stmt, &[&k.message_id, &k.user_id, &k.name])
+            .await
+            .map_err(query_error)?
+        {
+            Some(row) => row.try_get(0).map_err(query_error)?,
+            None => None,
+        }
+    } else {
+        None
+    };
     // The two upserts are independent: sent together, they cost one round trip (tokio-postgres
     // pipelines queries polled concurrently on one connection, in order).
     let vote_stmt = tx.prepare_cached(VOTE).await.map_err(query_error)?;
@@ -350,31 +292,12 @@ pub(super) async fn upsert_vote(
         &reason,
         &delay_ms,
     ];
-    let (mut voted, row) = tokio::try_join!(
-        tx.query_one(&vote_stmt, &vote_params),
+    let (_, row) = tokio::try_join!(
+        tx.execute(&vote_stmt, &vote_params),
         tx.query_one(&delivery_stmt, &delivery_params),
     )
     .map_err(query_error)?;
     let d = delivery(&row)?;
-    let mut tries = 1;
-    while !voted.try_get::<_, bool>("written").map_err(query_error)? {
-        if tries == VOTE_TRIES {
-            return Err(StoreError::Query(format!(
-                "the vote on message {} was raced by another first vote {VOTE_TRIES} times",
-                k.message_id
-            )));
-        }
-        tries += 1;
-        voted = tx
-            .query_one(&vote_stmt, &vote_params)
-            .await
-            .map_err(query_error)?;
-    }
-    let old_text: Option<String> = if set_correction {
-        voted.try_get("old_correction").map_err(query_error)?
-    } else {
-        None
-    };
     let correction = if set_correction && old_text.as_deref() != new_text {
         let ck = VoteKey::correction(&k.message_id, &k.user_id);
         let row = match new_text {
@@ -433,19 +356,8 @@ pub(super) async fn retract_vote(
     key: &VoteKey,
     hold: std::time::Duration,
 ) -> Result<Option<VoteWrite>, StoreError> {
-    // The vote out of the review rollup in the same statement (see `rollup_cte`).
-    const VOTE: &str = concat!(
-        "WITH old AS (
-            DELETE FROM votes WHERE message_id = $1 AND user_id = $2 AND name = $3
-            RETURNING chat_id, expected_response, value, route, comment IS NOT NULL AS commented,
-                updated_at
-        ), moves AS (
-            SELECT updated_at, route, value, -1 AS n, -(commented::int) AS c FROM old
-        ), ",
-        rollup_cte!(),
-        "
-        SELECT chat_id, expected_response FROM old"
-    );
+    const VOTE: &str = "DELETE FROM votes WHERE message_id = $1 AND user_id = $2 AND name = $3
+        RETURNING chat_id, expected_response";
     let mut conn = store.conn().await?;
     let c = &mut *conn;
     let tx = c.client.transaction().await.map_err(query_error)?;

@@ -40,10 +40,6 @@ const MIGRATIONS: &[Migration] = &[
         version: 6,
         sql: include_str!("../migrations/sqlite/0006_votes_hot.sql"),
     },
-    Migration {
-        version: 7,
-        sql: include_str!("../migrations/sqlite/0007_rollup_in_statements.sql"),
-    },
 ];
 
 /// The newest schema version this binary knows.

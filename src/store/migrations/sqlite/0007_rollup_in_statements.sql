@@ -1,5 +1,0 @@
--- Version 7 changes the Postgres schema only (`migrations/postgres/0007_rollup_in_statements.sql`:
--- the store's vote statements keep the review rollup instead of a row trigger). SQLite's
--- triggers run in-process, inside the write the vote already makes, and its review write path
--- measured within the 5 % budget; it keeps them. This version exists so that both backends
--- number their schema alike.
