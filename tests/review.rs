@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use feedback_proxy::domain::{Polarity, Thresholds};
 use feedback_proxy::store::{
-    Enqueue, FeedbackValue, LinkRecord, ListQuery, NewVote, ReviewScope, SharedStore, SummaryCell,
-    SummaryQuery, VoteKey,
+    Enqueue, FeedbackValue, LinkRecord, LinkedVote, ListQuery, NewVote, ReviewScope, SharedStore,
+    SummaryCell, SummaryQuery, VoteKey,
 };
 
 on_both_backends!(
@@ -23,6 +23,7 @@ on_both_backends!(
     listing_filters_by_polarity_comment_name_and_route,
     listing_pages_neither_repeat_nor_skip_under_concurrent_inserts,
     listing_shows_delivery_state_and_trace,
+    summary_stays_exact_under_concurrent_votes_on_the_same_keys,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -454,6 +455,138 @@ mod suite {
             "the walk must list exactly the votes cast before it"
         );
         assert!(pages >= 40 / 3, "pages of 3: {pages}");
+    }
+
+    /// The rollup is kept in the same transaction as every vote change (the triggers on
+    /// `votes`): under concurrent first votes, re-votes, flips, comment changes and retractions
+    /// of the SAME few keys, through every write path the proxy uses (`vote_on_link` with the
+    /// general path as its fallback, as `POST /api/feedback` does, `upsert_vote`,
+    /// `retract_vote`), the summary must still equal a count of the votes that are current at
+    /// the end.
+    pub async fn summary_stays_exact_under_concurrent_votes_on_the_same_keys(store: SharedStore) {
+        const MESSAGES: usize = 6;
+        const TASKS: usize = 8;
+        const OPS: usize = 60;
+        let links: Vec<LinkRecord> = (0..MESSAGES)
+            .map(|i| link(&format!("m{i}"), &format!("u{}", i % 3), "/invocations"))
+            .collect();
+        store.record_links(&links).await.expect("record links");
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    // Each task's own deterministic sequence (no shared RNG state).
+                    let mut rng = fastrand::Rng::with_seed(t as u64);
+                    let mut fallbacks = 0;
+                    for _ in 0..OPS {
+                        let i = rng.usize(..MESSAGES);
+                        let name = if rng.bool() {
+                            "user_feedback"
+                        } else {
+                            "rating"
+                        };
+                        let key = VoteKey {
+                            message_id: format!("m{i}"),
+                            user_id: format!("u{}", i % 3),
+                            name: name.into(),
+                        };
+                        let value = if name == "rating" {
+                            FeedbackValue::Number(f64::from(rng.u8(1..=3)))
+                        } else {
+                            FeedbackValue::Bool(rng.bool())
+                        };
+                        let comment = rng.bool().then(|| "said".to_owned());
+                        match rng.u8(..5) {
+                            0 => {
+                                store
+                                    .retract_vote(&key, Duration::ZERO)
+                                    .await
+                                    .expect("retract");
+                            }
+                            1 => {
+                                let vote = NewVote {
+                                    key,
+                                    chat_id: "chat".into(),
+                                    value,
+                                    comment,
+                                };
+                                store
+                                    .upsert_vote(&vote, &Enqueue::Pending)
+                                    .await
+                                    .expect("upsert vote");
+                            }
+                            _ => {
+                                let offer = LinkedVote {
+                                    key: key.clone(),
+                                    chat_id: None,
+                                    value: value.clone(),
+                                    comment: comment.clone(),
+                                };
+                                let w = store
+                                    .vote_on_link(&offer, &Enqueue::Pending, false, None)
+                                    .await
+                                    .expect("vote on link");
+                                assert!(w.link.is_some(), "the message is linked");
+                                if w.written.is_none() {
+                                    // Declined (SQLite's default writes nothing): the
+                                    // general path, as the feedback handler takes it.
+                                    fallbacks += 1;
+                                    let vote = NewVote {
+                                        key,
+                                        chat_id: "chat".into(),
+                                        value,
+                                        comment,
+                                    };
+                                    store
+                                        .upsert_vote(&vote, &Enqueue::Pending)
+                                        .await
+                                        .expect("upsert vote");
+                                }
+                            }
+                        }
+                    }
+                    fallbacks
+                })
+            })
+            .collect();
+        let mut fallbacks = 0;
+        for t in tasks {
+            fallbacks += t.await.expect("task");
+        }
+        eprintln!("vote_on_link writes that took the general path: {fallbacks}");
+
+        // The current votes, from `votes` itself (the listing), counted like the summary.
+        let mut current: Vec<(String, String, i64, i64)> = Vec::new();
+        let mut after = None;
+        loop {
+            let rows = store
+                .review_votes(&list(around_now(), 50), after.as_ref())
+                .await
+                .expect("listing");
+            let Some(last) = rows.last() else { break };
+            after = Some(last.cursor());
+            for r in &rows {
+                let v = r.value.to_json().to_string();
+                let c = i64::from(r.comment.is_some());
+                match current
+                    .iter_mut()
+                    .find(|(n, x, _, _)| *n == r.key.name && *x == v)
+                {
+                    Some(e) => {
+                        e.2 += 1;
+                        e.3 += c;
+                    }
+                    None => current.push((r.key.name.clone(), v, 1, c)),
+                }
+            }
+        }
+        current.sort();
+        assert!(!current.is_empty(), "some votes are current");
+        assert_eq!(
+            by_value(&summary(&store, around_now(), 1).await),
+            current,
+            "the rollup's counts against the current votes"
+        );
     }
 
     pub async fn listing_shows_delivery_state_and_trace(store: SharedStore) {

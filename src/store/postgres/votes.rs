@@ -53,6 +53,13 @@ const UPSERT_DELIVERY: &str = concat!(
 ///   `attempts = 1`, by which the caller tells that it holds the claim (a vote that was not
 ///   claimed is written with `attempts = 0`).
 ///
+/// Lock order: the vote's row, then its delivery's (`d` reads `v`, so the vote is upserted
+/// first), then (the rollup trigger, at the end of the statement) the review rollup's rows. The
+/// general path and the retraction take the vote's row first too. Without that, the outer SELECT
+/// pulled `d` first and `v` ran last, and a concurrent retraction or general-path write of the
+/// same vote (vote row, then delivery) could deadlock with this statement (delivery, then vote
+/// row): `tests/review.rs` `summary_stays_exact_under_concurrent_votes_on_the_same_keys`.
+///
 /// The data-modifying CTEs run to completion whether or not the outer SELECT reads them, and
 /// all parts see the one snapshot the statement started with. Taking no advisory lock is
 /// right: only a `waiting` enqueue parked for a trace must be serialized with
@@ -76,6 +83,7 @@ const VOTE_ON_LINK: &str = concat!(
         ON CONFLICT (message_id, user_id, name) DO UPDATE SET
             chat_id = excluded.chat_id, value = excluded.value, comment = excluded.comment,
             updated_at = excluded.updated_at, route = excluded.route
+        RETURNING true AS written
     ), d AS (
         INSERT INTO deliveries (message_id, user_id, name, chat_id, desired, desired_value,
             desired_comment, version, generation, state, attempts, next_attempt_at,
@@ -85,7 +93,7 @@ const VOTE_ON_LINK: &str = concat!(
             now() + $9::bigint * interval '1 millisecond', now(), $8::text, now(), ok.trace_id,
             now() + $11::bigint * interval '1 millisecond',
             CASE WHEN $11::bigint IS NULL THEN 0 ELSE 1 END
-        FROM ok
+        FROM ok, v
         ",
     delivery_upsert_conflict!(),
     "trace_id = COALESCE(deliveries.trace_id, excluded.trace_id),
@@ -437,4 +445,57 @@ pub(super) async fn list_votes(
         .await
         .map_err(query_error)?;
     rows.iter().map(vote).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VOTE_ON_LINK;
+
+    /// What `bench/pgbench/upsert_vote.sql` sends for each parameter of [`VOTE_ON_LINK`]:
+    /// a vote of `bench/wrk/feedback.lua`'s (chat named, a thumb, no comment, held `waiting`
+    /// for `no_experiment_id` as the bench proxy's config makes it, no trace needed, no claim).
+    /// pgbench's `\set` makes numbers only; the strings are built in SQL.
+    const PGBENCH_PARAMS: [(&str, &str); 11] = [
+        ("$11", "NULL"),
+        ("$10", "false"),
+        ("$9", "0"),
+        ("$8", "'no_experiment_id'"),
+        ("$7", "'waiting'"),
+        ("$6", "NULL"),
+        (
+            "$5",
+            "(CASE WHEN :up::int = 1 THEN 'true' ELSE 'false' END)",
+        ),
+        ("$4", "(:tag::text || '-c' || :u::text)"),
+        ("$3", "'user_feedback'"),
+        ("$2", "(:tag::text || '-u' || :u::text || '@bench.example')"),
+        ("$1", "(:tag::text || '-m' || :u::text || '-' || :m::text)"),
+    ];
+
+    fn words(sql: &str) -> String {
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    /// The pgbench baseline of the vote benchmarks ("votes/s vs pgbench") must be the proxy's
+    /// own statement run bare: the script is this statement with the parameters above (in
+    /// descending order, so that `$1` does not match inside `$10`). On a mismatch the message
+    /// holds the statement to paste into the script.
+    #[test]
+    fn the_pgbench_baseline_runs_this_statement() {
+        let mut expected = VOTE_ON_LINK.to_owned();
+        for (param, value) in PGBENCH_PARAMS {
+            expected = expected.replace(param, value);
+        }
+        let script = include_str!("../../../bench/pgbench/upsert_vote.sql");
+        let sql: String = script
+            .lines()
+            .filter(|l| !l.starts_with("--") && !l.starts_with('\\'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(
+            words(sql.trim_end().trim_end_matches(';')),
+            words(&expected),
+            "bench/pgbench/upsert_vote.sql is not VOTE_ON_LINK; its statement should be:\n{expected};"
+        );
+    }
 }
