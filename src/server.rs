@@ -30,6 +30,7 @@
 //! ended, so that nothing a connection does (its access line, its message link) happens later.
 
 mod track;
+mod trim;
 pub mod workers;
 
 use std::convert::Infallible;
@@ -136,10 +137,23 @@ pub async fn serve_with_cut<S>(
     S: HttpService,
 {
     let slots = Arc::new(Semaphore::new(connection_cap(limits)));
-    serve_with_slots(
-        listener, service, shutdown, grace, name, limits, on_cut, cut_budget, slots,
-    )
-    .await;
+    let serving = serve_with_slots(
+        listener,
+        service,
+        shutdown,
+        grace,
+        name,
+        limits,
+        on_cut,
+        cut_budget,
+        slots.clone(),
+    );
+    // While serving: give the allocator's free pages back after bursts of connections (the
+    // watcher never ends by itself).
+    tokio::select! {
+        () = serving => {}
+        () = trim::after_bursts(slots, connection_cap(limits)) => {}
+    }
 }
 
 /// The connection cap of a listener (`server.max_connections`), as semaphore permits.

@@ -143,7 +143,11 @@ where
         }
     }
 
-    shutdown.await;
+    // While serving: give the allocator's free pages back after bursts of connections.
+    tokio::select! {
+        () = shutdown => {}
+        () = super::trim::after_bursts(slots.clone(), connection_cap(&limits)) => {}
+    }
     stop.cancel();
     for done in ended {
         // An error means the worker's thread ended early (it logged why).
