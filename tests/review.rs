@@ -496,14 +496,10 @@ mod suite {
                             FeedbackValue::Bool(rng.bool())
                         };
                         let comment = rng.bool().then(|| "said".to_owned());
-                        match rng.u8(..5) {
-                            0 => {
-                                store
-                                    .retract_vote(&key, Duration::ZERO)
-                                    .await
-                                    .expect("retract");
-                            }
-                            1 => {
+                        // The general path's write of this vote.
+                        let general = |key, value, comment| {
+                            let store = store.clone();
+                            async move {
                                 let vote = NewVote {
                                     key,
                                     chat_id: "chat".into(),
@@ -515,6 +511,15 @@ mod suite {
                                     .await
                                     .expect("upsert vote");
                             }
+                        };
+                        match rng.u8(..5) {
+                            0 => {
+                                store
+                                    .retract_vote(&key, Duration::ZERO)
+                                    .await
+                                    .expect("retract");
+                            }
+                            1 => general(key, value, comment).await,
                             _ => {
                                 let offer = LinkedVote {
                                     key: key.clone(),
@@ -531,16 +536,7 @@ mod suite {
                                     // Declined (SQLite's default writes nothing): the
                                     // general path, as the feedback handler takes it.
                                     fallbacks += 1;
-                                    let vote = NewVote {
-                                        key,
-                                        chat_id: "chat".into(),
-                                        value,
-                                        comment,
-                                    };
-                                    store
-                                        .upsert_vote(&vote, &Enqueue::Pending)
-                                        .await
-                                        .expect("upsert vote");
+                                    general(key, value, comment).await;
                                 }
                             }
                         }
