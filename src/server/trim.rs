@@ -25,7 +25,7 @@ pub(crate) const BURST: usize = 256;
 
 /// How often the open count is looked at, and the least time between two trims.
 const TICK: Duration = Duration::from_millis(250);
-const MIN_GAP: Duration = Duration::from_secs(2);
+const MIN_GAP: Duration = Duration::from_millis(500);
 
 /// Whether to trim, given the highest number of open connections since the last trim, the
 /// number open one tick ago and the number open now.
