@@ -4,7 +4,9 @@
 //! `interval`), waits until every stream has its first event, then holds them all for `hold`
 //! (longer than one interval, so that every stream also carries a real event while held),
 //! reading the resident memory of the given processes before, when all are open, after the hold,
-//! and after closing. Bounded by `timeout` for the opening phase; the hold is fixed.
+//! and 1 s after the servers have closed the streams' connections (their descriptor count back
+//! where it was, waited for up to 30 s; `close_secs` says how long that took). Bounded by
+//! `timeout` for the opening phase; the hold is fixed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,6 +20,12 @@ use tokio::time::Instant;
 
 use crate::procfs::{self, Memory};
 use crate::target::{CHAT_REQUEST, Target};
+
+/// Descriptors a server may hold above its count before the streams (pooled upstream
+/// connections, a log file opened meanwhile) and still count as having closed them.
+const CLOSED_SLACK: usize = 16;
+/// The longest wait for the server to close the streams' connections.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Options {
     pub url: String,
@@ -39,6 +47,7 @@ struct Counters {
 pub async fn run(o: Options) -> Result<(), String> {
     let target = Target::parse(&o.url)?;
     let before = procfs::total(&o.pids)?;
+    let fds_before: usize = o.pids.iter().map(|&p| procfs::fds(p)).sum();
     // Enough events that no stream ends while held; the upstream stops by itself after them.
     let events = (o.hold.as_secs() / o.interval.as_secs().max(1) + 3).max(3);
     let path = format!(
@@ -108,6 +117,16 @@ pub async fn run(o: Options) -> Result<(), String> {
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
+    // "After the streams closed" means closed by the server too: wait until its descriptors
+    // are back to what it had before them (a loaded server may take seconds to process
+    // thousands of closes; reading sooner measured a close in progress), then 1 s more.
+    let closing = Instant::now();
+    while o.pids.iter().map(|&p| procfs::fds(p)).sum::<usize>() > fds_before + CLOSED_SLACK
+        && closing.elapsed() < CLOSE_WAIT
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let close_secs = closing.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = procfs::total(&o.pids)?;
 
@@ -132,6 +151,7 @@ pub async fn run(o: Options) -> Result<(), String> {
             "events_while_held": events_held,
             "rss_before_kib": before.rss_kib, "rss_open_kib": at_open.rss_kib,
             "rss_held_kib": held.rss_kib, "rss_after_kib": after.rss_kib,
+            "close_secs": (close_secs * 10.0).round() / 10.0,
             "pss_before_kib": before.pss_kib, "pss_peak_kib": peak.pss_kib,
             "rss_peak_kib": peak.rss_kib,
             "rss_per_stream_kib": per_stream(peak.rss_kib, before.rss_kib),
