@@ -253,6 +253,8 @@ pub(crate) async fn serve_with_slots<S>(
             }
         };
         let _ = stream.set_nodelay(true);
+        // While connections keep arriving, the wait above may never get to reap: reap here too.
+        while connections.try_join_next().is_some() {}
         connections.spawn(connection(
             stream,
             peer,
