@@ -137,22 +137,15 @@ pub async fn serve_with_cut<S>(
     S: HttpService,
 {
     let slots = Arc::new(Semaphore::new(connection_cap(limits)));
-    let serving = serve_with_slots(
-        listener,
-        service,
-        shutdown,
-        grace,
-        name,
-        limits,
-        on_cut,
-        cut_budget,
-        slots.clone(),
-    );
     // While serving: give the allocator's free pages back after bursts of connections (the
     // watcher never ends by itself).
+    let trim = trim::after_bursts(slots.clone(), connection_cap(limits));
+    let serving = serve_with_slots(
+        listener, service, shutdown, grace, name, limits, on_cut, cut_budget, slots,
+    );
     tokio::select! {
         () = serving => {}
-        () = trim::after_bursts(slots, connection_cap(limits)) => {}
+        () = trim => {}
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 
 /// Closed connections (from the highest count seen) that make a burst: at ≈ 40 KiB each, about
 /// 10 MB held by the allocator.
-pub(crate) const BURST: usize = 256;
+const BURST: usize = 256;
 
 /// How often the open count is looked at, and the least time between two trims.
 const TICK: Duration = Duration::from_millis(250);
@@ -29,7 +29,7 @@ const MIN_GAP: Duration = Duration::from_millis(500);
 
 /// Whether to trim, given the highest number of open connections since the last trim, the
 /// number open one tick ago and the number open now.
-pub(crate) fn burst_ended(high: usize, before: usize, open: usize) -> bool {
+fn burst_ended(high: usize, before: usize, open: usize) -> bool {
     high.saturating_sub(open) >= BURST
         && open <= high / 2
         && before.saturating_sub(open) < BURST / 4
